@@ -1,0 +1,2 @@
+"""chatrlhf: align chat LLMs with human feedback."""
+__version__ = "0.1.0"

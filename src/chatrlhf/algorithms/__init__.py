@@ -1,0 +1,23 @@
+"""Pure math: losses, log-prob gathering and masking. Functions of tensors only (no models, no I/O)."""
+
+from chatrlhf.algorithms.losses import IGNORE_INDEX, gather_log_probs, pairwise_loss, rating_loss, token_nll
+from chatrlhf.algorithms.masking import (
+    gather_last,
+    last_token_index,
+    masked_mean,
+    masked_sum,
+    position_ids_from_mask,
+)
+
+__all__ = [
+    "IGNORE_INDEX",
+    "gather_last",
+    "gather_log_probs",
+    "last_token_index",
+    "masked_mean",
+    "masked_sum",
+    "pairwise_loss",
+    "position_ids_from_mask",
+    "rating_loss",
+    "token_nll",
+]

@@ -1,0 +1,378 @@
+"""Dataset row formats: detection, normalisation to canonical records, validation and conversions.
+
+Canonical records (plain dicts, see docs/data.md):
+
+    preference  {"prompt": [messages ending with user], "chosen": str, "rejected": str}
+    sft         {"messages": [messages with >= 1 assistant turn]}
+    prompt      {"prompt": [messages ending with user]}
+    rating      {"prompt": [messages], "response": str, "score": float}
+
+Every record also carries ``"meta"`` (the row's columns the format does not use, e.g. a prompt's
+``category``), ``"_source"`` and ``"_row"`` (where it came from, for error messages).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+KINDS = ("preference", "sft", "prompt", "rating")
+FORMATS = ("auto", "preference", "hh", "messages", "sft", "prompt", "rating")
+ROLES = ("system", "user", "assistant")
+BAD_ROWS = ("error", "skip")
+# ShareGPT-style "conversations" use {"from": "human"|"gpt", "value": ...}; map them onto our roles.
+_ROLE_ALIASES = {"human": "user", "gpt": "assistant"}
+_RESPONSE_COLUMNS = ("response", "completion")
+_MESSAGE_COLUMNS = ("messages", "conversations")
+_FORMAT_FLAG = "data.format"
+_EXPECTED = (
+    "prompt+chosen+rejected (preference), chosen+rejected (hh, or message lists), "
+    "messages|conversations (messages), prompt+response|completion (sft), "
+    "prompt+response+score (rating), prompt (prompt)"
+)
+
+
+class DataError(ValueError):
+    """A data problem a user can act on: where (source, row, field), what is wrong, and the fix."""
+
+    def __init__(self, problem: str, fix: str = "", *, source: str | None = None,
+                 row: int | None = None, field: str | None = None):
+        super().__init__(problem)
+        self.problem, self.fix, self.source, self.row, self.field = problem, fix, source, row, field
+
+    def located(self, source: str | None, row: int | None) -> DataError:
+        """Fills in the location where the raising code did not know it; returns self for ``raise``."""
+        self.source = self.source if self.source is not None else source
+        self.row = self.row if self.row is not None else row
+        return self
+
+    def __str__(self) -> str:
+        where = describe_location(self.source, self.row)
+        if self.field:
+            where = f"{where}, field '{self.field}'" if where else f"field '{self.field}'"
+        msg = f"{where}: {self.problem}" if where else self.problem
+        return f"{msg} Fix: {self.fix}" if self.fix else msg
+
+
+def describe_location(source: str | None, row: int | None) -> str:
+    """``"a.jsonl line 3"`` for line-based files (1-based line), ``"x.parquet index 2"`` otherwise (0-based)."""
+    if source is None:
+        return ""
+    if row is None:
+        return source
+    line_based = source.endswith((".jsonl", ".ndjson", ".csv", "(JSON Lines)")) or source.startswith("demo:")
+    return f"{source} line {row}" if line_based else f"{source} index {row}"
+
+
+# ----------------------------------------------------------------------------- field validators
+def _text(row: dict, field: str) -> str:
+    value = row.get(field)
+    if not isinstance(value, str):
+        raise DataError(f"expected a string, got {type(value).__name__}.", f"store '{field}' as text.", field=field)
+    if not value.strip():
+        raise DataError("is empty or whitespace only.", "remove the row or fill in the text.", field=field)
+    return value
+
+
+def _content(value: Any, field: str) -> str:
+    # OpenAI-style content parts: keep the text parts, in order.
+    if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in value):
+        value = "".join(str(p.get("text", "")) for p in value)
+    if not isinstance(value, str):
+        raise DataError(f"message content must be a string, got {type(value).__name__}.",
+                        "store each message as {\"role\": ..., \"content\": \"text\"}.", field=field)
+    return value
+
+
+def _messages(value: Any, field: str) -> list[dict]:
+    """Validates a role/content list (ShareGPT from/value accepted) and returns clean copies."""
+    if not isinstance(value, (list, tuple)) or not value:
+        raise DataError(f"expected a non-empty list of messages, got {type(value).__name__}.",
+                        'use [{"role": "user", "content": "..."}, ...].', field=field)
+    out = []
+    for i, msg in enumerate(value):
+        if not isinstance(msg, dict):
+            raise DataError(f"message {i} is a {type(msg).__name__}, not an object.",
+                            'use {"role": ..., "content": ...}.', field=field)
+        role = msg.get("role", msg.get("from"))
+        role = _ROLE_ALIASES.get(role, role)
+        if role not in ROLES:
+            raise DataError(f"message {i} has unknown role {role!r}.",
+                            f"use one of {', '.join(ROLES)} (ShareGPT 'human'/'gpt' are accepted).", field=field)
+        content = _content(msg.get("content", msg.get("value")), field)
+        if role != "system" and not content.strip():
+            raise DataError(f"message {i} ({role}) is empty.", "remove the row or fill in the text.", field=field)
+        out.append({"role": role, "content": content})
+    return out
+
+
+def _prompt(row: dict, field: str = "prompt") -> list[dict]:
+    """A prompt is a string (one user turn) or a message list; either way it must end with a user turn."""
+    value = row.get(field)
+    msgs = [{"role": "user", "content": _text(row, field)}] if isinstance(value, str) else _messages(value, field)
+    if msgs[-1]["role"] != "user":
+        raise DataError(f"the prompt's last message is from {msgs[-1]['role']!r}, not 'user'.",
+                        "end the prompt with the user turn the answer replies to.", field=field)
+    return msgs
+
+
+def _score(row: dict, field: str = "score") -> float:
+    value = row.get(field)
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise DataError(f"score must be a number, got {type(value).__name__}.", "store a number such as 4.",
+                        field=field)
+    try:
+        score = float(value)  # CSV cells arrive as text
+    except ValueError:
+        raise DataError(f"score {value!r} is not numeric.", "store a number such as 4.", field=field) from None
+    if not math.isfinite(score):
+        raise DataError(f"score is {score}.", "store a finite number.", field=field)
+    return score
+
+
+def _check_distinct(chosen: str, rejected: str) -> None:
+    if chosen.strip() == rejected.strip():
+        raise DataError("chosen and rejected are identical, so the pair carries no preference.",
+                        "remove the row (or set data.bad_rows=skip to drop such rows).", field="rejected")
+
+
+# ----------------------------------------------------------------------------- HH-RLHF parsing
+_HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
+
+
+def parse_hh(text: str, field: str) -> tuple[list[dict], str]:
+    """Splits ``"\\n\\nHuman: q\\n\\nAssistant: a ..."`` into (prompt messages, final assistant answer)."""
+    # Some copies of the data drop the leading blank line; the turn markers are otherwise exact.
+    parts = _HH_TURN.split(text if text.startswith("\n\n") else "\n\n" + text.lstrip())
+    if parts[0].strip():
+        raise DataError("has text before the first 'Human:' turn (chosen/rejected without a prompt column are "
+                        "read as HH-RLHF dialogues).",
+                        "use the HH-RLHF layout '\\n\\nHuman: ...\\n\\nAssistant: ...', or add a 'prompt' "
+                        "column for prompt/chosen/rejected data.", field=field)
+    turns = [("user" if r == "Human" else "assistant", c.strip()) for r, c in zip(parts[1::2], parts[2::2])]
+    if len(turns) < 2 or turns[-1][0] != "assistant":
+        raise DataError("does not end with an 'Assistant:' turn after a 'Human:' turn.",
+                        "use the HH-RLHF layout '\\n\\nHuman: ...\\n\\nAssistant: ...'.", field=field)
+    prompt = [{"role": r, "content": c} for r, c in turns[:-1]]
+    if prompt[-1]["role"] != "user" or any(not m["content"] for m in prompt):
+        raise DataError("the conversation before the final answer is malformed (empty turn or no user turn).",
+                        "remove the row.", field=field)
+    if not turns[-1][1]:
+        raise DataError("the final 'Assistant:' answer is empty.", "remove the row.", field=field)
+    return prompt, turns[-1][1]
+
+
+# ----------------------------------------------------------------------------- row normalisers
+def _pref_from_lists(row: dict) -> dict:
+    """chosen/rejected as message lists: the shared prefix is the prompt, the final turns are the answers."""
+    chosen, rejected = _messages(row.get("chosen"), "chosen"), _messages(row.get("rejected"), "rejected")
+    for field, msgs in (("chosen", chosen), ("rejected", rejected)):
+        if msgs[-1]["role"] != "assistant":
+            raise DataError("the last message is not from the assistant.",
+                            "end each list with the assistant answer being compared.", field=field)
+    if chosen[:-1] != rejected[:-1]:
+        raise DataError("chosen and rejected differ before their final assistant turn.",
+                        "both lists must share the same conversation and differ only in the last answer.",
+                        field="rejected")
+    if chosen[:-1]:
+        prompt = chosen[:-1]
+        if prompt[-1]["role"] != "user":
+            raise DataError("the turn before the final answer is not from the user.",
+                            "end the shared conversation with a user turn.", field="chosen")
+    else:  # answers-only lists (UltraFeedback-like) take the prompt from its own column
+        prompt = _prompt(row)
+    _check_distinct(chosen[-1]["content"], rejected[-1]["content"])
+    return {"prompt": prompt, "chosen": chosen[-1]["content"], "rejected": rejected[-1]["content"]}
+
+
+def _norm_preference(row: dict) -> dict:
+    if isinstance(row.get("chosen"), (list, tuple)):
+        return _pref_from_lists(row)
+    prompt, chosen, rejected = _prompt(row), _text(row, "chosen"), _text(row, "rejected")
+    _check_distinct(chosen, rejected)
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def _norm_hh(row: dict) -> dict:
+    chosen_prompt, chosen = parse_hh(_text(row, "chosen"), "chosen")
+    rejected_prompt, rejected = parse_hh(_text(row, "rejected"), "rejected")
+    if chosen_prompt != rejected_prompt:
+        raise DataError("chosen and rejected do not share the conversation before the last '\\n\\nAssistant:'.",
+                        "both texts must be the same dialogue with different final answers.", field="rejected")
+    _check_distinct(chosen, rejected)
+    return {"prompt": chosen_prompt, "chosen": chosen, "rejected": rejected}
+
+
+def _norm_messages(row: dict) -> dict:
+    column = next((c for c in _MESSAGE_COLUMNS if c in row), _MESSAGE_COLUMNS[0])
+    msgs = _messages(row[column], column)
+    roles = [m["role"] for m in msgs]
+    if "assistant" not in roles:
+        raise DataError("has no assistant turn to learn from.", "add the assistant answer(s).", field=column)
+    if "user" not in roles[: roles.index("assistant")]:
+        raise DataError("the first assistant turn does not follow a user turn.",
+                        "start the conversation with a user turn (after an optional system turn).", field=column)
+    return {"messages": msgs}
+
+
+def _norm_sft(row: dict) -> dict:
+    column = next((c for c in _RESPONSE_COLUMNS if c in row), "response")
+    return {"messages": _prompt(row) + [{"role": "assistant", "content": _text(row, column)}]}
+
+
+def _norm_prompt(row: dict) -> dict:
+    return {"prompt": _prompt(row)}
+
+
+def _norm_rating(row: dict) -> dict:
+    column = next((c for c in _RESPONSE_COLUMNS if c in row), "response")
+    return {"prompt": _prompt(row), "response": _text(row, column), "score": _score(row)}
+
+
+# format name -> (normaliser, kind it produces, columns it reads)
+_NORMALISERS: dict[str, tuple[Callable[[dict], dict], str, tuple[str, ...]]] = {
+    "preference": (_norm_preference, "preference", ("prompt", "chosen", "rejected")),
+    "hh": (_norm_hh, "preference", ("chosen", "rejected")),
+    "messages": (_norm_messages, "sft", _MESSAGE_COLUMNS),
+    # chosen/rejected as message lists; picked by normalise_rows when fmt is "messages" (not a user format)
+    "messages-preference": (_pref_from_lists, "preference", ("prompt", "chosen", "rejected")),
+    "sft": (_norm_sft, "sft", ("prompt", *_RESPONSE_COLUMNS)),
+    "prompt": (_norm_prompt, "prompt", ("prompt",)),
+    "rating": (_norm_rating, "rating", ("prompt", *_RESPONSE_COLUMNS, "score")),
+}
+# format name -> required columns, each a tuple of accepted alternatives
+_REQUIRED = {
+    "preference": [("prompt",), ("chosen",), ("rejected",)],
+    "hh": [("chosen",), ("rejected",)],
+    "messages": [_MESSAGE_COLUMNS],
+    "messages-preference": [("chosen",), ("rejected",)],
+    "sft": [("prompt",), _RESPONSE_COLUMNS],
+    "prompt": [("prompt",)],
+    "rating": [("prompt",), _RESPONSE_COLUMNS, ("score",)],
+}
+
+
+def detect_format(columns: Iterable[str], first_row: dict | None = None) -> str:
+    """Picks the format from column names (rules in docs/data.md); the first row breaks the hh tie."""
+    cols = set(columns)
+    if cols & set(_MESSAGE_COLUMNS):
+        return "messages"
+    if {"chosen", "rejected"} <= cols:
+        if first_row is not None and isinstance(first_row.get("chosen"), (list, tuple)):
+            return "messages"
+        return "preference" if "prompt" in cols else "hh"
+    if "prompt" in cols and cols & set(_RESPONSE_COLUMNS):
+        return "rating" if "score" in cols else "sft"
+    if "prompt" in cols:
+        return "prompt"
+    raise DataError(f"cannot tell the format from the columns {sorted(cols)}; expected {_EXPECTED}.",
+                    f"rename the columns, or name the format with {_FORMAT_FLAG}=<{'|'.join(FORMATS[1:])}>.")
+
+
+def _check_columns(fmt: str, row: dict) -> None:
+    missing = [" or ".join(alts) for alts in _REQUIRED[fmt] if not any(a in row for a in alts)]
+    if missing:
+        raise DataError(f"missing column {', '.join(repr(m) for m in missing)} for format '{fmt}'; "
+                        f"columns found: {sorted(row)}; formats expected: {_EXPECTED}.",
+                        f"add the column, or pick another format with {_FORMAT_FLAG}.", field=missing[0])
+
+
+def normalise_rows(rows: Sequence[tuple[int, dict]], source: str, fmt: str = "auto",
+                   bad_rows: str = "error") -> tuple[list[dict], str]:
+    """Turns raw ``(row_number, row)`` pairs into canonical records of one kind; returns (records, kind).
+
+    ``bad_rows="skip"`` drops invalid rows (logging the first few reasons) instead of raising; an empty
+    result raises either way.
+    """
+    if fmt not in FORMATS:
+        raise DataError(f"unknown format {fmt!r}.", f"use {_FORMAT_FLAG}=<{'|'.join(FORMATS)}>.", source=source)
+    if bad_rows not in BAD_ROWS:
+        raise DataError(f"unknown bad-row policy {bad_rows!r}.", "use data.bad_rows=error or skip.")
+    if not rows:
+        raise DataError("has no rows.", "point the source at a non-empty file or dataset.", source=source)
+    if fmt == "auto":
+        try:
+            fmt = detect_format(rows[0][1], rows[0][1])
+        except DataError as err:
+            raise err.located(source, rows[0][0]) from None
+    first = rows[0][1]
+    if fmt == "messages" and not set(first) & set(_MESSAGE_COLUMNS) and {"chosen", "rejected"} <= set(first):
+        fmt = "messages-preference"
+    norm, kind, used = _NORMALISERS[fmt]
+    records, skipped = [], []
+    for row_no, row in rows:
+        try:
+            _check_columns(fmt, row)
+            rec = norm(row)
+        except DataError as err:
+            err.located(source, row_no)
+            if bad_rows == "error":
+                raise
+            skipped.append(str(err))
+            continue
+        rec["meta"] = {k: v for k, v in row.items() if k not in used}
+        rec["_source"], rec["_row"] = source, row_no
+        records.append(rec)
+    if skipped:
+        log.warning("%s: skipped %d of %d rows as invalid; first: %s", source, len(skipped), len(rows),
+                    " | ".join(skipped[:3]))
+    if not records:
+        raise DataError(f"no usable rows left ({len(rows)} read, {len(skipped)} invalid; first problem: "
+                        f"{skipped[0] if skipped else 'none'}).", "fix the rows or check the format.", source=source)
+    return records, kind
+
+
+# ----------------------------------------------------------------------------- conversions
+def _keep(record: dict, **fields: Any) -> dict:
+    out = {k: record[k] for k in ("meta", "_source", "_row") if k in record}
+    return {**fields, **out}
+
+
+def to_sft(record: dict) -> dict:
+    """preference -> prompt + chosen answer (DeepSpeed-Chat step 1 trains on the chosen answers)."""
+    return _keep(record, messages=[*record["prompt"], {"role": "assistant", "content": record["chosen"]}])
+
+
+def to_prompt(record: dict) -> dict:
+    """Any kind -> the prompt messages (for sft: the context before the last assistant turn)."""
+    if "prompt" in record:
+        return _keep(record, prompt=record["prompt"])
+    msgs = record["messages"]
+    last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+    if not msgs[:last] or msgs[last - 1]["role"] != "user":
+        raise DataError("the turn before the last assistant answer is not a user turn, so it has no prompt.",
+                        "use conversations whose last assistant turn replies to a user turn.",
+                        source=record.get("_source"), row=record.get("_row"), field="messages")
+    return _keep(record, prompt=msgs[:last])
+
+
+_CONVERSIONS: dict[tuple[str, str], Callable[[dict], dict]] = {
+    ("preference", "sft"): to_sft,
+    ("preference", "prompt"): to_prompt,
+    ("sft", "prompt"): to_prompt,
+    ("rating", "prompt"): to_prompt,
+}
+_WHY_NOT = {
+    "preference": "the pairwise reward model needs a chosen and a rejected answer per prompt; "
+                  "use a preference dataset (prompt/chosen/rejected or HH-RLHF).",
+    "sft": "supervised fine-tuning needs demonstration answers; use prompt/response, messages or "
+           "preference data (its chosen answers are used).",
+    "rating": "this stage needs numeric scores per answer (prompt/response/score).",
+}
+
+
+def convert_records(records: list[dict], from_kind: str, to_kind: str) -> list[dict]:
+    """Converts records to the kind a stage needs, or raises a DataError saying why it cannot."""
+    if from_kind == to_kind:
+        return records
+    fn = _CONVERSIONS.get((from_kind, to_kind))
+    if fn is None:
+        source = records[0].get("_source") if records else None
+        raise DataError(f"holds {from_kind} records, which cannot be turned into {to_kind} records.",
+                        _WHY_NOT.get(to_kind, "use data of the needed kind."), source=source)
+    return [fn(r) for r in records]

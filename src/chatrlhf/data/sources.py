@@ -1,0 +1,220 @@
+"""Loading raw rows from local files, saved ``datasets`` dirs, the hub, or the shipped demo data.
+
+A source is one string:
+    path/to/file.{json,jsonl,ndjson,csv,parquet}   a local file
+    path/to/dir                                     a dataset saved with ``datasets.save_to_disk``
+    demo | demo:<name>                              ``src/chatrlhf/demo_data/<name>.jsonl`` (demo = demo:pairs)
+    owner/name                                      a hub dataset (needs internet)
+``source@split`` picks a split of a saved dataset dict or a hub dataset (e.g. ``Dahoas/rm-static@test``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+from chatrlhf.data.formats import DataError, normalise_rows
+
+log = logging.getLogger(__name__)
+
+# The demo files ship inside the package (pyproject package-data); Path(__file__) works for editable
+# and regular installs alike.
+DEMO_DIR = Path(__file__).resolve().parent.parent / "demo_data"
+DEMO_DEFAULT = "pairs"
+_FILE_SUFFIXES = (".json", ".jsonl", ".ndjson", ".csv", ".parquet", ".pq")
+_CSV_JSON_COLUMNS = ("messages", "conversations")
+_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+Rows = list[tuple[int, dict]]
+
+
+def demo_names() -> list[str]:
+    """Names usable as ``demo:<name>``."""
+    return sorted(p.stem for p in DEMO_DIR.glob("*.jsonl")) if DEMO_DIR.is_dir() else []
+
+
+def demo_path(source: str) -> Path:
+    """Resolves ``demo`` / ``demo:<name>`` to the shipped JSONL file."""
+    name = source.partition(":")[2] or DEMO_DEFAULT
+    path = DEMO_DIR / f"{name}.jsonl"
+    if not path.is_file():
+        raise DataError(f"no demo data set {name!r} in {DEMO_DIR}.",
+                        f"use one of: {', '.join('demo:' + n for n in demo_names()) or '(none installed)'}.",
+                        source=source)
+    return path
+
+
+# ----------------------------------------------------------------------------- file readers
+def _read_jsonl(path: Path, source: str) -> Rows:
+    rows = []
+    with path.open(encoding="utf-8") as fh:
+        for line_no, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"is not valid JSON ({err.msg} at column {err.colno}).",
+                                "write one JSON object per line.", source=source, row=line_no) from None
+            if not isinstance(row, dict):
+                raise DataError(f"is a JSON {type(row).__name__}, not an object.",
+                                "write one JSON object per line.", source=source, row=line_no)
+            rows.append((line_no, row))
+    return rows
+
+
+def _read_json(path: Path, source: str) -> tuple[str, Rows]:
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        # `Dataset.to_json` writes JSON Lines under a .json name; accept that rather than fail.
+        if err.msg == "Extra data" and text.lstrip().startswith("{"):
+            jsonl_source = f"{source} (JSON Lines)"
+            return jsonl_source, _read_jsonl(path, jsonl_source)
+        raise DataError(f"is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}.",
+                        "fix the file (a list of objects, {\"data\": [...]}, or JSON Lines).",
+                        source=source) from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise DataError(f"holds a JSON {type(data).__name__} at the top level.",
+                        "store a list of row objects, or {\"data\": [...]}.", source=source)
+    for i, row in enumerate(data):
+        if not isinstance(row, dict):
+            raise DataError(f"is a JSON {type(row).__name__}, not an object.", "store each row as an object.",
+                            source=source, row=i)
+    return source, list(enumerate(data))
+
+
+def _decode_csv_lists(row: dict, source: str, line: int) -> dict:
+    """CSV has no lists: a messages/conversations cell holds the message list as JSON text."""
+    for column in _CSV_JSON_COLUMNS:
+        cell = row.get(column)
+        if isinstance(cell, str) and cell.lstrip().startswith("["):
+            try:
+                row[column] = json.loads(cell)
+            except json.JSONDecodeError as err:
+                raise DataError(f"holds invalid JSON ({err.msg} at column {err.colno}).",
+                                "write the message list as JSON text in the cell.", source=source, row=line,
+                                field=column) from None
+    return row
+
+
+def _read_csv(path: Path, source: str) -> Rows:
+    rows = []
+    with path.open(encoding="utf-8", newline="") as fh:
+        reader = csv.DictReader(fh)
+        start = 2  # line 1 is the header; a quoted cell may span lines, so report where the row starts
+        for row in reader:
+            if None in row:
+                raise DataError(f"has more cells than the header's {len(reader.fieldnames or [])} columns.",
+                                "quote cells that contain commas.", source=source, row=start)
+            rows.append((start, _decode_csv_lists(dict(row), source, start)))
+            start = reader.line_num + 1
+    return rows
+
+
+def _read_parquet(path: Path, source: str) -> Rows:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as err:  # pyarrow raises several types for corrupt files
+        raise DataError(f"is not a readable Parquet file ({err}).", "re-export the file.", source=source) from None
+    # to_pylist gives plain Python lists/dicts (pandas would give numpy arrays for nested columns)
+    return list(enumerate(table.to_pylist()))
+
+
+def _read_file(path: Path, source: str) -> tuple[str, Rows]:
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        return _read_json(path, source)
+    if suffix in (".jsonl", ".ndjson"):
+        return source, _read_jsonl(path, source)
+    if suffix == ".csv":
+        return source, _read_csv(path, source)
+    if suffix in (".parquet", ".pq"):
+        return source, _read_parquet(path, source)
+    raise DataError(f"has an unsupported file type {suffix!r}.",
+                    f"use one of {', '.join(_FILE_SUFFIXES)}, or a saved datasets directory.", source=source)
+
+
+# ----------------------------------------------------------------------------- datasets library
+def _pick_split(ds, split: str | None, source: str):
+    from datasets import DatasetDict
+
+    if not isinstance(ds, DatasetDict):
+        return ds
+    if split is None and "train" in ds:
+        return ds["train"]
+    if split not in ds:
+        raise DataError(f"has splits {sorted(ds)}, not {split!r}.", f"name one as '{source}@<split>'.",
+                        source=source)
+    return ds[split]
+
+
+def _read_saved(path: Path, source: str, split: str | None) -> Rows:
+    from datasets import load_from_disk
+
+    ds = _pick_split(load_from_disk(str(path)), split, source)
+    return list(enumerate(ds.to_list()))
+
+
+def _read_hub(name: str, source: str, split: str | None) -> Rows:
+    from datasets import load_dataset
+
+    try:
+        ds = load_dataset(name, split=split)
+    except Exception as err:  # offline, unknown name, gated: all surface as different exception types
+        raise DataError(f"could not be loaded as a local file or a hub dataset ({type(err).__name__}: {err}).",
+                        "check the path; for a hub dataset run once with internet, then save it with "
+                        "Dataset.save_to_disk (or to_json) and point the source at that copy.",
+                        source=source) from None
+    return list(enumerate(_pick_split(ds, split, source).to_list()))
+
+
+def _split_suffix(source: str, split: str | None) -> tuple[str, str | None]:
+    """``name@split`` -> (name, split), unless a file with the full name exists."""
+    base, at, suffix = source.rpartition("@")
+    if not at or Path(source).exists() or "/" in suffix or Path(suffix).suffix.lower() in _FILE_SUFFIXES:
+        return source, split
+    if split is not None and split != suffix:
+        raise DataError(f"names split {suffix!r} but split={split!r} was also given.", "give the split once.",
+                        source=source)
+    return base, suffix
+
+
+def load_rows(source: str, split: str | None = None) -> tuple[str, Rows]:
+    """Reads raw rows; returns (display name for messages, [(row number, row dict), ...])."""
+    if not isinstance(source, str) or not source.strip():
+        raise DataError(f"data source must be a non-empty string, got {source!r}.", "set data.datasets.")
+    if source == "demo" or source.startswith("demo:"):
+        return source, _read_jsonl(demo_path(source), source)
+    name, split = _split_suffix(source, split)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not any((path / m).is_file() for m in _DATASET_MARKERS):
+            raise DataError("is a directory but not a saved datasets dataset (no state.json / dataset_dict.json).",
+                            "point at a data file, or save the dataset with Dataset.save_to_disk.", source=source)
+        return source, _read_saved(path, source, split)
+    if path.is_file():
+        if split not in (None, "train"):
+            raise DataError(f"is a single file and has no split {split!r}.",
+                            "drop the split, or give a separate file per split.", source=source)
+        return _read_file(path, source)
+    if path.suffix.lower() in _FILE_SUFFIXES or name.startswith((".", "/", "~")):
+        raise DataError("does not exist.", "check the path (relative paths start at the working directory).",
+                        source=source)
+    return source, _read_hub(name, source, split)
+
+
+def load_records(source: str, fmt: str = "auto", split: str | None = None,
+                 bad_rows: str = "error") -> tuple[list[dict], str]:
+    """Loads one source and normalises it; returns (records, kind). See docs/data.md for formats."""
+    name, rows = load_rows(source, split)
+    records, kind = normalise_rows(rows, name, fmt=fmt, bad_rows=bad_rows)
+    log.info("%s: %d %s records", name, len(records), kind)
+    return records, kind

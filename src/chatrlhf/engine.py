@@ -1,0 +1,432 @@
+"""The one module that touches DeepSpeed: process setup, backward/step, collectives, saving and resuming.
+
+Gradient semantics (what every stage relies on):
+    * ``backward(loss)`` ADDS grad(loss) to the accumulated gradients: DeepSpeed's usual division by
+      ``gradient_accumulation_steps`` is switched off (``scale_wrt_gas=False``). Stages normalise their
+      losses by the token/sample count of the whole optimizer step, so micro-batch x accumulation gives
+      exactly the full-batch gradient.
+    * At the accumulation boundary the gradients are AVERAGED over data-parallel processes, so a stage
+      that normalises by the global count multiplies its local loss by ``world_size``.
+    * ``step()`` clips by the global norm, updates, advances the LR schedule, and returns True only when
+      an optimizer step happened.
+
+``import chatrlhf.engine`` is cheap: deepspeed is imported inside the functions that need it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import os
+import socket
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from chatrlhf import checkpoint as ckpt
+from chatrlhf.config import EngineConfig
+
+_LR_KINDS = ("cosine", "linear", "constant")
+
+
+def lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
+    """Multiplier of the peak LR for optimizer step ``step`` (0-based) of ``total``.
+
+    Warm-up is linear and never runs a step at LR 0: factor (step+1)/(warmup+1) for step < warmup.
+    Then, with progress p = (step - warmup) / (total - warmup): cosine 0.5 * (1 + cos(pi p)), linear
+    1 - p, constant 1. So the factor reaches 0 at step == total, one past the last step.
+    Example warmup=1, total=5, cosine: 0.5, 1, 0.8536, 0.5, 0.1464.
+    """
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if kind == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if kind == "linear":
+        return 1.0 - progress
+    if kind == "constant":
+        return 1.0
+    raise ValueError(f"engine.lr_scheduler must be one of {_LR_KINDS}, got {kind!r}")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _skip_shm_comm_build() -> None:
+    # DeepSpeed's CPU backend JIT-compiles a shared-memory allreduce op on first init (~80 s with a C++
+    # toolchain on 2 cores). gloo is plenty for CPU runs, so skip it unless CHATRLHF_DS_SHM_COMM=1.
+    # DeepSpeed caches the probe result in this module-level dict and reads it back, so the edit holds.
+    if os.environ.get("CHATRLHF_DS_SHM_COMM") == "1":
+        return
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def init_distributed() -> tuple[int, int]:
+    """Joins (or, alone, creates) the process group; returns ``(rank, world_size)``. Idempotent.
+
+    Without a launcher it sets up a 1-process group (RANK=0, WORLD_SIZE=1, LOCAL_RANK=0, 127.0.0.1 and
+    a free port). Under ``deepspeed``/``torchrun`` it uses their variables. Backend: gloo on CPU,
+    DeepSpeed's default (nccl) on GPUs.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(_free_port())
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    accel = get_accelerator()
+    if accel.device_name() == "cpu":
+        _skip_shm_comm_build()
+        backend = "gloo"
+    else:
+        accel.set_device(int(os.environ["LOCAL_RANK"]))
+        backend = None
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    # Biases and norm gains (every tensor with < 2 dims) get no weight decay (nanoGPT/DSC convention).
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters (all have requires_grad=False)")
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+class Engine:
+    """DeepSpeed behind one small object (see the module docstring for the gradient semantics).
+
+    ``dtype`` is the training precision ("float32", "bfloat16" or "float16"; pass ModelConfig.dtype).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cfg: EngineConfig,
+        total_steps: int,
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+    ):
+        import deepspeed
+
+        cfg.validate()
+        if total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+        if cfg.lr_scheduler not in _LR_KINDS:
+            raise ValueError(f"engine.lr_scheduler must be one of {_LR_KINDS}, got {cfg.lr_scheduler!r}")
+        self.cfg, self.total_steps, self.dtype = cfg, total_steps, dtype
+        self.rank, self.world_size = init_distributed()
+        optimizer = torch.optim.AdamW(
+            _param_groups(model, cfg.weight_decay), lr=cfg.learning_rate, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps
+        )
+        schedule = functools.partial(
+            lr_factor, warmup=cfg.warmup_steps, total=total_steps, kind=cfg.lr_scheduler
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        # Plain fp32 data parallel: we clip ourselves, because DeepSpeed's stage-0 clip discards the norm.
+        # Everywhere else DeepSpeed owns the (partitioned / master) gradients, so it clips and reports.
+        self._own_clip = cfg.zero_stage == 0 and dtype == "float32"
+        ds_config = {
+            "train_batch_size": cfg.micro_batch_size * cfg.gradient_accumulation_steps * self.world_size,
+            "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+            "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+            "gradient_clipping": 0.0 if self._own_clip else cfg.max_grad_norm,
+            "zero_optimization": {"stage": cfg.zero_stage},
+            "zero_allow_untested_optimizer": True,
+            "bf16": {"enabled": dtype == "bfloat16"},
+            "fp16": {"enabled": dtype == "float16"},
+            "steps_per_print": 2**62,  # we log ourselves; DeepSpeed's progress prints are noise
+            "wall_clock_breakdown": False,
+            "flops_profiler": {"enabled": False},
+        }
+        self._ds, self._optimizer, _, self._scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+        )
+        if self.world_size == 1 and cfg.zero_stage == 0:
+            # Averaging over one process is the identity, yet DeepSpeed would still flatten every gradient
+            # into a bucket, all-reduce it and copy it back each step (~9% of a small model's step time).
+            self._ds.enable_backward_allreduce = False
+        self._params = [p for g in optimizer.param_groups for p in g["params"]]
+        self.optimizer_steps = 0
+        self.grad_norm: float | None = None
+        self._last_lr = self.current_lr()
+
+    # ---- basics -------------------------------------------------------------------------------------------
+    @property
+    def module(self) -> torch.nn.Module:
+        """The unwrapped model."""
+        return self._ds.module
+
+    @property
+    def is_rank_0(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self._ds.device)
+
+    @property
+    def lr(self) -> float:
+        """The learning rate the last optimizer step used (before any step: the first step's)."""
+        return self._last_lr
+
+    def current_lr(self) -> float:
+        """The learning rate the next optimizer step will use."""
+        return float(self._scheduler.get_last_lr()[0])
+
+    def train(self) -> None:
+        self._ds.train()
+
+    def eval(self) -> None:
+        self._ds.eval()
+
+    def __call__(self, *args, **kwargs):
+        return self._ds(*args, **kwargs)
+
+    # ---- optimisation -------------------------------------------------------------------------------------
+    def backward(self, loss: torch.Tensor) -> None:
+        """Adds grad(loss) to the accumulated gradients (no division by the accumulation steps)."""
+        self._ds.backward(loss, scale_wrt_gas=False)
+
+    def step(self) -> bool:
+        """Ends a micro-batch; at the accumulation boundary clips, updates and advances the LR.
+
+        Returns True when an optimizer step happened. A non-finite gradient norm raises
+        ``FloatingPointError`` (with plain fp32 data parallel before the weights change).
+        """
+        boundary = self._ds.is_gradient_accumulation_boundary()
+        norm = None
+        if boundary:
+            self._last_lr = self.current_lr()
+            if self._own_clip:
+                grads = [p.grad for p in self._params if p.grad is not None]
+                norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+                self._check_finite(float(norm))
+                if self.cfg.max_grad_norm > 0:
+                    torch.nn.utils.clip_grads_with_norm_(self._params, self.cfg.max_grad_norm, norm)
+        self._ds.step()
+        if not boundary:
+            return False
+        if not self._own_clip:
+            norm = self._ds.get_global_grad_norm()
+        self.grad_norm = None if norm is None else float(norm)
+        if self.grad_norm is not None:
+            self._check_finite(self.grad_norm)
+        applied = self._ds.was_step_applied()
+        self.optimizer_steps += int(applied)
+        return applied
+
+    def _check_finite(self, norm: float) -> None:
+        if not math.isfinite(norm):
+            raise FloatingPointError(
+                f"gradient norm is {norm} at optimizer step {self.optimizer_steps + 1}: a loss or gradient "
+                "became NaN/inf. Lower engine.learning_rate, check the inputs of that step, or use bf16/fp32."
+            )
+
+    # ---- collectives --------------------------------------------------------------------------------------
+    def all_reduce(self, t: torch.Tensor, op: Literal["sum", "mean"] = "sum") -> torch.Tensor:
+        """Sum or mean of ``t`` over processes, in place (and returned). A no-op on one process."""
+        if op not in ("sum", "mean"):
+            raise ValueError(f"all_reduce op must be 'sum' or 'mean', got {op!r}")
+        if self.world_size == 1:
+            return t
+        import torch.distributed as dist
+
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        if op == "mean":
+            t /= self.world_size
+        return t
+
+    def broadcast_int(self, value: int, src: int = 0) -> int:
+        """``value`` as held by rank ``src``, on every rank."""
+        if self.world_size == 1:
+            return value
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.long, device=self.device)
+        dist.broadcast(t, src=src)
+        return int(t.item())
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def gathered_parameters(self, params=None, modifier_rank: int | None = None):
+        """Context in which ZeRO-3 partitioned parameters are whole (a no-op for stages 0-2). With
+        ``modifier_rank`` set, that rank's in-place edits are broadcast on exit."""
+        if self.cfg.zero_stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        params = list(self.module.parameters()) if params is None else list(params)
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+
+    # ---- saving -------------------------------------------------------------------------------------------
+    def save_hf(self, directory: str | os.PathLike, tokenizer=None) -> None:
+        """Consolidated Hugging Face save (safetensors) on rank 0; all ranks must call. Atomic: the dir
+        is written under a temporary name and renamed, replacing an old one only once complete."""
+        out = Path(directory)
+        state = self._ds._zero3_consolidated_16bit_state_dict() if self.cfg.zero_stage == 3 else None
+        if self.is_rank_0:
+            if not hasattr(self.module, "save_pretrained"):
+                raise TypeError(f"save_hf needs a Hugging Face model, got {type(self.module).__name__}")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+            if tmp.exists():
+                import shutil
+
+                shutil.rmtree(tmp)
+            self.module.save_pretrained(tmp, state_dict=state)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            ckpt.publish_dir(tmp, out)
+        self.barrier()
+
+    # ---- resumable state ----------------------------------------------------------------------------------
+    def _optimizer_file(self) -> str:
+        # ZeRO >= 1 partitions the optimizer state: one file per rank, world size in the name.
+        return "optimizer" if self.cfg.zero_stage == 0 else f"optimizer.rank{self.rank}-of-{self.world_size}"
+
+    def state_dict_for_checkpoint(self) -> dict[str, Any]:
+        """This rank's optimizer state (a tensor tree), the LR scheduler and the step counters.
+        Model weights are written from the module directly (see ``write_checkpoint_state``)."""
+        ds = self._ds
+        if ds.micro_steps % self.cfg.gradient_accumulation_steps:
+            raise RuntimeError(
+                "checkpoint requested in the middle of gradient accumulation "
+                f"(micro-step {ds.micro_steps}); save right after a step() that returned True"
+            )
+        optimizer = dict(ds.optimizer.state_dict())
+        if self.cfg.zero_stage > 0 or self.dtype != "float32":
+            from deepspeed.checkpoint.constants import LOSS_SCALER, PARAM_SLICE_MAPPINGS
+
+            # Two DeepSpeed objects in ZeRO's state: the loss scaler, kept as its scalar attributes,
+            # and the parameter-slice map, which DeepSpeed rebuilds at start-up (dropped).
+            if LOSS_SCALER in optimizer:
+                scaler = vars(optimizer[LOSS_SCALER])
+                optimizer[LOSS_SCALER] = {k: v for k, v in scaler.items() if isinstance(v, (bool, int, float))}
+            optimizer.pop(PARAM_SLICE_MAPPINGS, None)
+        counters = {k: int(getattr(ds, k)) for k in ("global_steps", "global_samples", "micro_steps", "skipped_steps")}
+        engine = {
+            **counters,
+            "optimizer_steps": self.optimizer_steps,
+            "zero_stage": self.cfg.zero_stage,
+            "world_size": self.world_size,
+            "dtype": self.dtype,
+        }
+        return {"optimizer": optimizer, "scheduler": self._scheduler.state_dict(), "engine": engine}
+
+    def write_checkpoint_state(self, directory: str | os.PathLike) -> None:
+        """Writes model weights (rank 0), this rank's optimizer state, scheduler and counters into an
+        existing dir. All ranks must call it (ZeRO-3 gathers the weights)."""
+        out = Path(directory)
+        state = self.state_dict_for_checkpoint()
+        with self.gathered_parameters():
+            if self.is_rank_0:
+                ckpt.save_weights(self.module.state_dict(), out / "model.safetensors")
+        if self.cfg.zero_stage > 0 or self.is_rank_0:
+            ckpt.save_tensor_tree(state["optimizer"], out, self._optimizer_file())
+        if self.is_rank_0:
+            (out / "scheduler.json").write_text(json.dumps(state["scheduler"], indent=2))
+            (out / "engine.json").write_text(json.dumps(state["engine"], indent=2))
+
+    def _check_compatible(self, directory: Path) -> None:
+        saved = json.loads((directory / "engine.json").read_text())
+        if saved["zero_stage"] != self.cfg.zero_stage:
+            raise ckpt.CheckpointError(
+                f"{directory} was saved with ZeRO stage {saved['zero_stage']} but this run uses "
+                f"engine.zero_stage={self.cfg.zero_stage}; resume with the same stage"
+            )
+        if self.cfg.zero_stage > 0 and saved["world_size"] != self.world_size:
+            raise ckpt.CheckpointError(
+                f"{directory} holds ZeRO-{saved['zero_stage']} optimizer state partitioned over "
+                f"{saved['world_size']} processes, but this run has {self.world_size}; resume with "
+                f"{saved['world_size']} processes"
+            )
+
+    def load_checkpoint_state(self, directory: str | os.PathLike) -> None:
+        """Restores what ``write_checkpoint_state`` wrote: weights, optimizer, scheduler, counters."""
+        src = Path(directory)
+        if not (src / "engine.json").is_file():
+            raise ckpt.CheckpointError(f"{src}: no engine.json; not a chatrlhf checkpoint dir")
+        self._check_compatible(src)
+        with self.gathered_parameters(modifier_rank=0):
+            if self.cfg.zero_stage != 3 or self.is_rank_0:
+                weights = ckpt.load_weights(src / "model.safetensors", device=self.device)
+                self.module.load_state_dict(weights, strict=True)
+        optimizer = ckpt.load_tensor_tree(src, self._optimizer_file(), device=self.device)
+        if self.cfg.zero_stage == 0 and self.dtype == "float32":
+            self._ds.optimizer.load_state_dict(optimizer)
+        else:
+            from deepspeed.checkpoint.constants import LOSS_SCALER, PARAM_SLICE_MAPPINGS
+
+            current = self._ds.optimizer
+            if LOSS_SCALER in optimizer:
+                for key, value in optimizer[LOSS_SCALER].items():
+                    setattr(current.loss_scaler, key, value)
+                optimizer[LOSS_SCALER] = current.loss_scaler
+            if hasattr(current, "_param_slice_mappings"):
+                optimizer[PARAM_SLICE_MAPPINGS] = current._param_slice_mappings
+            # ZeRO loads "the list of every rank's state" but only reads its own entry.
+            per_rank: list[Any] = [None] * self.world_size
+            per_rank[self.rank] = optimizer
+            current.load_state_dict(per_rank, load_optimizer_states=True, load_from_fp32_weights=True)
+        self._scheduler.load_state_dict(json.loads((src / "scheduler.json").read_text()))
+        engine = json.loads((src / "engine.json").read_text())
+        for key in ("global_steps", "global_samples", "micro_steps", "skipped_steps"):
+            setattr(self._ds, key, engine[key])
+        self.optimizer_steps = engine["optimizer_steps"]
+        self._last_lr = self.current_lr()
+
+    def save_checkpoint(
+        self,
+        root: str | os.PathLike,
+        step: int,
+        trainer_state: ckpt.TrainerState | None = None,
+        keep_last: int = 2,
+    ) -> Path:
+        """Crash-safe checkpoint ``root/step-<step>`` (engine state, RNG per rank, trainer state), then
+        ``root/latest`` and rotation. All ranks must call it; assumes a filesystem shared by all ranks."""
+        root = Path(root)
+        pid = os.getpid()
+        if self.is_rank_0:
+            ckpt.begin_checkpoint(root, step)
+        tmp = ckpt.tmp_dir_for(root, step, self.broadcast_int(pid))  # rank 0's pid names the dir
+        self.barrier()
+        self.write_checkpoint_state(tmp)
+        ckpt.save_rng_state(tmp, self.rank)
+        if self.is_rank_0 and trainer_state is not None:
+            ckpt.save_trainer_state(tmp, trainer_state)
+        self.barrier()
+        if self.is_rank_0:
+            ckpt.commit_checkpoint(root, tmp, step, keep_last)
+        self.barrier()
+        return root / f"step-{step}"
+
+    def load_checkpoint(self, path: str | os.PathLike) -> ckpt.TrainerState | None:
+        """Restores engine state and this rank's RNG from a complete checkpoint dir; returns the trainer
+        state saved with it (None if there was none)."""
+        path = Path(path)
+        if not ckpt.is_complete(path):
+            raise ckpt.CheckpointError(f"{path} is not a complete checkpoint (manifest missing or files cut short)")
+        self.load_checkpoint_state(path)
+        ckpt.load_rng_state(path, self.rank)
+        has_state = (path / "trainer_state.json").is_file()
+        return ckpt.load_trainer_state(path) if has_state else None

@@ -1,0 +1,36 @@
+"""Models: loading causal LMs (HF dirs, hub ids, built-in names), reward/rating/value models, encoders.
+
+transformers is imported inside functions, so importing this package costs only torch.
+"""
+
+from chatrlhf.models.default import DEFAULT_MODEL, TINY_MODEL, builtin_names, cache_dir, ensure_builtin
+from chatrlhf.models.encoder import (
+    MINILM_NAME,
+    EncoderRewardModel,
+    MiniLMEmbedder,
+    load_encoder_reward_model,
+    minilm_dir,
+)
+from chatrlhf.models.loading import count_parameters, load_causal_lm, load_tokenizer, resolve_model
+from chatrlhf.models.reward import RatingModel, RewardModel, load_rating_model, load_reward_model
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "MINILM_NAME",
+    "TINY_MODEL",
+    "EncoderRewardModel",
+    "MiniLMEmbedder",
+    "RatingModel",
+    "RewardModel",
+    "builtin_names",
+    "cache_dir",
+    "count_parameters",
+    "ensure_builtin",
+    "load_causal_lm",
+    "load_encoder_reward_model",
+    "load_rating_model",
+    "load_reward_model",
+    "load_tokenizer",
+    "minilm_dir",
+    "resolve_model",
+]

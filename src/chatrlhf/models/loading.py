@@ -1,0 +1,143 @@
+"""Loading causal LMs and their tokenizers: built-in names, local HF dirs or hub ids.
+
+Every stage goes through these three functions, so the rules live in one place:
+
+* ``trust_remote_code`` is off unless the caller passes ``True`` (a model dir's Python must not run
+  just because a path was given).
+* A tokenizer always has a pad token (eos when the model defines none, logged) and a chat template
+  (an error with the fix otherwise), because prompts are built with ``apply_chat_template``.
+* Models come back in train mode with their ``generation_config`` (eos = end-of-turn token).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from chatrlhf.models.default import builtin_names, ensure_builtin
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def resolve_model(name_or_path: str | os.PathLike) -> str:
+    """Maps a model reference to what ``from_pretrained`` takes.
+
+    A built-in name (``smollm2-135m-instruct``, ``tiny-random-llama``) becomes its cache dir (built on
+    first use); an existing dir is returned as an absolute path; anything that looks like a
+    filesystem path but does not exist is an error; the rest is passed through as a hub id.
+    """
+    ref = os.fspath(name_or_path)
+    if ref in builtin_names():
+        return str(ensure_builtin(ref))
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        return str(path.resolve())
+    if path.exists():
+        raise NotADirectoryError(f"Model path {ref} is a file; pass the directory holding config.json.")
+    # Hub ids are "name" or "org/name"; anything else was meant as a local path that is missing.
+    if ref.startswith(("/", ".", "~")) or ref.count("/") > 1 or "\\" in ref:
+        raise FileNotFoundError(
+            f"Model dir {ref} does not exist. Pass an existing HF model dir, a hub id (org/name) or a "
+            f"built-in name: {', '.join(builtin_names())}."
+        )
+    return ref
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"float32" | "bfloat16" | "float16"`` (or short forms, or a torch dtype) -> torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def load_tokenizer(
+    name_or_path: str | os.PathLike,
+    trust_remote_code: bool = False,
+    padding_side: str = "right",
+    require_chat_template: bool = True,
+):
+    """Loads the tokenizer of a causal LM with a pad token and (by default) a chat template.
+
+    ``padding_side`` is "right" for training batches and "left" for batched generation.
+    """
+    from transformers import AutoTokenizer
+
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    path = resolve_model(name_or_path)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tok.padding_side = padding_side
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ValueError(
+                f"Tokenizer of {path} has neither a pad nor an eos token; add `eos_token` (the end-of-turn "
+                "token) to its tokenizer_config.json."
+            )
+        # Masks always come from attention_mask, so pad == eos is safe here (see docs/models.md).
+        tok.pad_token = tok.eos_token
+        logger.info("tokenizer of %s has no pad token; using eos %r as pad", path, tok.eos_token)
+    if require_chat_template and not tok.chat_template:
+        raise ValueError(
+            f"Tokenizer of {path} has no chat template, and prompts are built with apply_chat_template. "
+            "Use an instruct/chat model, or add one: set `tokenizer.chat_template` (e.g. ChatML) and "
+            f"save it, which writes chat_template.jinja into the model dir."
+        )
+    return tok
+
+
+def load_causal_lm(
+    name_or_path: str | os.PathLike,
+    dtype: str | torch.dtype = "float32",
+    trust_remote_code: bool = False,
+    gradient_checkpointing: bool = False,
+):
+    """Loads a causal LM in train mode, with its generation_config (pad filled from eos if missing)."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model(name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code
+    )
+    gen = model.generation_config
+    if gen.pad_token_id is None and gen.eos_token_id is not None:
+        eos = gen.eos_token_id
+        gen.pad_token_id = eos[0] if isinstance(eos, list) else eos
+    if gradient_checkpointing:
+        enable_checkpointing(model)
+    model.train()  # from_pretrained returns eval mode; stages switch explicitly where it matters
+    return model
+
+
+def enable_checkpointing(model) -> None:
+    """Turns on activation (gradient) checkpointing, non-reentrant: it works with frozen inputs (LoRA,
+    frozen embeddings) and ZeRO-3. transformers 5 renamed the method; older versions have the old name."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.config.use_cache = False  # the KV cache is useless during training and clashes with recompute
+
+
+def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters, tied tensors counted once (``parameters()`` de-duplicates them).
+
+    Under ZeRO-3 a partitioned parameter has ``numel() == 0`` locally; its full size is ``ds_numel``.
+    """
+    return sum(
+        getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad or not trainable_only
+    )

@@ -1,0 +1,127 @@
+"""Supervised fine-tuning (DeepSpeed-Chat step 1): next-token loss on assistant tokens only.
+
+Loop: load (tokenizer, records, model) -> for each optimizer step: micro-batches forward/backward with
+the loss normalised by the labelled tokens of the whole step -> step -> log / eval / checkpoint ->
+final perplexity on the eval split -> save the HF model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from tqdm.auto import tqdm
+
+from chatrlhf.algorithms import position_ids_from_mask, token_nll
+from chatrlhf.config import SFTConfig
+from chatrlhf.data import SFTCollator, encode_records, prepare_records
+from chatrlhf.engine import Engine, init_distributed
+from chatrlhf.models import load_causal_lm, load_tokenizer
+from chatrlhf.training import (
+    MODEL_SUBDIR,
+    BatchPlan,
+    MetricsLogger,
+    prepare_output_dir,
+    resume_or_start,
+    save_training_checkpoint,
+    set_seed,
+    total_steps,
+    write_json_atomic,
+    write_resolved_config,
+)
+
+
+def _forward_nll(engine, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    mask = batch["attention_mask"]
+    logits = engine(
+        input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids_from_mask(mask)
+    ).logits  # (B, T, V)
+    return token_nll(logits, batch["labels"])  # (B, T-1) each
+
+
+def _labelled(example) -> int:
+    # Tokens predicted: every label except the first position (nothing predicts it) and IGNORE_INDEX.
+    return sum(1 for t in example["labels"][1:] if t != -100)
+
+
+@torch.no_grad()
+def evaluate(engine: Engine, data: list[dict], collate, batch_size: int) -> dict[str, float]:
+    """Token-level NLL and perplexity over ``data``, sharded across ranks and summed exactly."""
+    engine.eval()
+    nll_sum = torch.zeros((), dtype=torch.float64)
+    tokens = torch.zeros((), dtype=torch.float64)
+    mine = data[engine.rank :: engine.world_size]
+    for i in range(0, len(mine), batch_size):
+        nll, mask = _forward_nll(engine, collate(mine[i : i + batch_size]))
+        nll_sum += nll.sum().double()
+        tokens += mask.sum().double()
+    nll_sum, tokens = engine.all_reduce(nll_sum), engine.all_reduce(tokens)
+    engine.train()
+    loss = (nll_sum / tokens.clamp(min=1)).item()
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(tokens.item())}
+
+
+def train_sft(cfg: SFTConfig) -> dict[str, float]:
+    cfg.validate()
+    rank, world = init_distributed()
+    out = prepare_output_dir(cfg.run)
+    set_seed(cfg.engine.seed)
+
+    # ---- data -----------------------------------------------------------------------------------
+    tokenizer = load_tokenizer(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+    train_records, eval_records = prepare_records(cfg.data, kind="sft", phase=cfg.phase)
+    train = encode_records(train_records, "sft", tokenizer, cfg.data, progress=cfg.run.progress and rank == 0)
+    evals = encode_records(eval_records, "sft", tokenizer, cfg.data, progress=False)
+    collate = SFTCollator(pad_id=tokenizer.pad_token_id)
+
+    # ---- model and engine -----------------------------------------------------------------------
+    plan = BatchPlan(len(train), cfg.engine.micro_batch_size, cfg.engine.gradient_accumulation_steps, world, cfg.engine.seed)
+    plan.check("sft")
+    n_steps = total_steps(plan, cfg.epochs, cfg.max_steps)
+    model = load_causal_lm(
+        cfg.model.name_or_path,
+        dtype=cfg.model.dtype,
+        trust_remote_code=cfg.model.trust_remote_code,
+        gradient_checkpointing=cfg.model.gradient_checkpointing,
+    )
+    engine = Engine(model, cfg.engine, total_steps=n_steps)
+    start = resume_or_start(out, engine, cfg.run)
+    logger = MetricsLogger(out, enabled=engine.is_rank_0)
+    if engine.is_rank_0:
+        write_resolved_config(out, cfg)
+        logger.log(start, {"records": len(train), "eval_records": len(evals), "total_steps": n_steps}, "data")
+
+    # ---- train ----------------------------------------------------------------------------------
+    bar = tqdm(total=n_steps, initial=start, desc="sft", disable=not (cfg.run.progress and engine.is_rank_0))
+    for step in range(start, n_steps):
+        epoch, in_epoch = divmod(step, plan.steps_per_epoch)
+        global_idx = plan.batch(epoch, in_epoch)
+        n_tokens = max(1, sum(_labelled(train[i]) for i in global_idx))
+        nll_sum = 0.0
+        for micro in plan.local_micro_batches(global_idx, rank):
+            nll, _ = _forward_nll(engine, collate([train[i] for i in micro]))
+            # Sum over tokens / tokens in the whole step: accumulation and ranks add up to the full-batch
+            # mean exactly. x world because DeepSpeed averages gradients over ranks.
+            engine.backward(nll.sum() * (world / n_tokens))
+            engine.step()
+            nll_sum += nll.detach().sum().item()
+        loss = engine.all_reduce(torch.tensor(nll_sum, dtype=torch.float64)).item() / n_tokens
+        done = step + 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}")
+        if done % cfg.run.log_every == 0 or done == n_steps:
+            logger.log(done, {"loss": loss, "grad_norm": engine.grad_norm, "lr": engine.lr, "epoch": epoch})
+        if cfg.run.eval_every and done % cfg.run.eval_every == 0 and done < n_steps:
+            logger.log(done, evaluate(engine, evals, collate, cfg.engine.micro_batch_size), "eval")
+        if cfg.run.save_every and done % cfg.run.save_every == 0 and done < n_steps:
+            save_training_checkpoint(out, engine, done, cfg.run, plan)
+    bar.close()
+
+    # ---- evaluate and save ----------------------------------------------------------------------
+    metrics = evaluate(engine, evals, collate, cfg.engine.micro_batch_size)
+    logger.log(n_steps, metrics, "eval")
+    engine.save_hf(out / MODEL_SUBDIR, tokenizer)
+    if engine.is_rank_0:
+        write_json_atomic(out / "eval.json", {"stage": "sft", "steps": n_steps, **metrics})
+    logger.close()
+    return metrics

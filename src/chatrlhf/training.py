@@ -1,0 +1,171 @@
+"""Pieces every training loop shares: output dirs, metrics, batch schedules, resume bookkeeping.
+
+Orchestration only; the math lives in ``chatrlhf.algorithms`` and DeepSpeed in ``chatrlhf.engine``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from chatrlhf.config import ConfigError, RunConfig
+
+MODEL_SUBDIR = "model"
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write JSON next to ``path`` then rename over it, so readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def prepare_output_dir(run: RunConfig) -> Path:
+    """Create ``run.output_dir``; refuse to clobber a finished model unless asked.
+
+    With ``overwrite`` the old model stays in place until the new one is complete (``Engine.save_hf``
+    writes to a temporary dir and renames), so a failed run never leaves the dir without a model.
+    """
+    out = Path(run.output_dir)
+    if (out / MODEL_SUBDIR / "config.json").exists() and not (run.overwrite or run.resume):
+        raise ConfigError(
+            f"{out / MODEL_SUBDIR} already holds a finished model. Pass --run.overwrite true to replace it "
+            f"(the old one is kept until the new one is complete), --run.resume true to continue, "
+            f"or choose another --run.output_dir."
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def write_resolved_config(out: Path, cfg) -> None:
+    """The exact config the run used, beside its outputs (reloadable with ``--config``)."""
+    path = out / "config.yaml"
+    tmp = path.with_name(f".config.yaml.tmp-{os.getpid()}")
+    tmp.write_text(yaml.safe_dump(json.loads(json.dumps(dataclasses.asdict(cfg))), sort_keys=False))
+    os.replace(tmp, path)
+
+
+class MetricsLogger:
+    """Metrics to ``metrics.jsonl`` (one JSON object per line) and TensorBoard, on rank 0 only."""
+
+    def __init__(self, out: Path, enabled: bool = True):
+        self.enabled = enabled
+        self._writer = None
+        self._file = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(out / "tensorboard"))
+            self._file = open(out / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115 - closed in close()
+
+    def log(self, step: int, metrics: dict[str, float], prefix: str = "train") -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, "time": round(time.time(), 3)}
+        for key, value in metrics.items():
+            name = f"{prefix}/{key}"
+            row[name] = value
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self._writer.add_scalar(name, value, step)
+        self._file.write(json.dumps(row) + "\n")
+
+    def close(self) -> None:
+        if self.enabled:
+            self._writer.close()
+            self._file.close()
+
+
+@dataclasses.dataclass
+class BatchPlan:
+    """How records are cut into optimizer steps: global batch = micro x accumulation x processes."""
+
+    num_records: int
+    micro_batch_size: int
+    grad_accum: int
+    world_size: int
+    seed: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch_size * self.grad_accum * self.world_size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_records // self.global_batch
+
+    def check(self, what: str) -> None:
+        if self.steps_per_epoch == 0:
+            raise ConfigError(
+                f"{what}: {self.num_records} training records are fewer than one global batch of "
+                f"{self.global_batch} (engine.micro_batch_size={self.micro_batch_size} x "
+                f"engine.gradient_accumulation_steps={self.grad_accum} x {self.world_size} processes); "
+                f"lower those or add data."
+            )
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        """A seeded permutation per epoch: the same on every rank and on every resume."""
+        rng = np.random.default_rng([self.seed, epoch])
+        return rng.permutation(self.num_records).tolist()
+
+    def batch(self, epoch: int, step_in_epoch: int) -> list[int]:
+        """Record indices of one optimizer step's global batch; a pure function of (seed, epoch, step),
+        which is all a resume needs. The incomplete tail of an epoch is dropped."""
+        order = self.epoch_order(epoch)
+        return order[step_in_epoch * self.global_batch : (step_in_epoch + 1) * self.global_batch]
+
+    def local_micro_batches(self, global_idx: list[int], rank: int) -> list[list[int]]:
+        """This rank's share of a global batch, cut into ``grad_accum`` micro-batches."""
+        per_rank = self.micro_batch_size * self.grad_accum
+        mine = global_idx[rank * per_rank : (rank + 1) * per_rank]
+        return [mine[i : i + self.micro_batch_size] for i in range(0, per_rank, self.micro_batch_size)]
+
+
+def total_steps(plan: BatchPlan, epochs: int, max_steps: int) -> int:
+    """Exactly ``max_steps`` when set (cycling through epochs as needed), else whole epochs."""
+    return max_steps if max_steps > 0 else plan.steps_per_epoch * epochs
+
+
+CHECKPOINTS_SUBDIR = "checkpoints"
+
+
+def save_training_checkpoint(out: Path, engine, step: int, run: RunConfig, plan: BatchPlan) -> None:
+    """A resumable checkpoint: engine state (model, optimizer, scheduler), RNG per rank, data position.
+
+    The data position is ``step`` alone: ``BatchPlan.batch`` is a pure function of (seed, epoch, step).
+    """
+    from chatrlhf.checkpoint import TrainerState
+
+    epoch, in_epoch = divmod(step, plan.steps_per_epoch)
+    state = TrainerState(step=step, epoch=epoch, step_in_epoch=in_epoch, samples_seen=step * plan.global_batch)
+    engine.save_checkpoint(out / CHECKPOINTS_SUBDIR, step, state, keep_last=run.keep_last)
+
+
+def resume_or_start(out: Path, engine, run: RunConfig) -> int:
+    """The optimizer step to start from: 0, or the step of the latest complete checkpoint on ``--run.resume``."""
+    if not run.resume:
+        return 0
+    from chatrlhf.checkpoint import latest_checkpoint
+
+    path = latest_checkpoint(out / CHECKPOINTS_SUBDIR)
+    if path is None:
+        print(f"[chatrlhf] --run.resume: no complete checkpoint under {out / CHECKPOINTS_SUBDIR}; starting at step 0")
+        return 0
+    state = engine.load_checkpoint(path)
+    step = state.step if state is not None else 0
+    print(f"[chatrlhf] resumed from {path} at step {step}")
+    return step

@@ -1,0 +1,211 @@
+"""chatrlhf.engine on a real tiny Llama: training, accumulation semantics, exact resume, 2-process DeepSpeed
+launcher run, Hugging Face export. The LR-schedule tests are pure and fast; the rest are marked slow."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from chatrlhf import checkpoint as ckpt
+from chatrlhf.config import EngineConfig
+from chatrlhf.engine import Engine, lr_factor
+
+_spec = importlib.util.spec_from_file_location("engine_worker", Path(__file__).with_name("engine_worker.py"))
+worker = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(worker)
+
+REPO = Path(__file__).resolve().parents[2]
+LAUNCH_TIMEOUT_S = 240
+
+
+# ---- LR schedule (pure) -----------------------------------------------------------------------------------
+
+
+def test_lr_factor_cosine_by_hand():
+    # warmup=1, total=5: step 0 -> 1/2 (warm-up (0+1)/(1+1)); then p = (s-1)/4:
+    # s=1 p=0 -> 1; s=2 p=1/4 -> (1+cos(pi/4))/2 = 0.853553; s=3 p=1/2 -> 0.5; s=4 p=3/4 -> 0.146447;
+    # s=5 (one past the last step) p=1 -> 0.
+    got = [lr_factor(s, warmup=1, total=5, kind="cosine") for s in range(6)]
+    want = [0.5, 1.0, (1 + math.sqrt(0.5)) / 2, 0.5, (1 - math.sqrt(0.5)) / 2, 0.0]
+    assert got == pytest.approx(want, rel=1e-6, abs=1e-12)
+
+
+def test_lr_factor_linear_and_constant_by_hand():
+    # warmup=2, total=6: warm-up 1/3, 2/3; then p = (s-2)/4: 1, 3/4, 1/2, 1/4.
+    assert [lr_factor(s, 2, 6, "linear") for s in range(6)] == pytest.approx([1 / 3, 2 / 3, 1, 0.75, 0.5, 0.25])
+    assert [lr_factor(s, 0, 3, "constant") for s in range(3)] == [1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="lr_scheduler"):
+        lr_factor(0, 0, 3, "step")
+
+
+# ---- engine on a tiny Llama -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    from chatrlhf.models.tiny import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def make_engine(model_dir: Path, total_steps: int = 6, **overrides) -> Engine:
+    from transformers import AutoModelForCausalLM
+
+    settings = dict(learning_rate=3e-3, warmup_steps=1, weight_decay=0.01, micro_batch_size=4)
+    settings.update(overrides)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return Engine(model, EngineConfig(**settings), total_steps=total_steps)
+
+
+def flat_params(engine: Engine) -> torch.Tensor:
+    with engine.gathered_parameters():
+        return torch.cat([p.detach().flatten().clone() for p in engine.module.parameters()])
+
+
+@pytest.mark.slow
+def test_single_process_training_lowers_loss(tiny_dir):
+    steps = 12
+    engine = make_engine(tiny_dir, total_steps=steps, learning_rate=1e-2, warmup_steps=2)
+    batch = worker.make_batches(engine.module.config.vocab_size, n_batches=1)
+    losses, lrs = [], []
+    for _ in range(steps + 1):  # the extra step runs at LR 0 (schedule ended): a clean final loss
+        losses += worker.train_steps(engine, batch, 1, micro_batch_size=4)[0]
+        lrs.append(engine.lr)
+    assert engine.optimizer_steps == steps + 1 and isinstance(engine.grad_norm, float)
+    assert losses[-1] < 0.6 * losses[0], losses
+    assert lrs == pytest.approx([1e-2 * lr_factor(s, 2, steps, "cosine") for s in range(steps + 1)], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_micro_batch_times_accumulation_equals_full_batch(tiny_dir):
+    # Rows have different token counts, so this holds only if backward() sums micro-batch gradients
+    # (no 1/accumulation scaling) and the loss is normalised by the whole step's tokens.
+    # adam_eps=1e-6: Adam's first update lr*g/(|g|+eps) has slope lr/eps, which at eps=1e-8 turns the
+    # float summation-order noise of near-zero gradients into 1e-6-size parameter differences.
+    full = make_engine(tiny_dir, micro_batch_size=4, gradient_accumulation_steps=1, adam_eps=1e-6)
+    accum = make_engine(tiny_dir, micro_batch_size=2, gradient_accumulation_steps=2, adam_eps=1e-6)
+    batches = worker.make_batches(full.module.config.vocab_size)
+    batch = batches[0]
+    n_tokens = batch["attention_mask"][:, 1:].sum()
+    full.backward(worker.token_nll_sum(full, batch)[0] / n_tokens)
+    for i in (0, 2):
+        rows = {k: v[i : i + 2] for k, v in batch.items()}
+        accum.backward(worker.token_nll_sum(accum, rows)[0] / n_tokens)
+        if i == 0:
+            assert accum.step() is False
+    for a, f in zip(accum.module.parameters(), full.module.parameters()):
+        torch.testing.assert_close(a.grad, f.grad, rtol=1e-5, atol=1e-7)
+    assert full.step() and accum.step()
+    assert accum.grad_norm == pytest.approx(full.grad_norm, rel=1e-6)
+    torch.testing.assert_close(flat_params(accum), flat_params(full), rtol=0, atol=1e-6)
+    full_losses, _ = worker.train_steps(full, batches, 2, micro_batch_size=4)
+    accum_losses, _ = worker.train_steps(accum, batches, 2, micro_batch_size=2)
+    assert accum.optimizer_steps == full.optimizer_steps == 3
+    assert accum_losses == pytest.approx(full_losses, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_step_reports_boundaries(tiny_dir):
+    engine = make_engine(tiny_dir, micro_batch_size=2, gradient_accumulation_steps=2)
+    rows = {k: v[:2] for k, v in worker.make_batches(engine.module.config.vocab_size, 1)[0].items()}
+    flags = []
+    for _ in range(4):
+        engine.backward(worker.token_nll_sum(engine, rows)[0] / 100)
+        flags.append(engine.step())
+    assert flags == [False, True, False, True] and engine.optimizer_steps == 2
+
+
+@pytest.mark.slow
+def test_nonfinite_gradient_stops_before_the_update(tiny_dir):
+    engine = make_engine(tiny_dir)
+    batch = worker.make_batches(engine.module.config.vocab_size, 1)[0]
+    before = flat_params(engine)
+    engine.backward(worker.token_nll_sum(engine, batch)[0] * float("nan"))
+    with pytest.raises(FloatingPointError, match="optimizer step 1"):
+        engine.step()
+    assert torch.equal(flat_params(engine), before)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_resume_is_bit_exact(tiny_dir, tmp_path, stage):
+    n = 3
+    reference = make_engine(tiny_dir, total_steps=2 * n, zero_stage=stage)
+    batches = worker.make_batches(reference.module.config.vocab_size)
+    ref_losses, _ = worker.train_steps(reference, batches, 2 * n, 4)
+
+    first = make_engine(tiny_dir, total_steps=2 * n, zero_stage=stage)
+    losses, _ = worker.train_steps(first, batches, n, 4)
+    path = first.save_checkpoint(tmp_path, n, ckpt.TrainerState(step=n, samples_seen=4 * n, extra={"kl": 0.1}))
+    after_save = torch.rand(3)  # the RNG stream a resumed run must continue
+
+    resumed = make_engine(tiny_dir, total_steps=2 * n, zero_stage=stage)
+    state = resumed.load_checkpoint(ckpt.latest_checkpoint(tmp_path))
+    assert torch.equal(torch.rand(3), after_save)
+    assert (state.step, state.samples_seen, state.extra) == (n, 4 * n, {"kl": 0.1})
+    assert resumed.optimizer_steps == n and resumed.lr == first.current_lr()
+    more, _ = worker.train_steps(resumed, batches, n, 4, start=state.step)
+    assert losses + more == ref_losses  # bit for bit
+    assert torch.equal(flat_params(resumed), flat_params(reference))
+    assert ckpt.latest_checkpoint(tmp_path) == path and ckpt.is_complete(path)
+
+
+@pytest.mark.slow
+def test_two_processes_zero2_match_one_process(tiny_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    launcher = Path(sys.executable).with_name("deepspeed")
+    cmd = [str(launcher), "--num_gpus", "2", str(REPO / "tests/integration/engine_worker.py")]
+    cmd += ["--model", str(tiny_dir), "--out", str(out), "--stage", "2", "--steps", "4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((out / "result.json").read_text())
+
+    single = make_engine(tiny_dir, total_steps=4)
+    losses, norms = worker.train_steps(single, worker.make_batches(single.module.config.vocab_size), 4, 4)
+    # Same global batch; only the order of float additions differs (gradient averaging over 2 ranks).
+    assert result["world_size"] == 2 and result["all_reduce_sum"] == 3.0 and result["reload_equal"]
+    assert result["losses"] == pytest.approx(losses, rel=1e-5)
+    assert result["grad_norms"] == pytest.approx(norms, rel=1e-4)
+
+    saved = ckpt.latest_checkpoint(out / "ckpt")
+    assert {p.name for p in saved.glob("optimizer.*.safetensors")} == {
+        "optimizer.rank0-of-2.safetensors",
+        "optimizer.rank1-of-2.safetensors",
+    }
+    one_proc = make_engine(tiny_dir, total_steps=4, zero_stage=2)
+    with pytest.raises(ckpt.CheckpointError, match=r"partitioned over 2 processes, but this run has 1"):
+        one_proc.load_checkpoint(saved)
+
+
+@pytest.mark.slow
+def test_save_hf_reloads_with_identical_logits(tiny_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    engine = make_engine(tiny_dir)
+    batches = worker.make_batches(engine.module.config.vocab_size)
+    worker.train_steps(engine, batches, 1, 4)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    target = tmp_path / "model"
+    engine.save_hf(target, tokenizer)
+    worker.train_steps(engine, batches, 1, 4)
+    engine.save_hf(target, tokenizer)  # replaces the first export atomically
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+    engine.eval()
+    reloaded = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
+    ids, mask = batches[0]["input_ids"], batches[0]["attention_mask"]
+    with torch.no_grad():
+        want = engine(input_ids=ids, attention_mask=mask).logits
+        got = reloaded(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(got, want)
+    assert AutoTokenizer.from_pretrained(target).eos_token == tokenizer.eos_token

@@ -1,0 +1,159 @@
+"""End-to-end stage runs on a tiny random Llama: SFT learns, the RM separates, 2 processes == 1."""
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from chatrlhf.cli import main, parse
+from chatrlhf.models.tiny import build_tiny_llama
+
+pytestmark = pytest.mark.slow
+WORDS = "the quick brown fox jumps over lazy dog good bad yes no answer question hello world".split()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    return str(build_tiny_llama(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def copy_rows(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 6)))
+        rows.append({"prompt": f"copy: {text}", "response": text})
+    return rows
+
+
+def metrics(run_dir: Path, key: str) -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r[key] for r in rows if key in r]
+
+
+def common_flags(model: str, data: str, out: Path, split: str = "1,0,0") -> list[str]:
+    return [
+        "--model.name_or_path", model,
+        "--data.datasets", f"[{data}]",
+        "--data.data_split", split,
+        "--run.output_dir", str(out),
+        "--run.progress", "false",
+    ]  # fmt: skip
+
+
+def test_sft_loss_falls_on_copy_task(tiny_model, tmp_path):
+    data = write_jsonl(tmp_path / "copy.jsonl", copy_rows(160))
+    out = tmp_path / "sft"
+    flags = common_flags(tiny_model, data, out) + [
+        "--engine.learning_rate", "3e-3", "--engine.micro_batch_size", "8", "--engine.warmup_steps", "0",
+        "--max_steps", "60",
+    ]  # fmt: skip
+    assert main(["sft", *flags]) == 0
+    losses = metrics(out, "train/loss")
+    assert len(losses) == 60
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.5 * first, (first, last)
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["loss"] < 0.5 * losses[0], (ev, losses[0])  # held-out copies, not just the training batches
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out / "model")  # plain transformers loads the result
+    assert (out / "config.yaml").exists() and any((out / "tensorboard").iterdir())
+
+
+def preference_rows(n: int, seed: int = 0) -> list[dict]:
+    """Separable by construction: the chosen answer contains 'good', the rejected one 'bad'."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        stem = [rng.choice(WORDS[:8]) for _ in range(rng.randint(2, 5))]
+        at = rng.randint(0, len(stem))
+        good, bad = stem[:at] + ["good"] + stem[at:], stem[:at] + ["bad"] + stem[at:]
+        rows.append({"prompt": f"question {' '.join(stem)}", "chosen": " ".join(good), "rejected": " ".join(bad)})
+    return rows
+
+
+def test_reward_model_separates_synthetic_preferences(tiny_model, tmp_path):
+    data = write_jsonl(tmp_path / "pairs.jsonl", preference_rows(400))
+    out = tmp_path / "rm"
+    flags = common_flags(tiny_model, data, out, split="0,1,0") + [
+        "--engine.learning_rate", "2e-3", "--engine.micro_batch_size", "16", "--engine.warmup_steps", "0",
+        "--epochs", "3", "--data.eval_fraction", "0.2",
+    ]  # fmt: skip
+    assert main(["rm", *flags]) == 0
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["accuracy"] >= 0.9, ev
+    assert ev["chosen_score"] > ev["rejected_score"]
+    from transformers import AutoModelForSequenceClassification
+
+    AutoModelForSequenceClassification.from_pretrained(out / "model")
+
+
+def test_ratings_model_learns(tiny_model, tmp_path):
+    rng = random.Random(1)
+    rows = []
+    for _ in range(300):
+        level = rng.randint(1, 5)
+        rows.append({"prompt": "rate me", "response": " ".join(["good"] * level + ["dog"] * (5 - level)), "score": level})
+    data = write_jsonl(tmp_path / "ratings.jsonl", rows)
+    out = tmp_path / "ratings"
+    flags = common_flags(tiny_model, data, out, split="0,1,0") + [
+        "--objective", "ratings", "--engine.learning_rate", "3e-3", "--engine.micro_batch_size", "16",
+        "--engine.warmup_steps", "0", "--epochs", "4", "--data.eval_fraction", "0.2",
+    ]  # fmt: skip
+    assert main(["rm", *flags]) == 0
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["accuracy"] >= 0.6 and ev["mae"] < 0.6, ev  # chance accuracy is 0.2
+
+
+def test_refuses_to_overwrite_a_finished_model(tiny_model, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "copy.jsonl", copy_rows(16))
+    out = tmp_path / "sft"
+    flags = common_flags(tiny_model, data, out) + ["--engine.micro_batch_size", "4", "--max_steps", "1"]
+    assert main(["sft", *flags]) == 0
+    before = (out / "model" / "model.safetensors").read_bytes()
+    assert main(["sft", *flags]) == 2
+    assert "--run.overwrite" in capsys.readouterr().err
+    assert (out / "model" / "model.safetensors").read_bytes() == before
+
+
+@pytest.mark.skipif(shutil.which("deepspeed", path=os.path.dirname(sys.executable)) is None, reason="needs the deepspeed launcher")
+def test_two_processes_zero2_match_one_process(tiny_model, tmp_path):
+    """Same global batch (8): 1 process x micro 4 x accum 2 vs 2 processes x micro 2 x accum 2 under ZeRO-2.
+
+    The per-step losses agree to 1e-5 relative: the same examples and the same token-normalised sum,
+    only the floating-point summation order differs.
+    """
+    data = write_jsonl(tmp_path / "copy.jsonl", copy_rows(96))
+    one, two = tmp_path / "one", tmp_path / "two"
+    base = ["--engine.learning_rate", "1e-3", "--engine.gradient_accumulation_steps", "2", "--max_steps", "8"]
+    assert main(["sft", *common_flags(tiny_model, data, one), *base, "--engine.micro_batch_size", "4"]) == 0
+    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    cmd = [
+        launcher, "--num_gpus", "2", "--no_local_rank", "--master_port", "29617", "--module", "chatrlhf.cli", "sft",
+        *common_flags(tiny_model, data, two), *base, "--engine.micro_batch_size", "2", "--engine.zero_stage", "2",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    a, b = metrics(one, "train/loss"), metrics(two, "train/loss")
+    assert len(a) == len(b) == 8
+    torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-5, atol=0)
+
+
+def test_cli_yaml_config_then_flag_override(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("engine:\n  learning_rate: 0.001\n  micro_batch_size: 3\nepochs: 5\n")
+    _, cfg = parse(["sft", "--config", str(cfg_file), "--engine.micro_batch_size", "7"])
+    assert (cfg.engine.learning_rate, cfg.engine.micro_batch_size, cfg.epochs) == (0.001, 7, 5)
+    assert cfg.model.trust_remote_code is False
