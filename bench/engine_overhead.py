@@ -52,9 +52,14 @@ class PlainLoop:
         self.model, self.cfg = model, cfg
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(
-            _param_groups(model, cfg.weight_decay), lr=cfg.learning_rate, betas=cfg.adam_betas, eps=cfg.adam_eps
+            _param_groups(model, cfg.weight_decay),
+            lr=cfg.learning_rate,
+            betas=cfg.adam_betas,
+            eps=cfg.adam_eps,
         )
-        schedule = functools.partial(lr_factor, warmup=cfg.warmup_steps, total=total_steps, kind=cfg.lr_scheduler)
+        schedule = functools.partial(
+            lr_factor, warmup=cfg.warmup_steps, total=total_steps, kind=cfg.lr_scheduler
+        )
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, schedule)
 
     def step(self, ids: torch.Tensor) -> float:
@@ -100,7 +105,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps before the repeats")
     parser.add_argument("--repeats", type=int, default=12)
     parser.add_argument(
-        "--threads", type=int, default=1, help="torch intra-op threads (1: stable timings on a shared machine)"
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (1: stable timings on a shared machine)",
     )
     parser.add_argument("--json", default="", help="also write the figures to this file")
     args = parser.parse_args()
@@ -114,7 +122,10 @@ def main() -> None:
     n_params = sum(p.numel() for p in base.parameters())
     gen = torch.Generator().manual_seed(0)
     data = [torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen) for _ in range(4)]
-    loops = {"plain": PlainLoop(copy.deepcopy(base), cfg, total), "engine": EngineLoop(copy.deepcopy(base), cfg, total)}
+    loops = {
+        "plain": PlainLoop(copy.deepcopy(base), cfg, total),
+        "engine": EngineLoop(copy.deepcopy(base), cfg, total),
+    }
     for loop in loops.values():
         time_steps(loop, data, args.warmup)
     times: dict[str, list[float]] = {name: [] for name in loops}
@@ -138,7 +149,13 @@ def main() -> None:
             "deepspeed": deepspeed.__version__,
             "load_avg_1m": os.getloadavg()[0],
         },
-        "model": {"params": n_params, "hidden": args.hidden, "layers": args.layers, "batch": args.batch, "seq": args.seq},
+        "model": {
+            "params": n_params,
+            "hidden": args.hidden,
+            "layers": args.layers,
+            "batch": args.batch,
+            "seq": args.seq,
+        },
         "plain_ms_per_step": [round(t * 1e3, 2) for t in times["plain"]],
         "engine_ms_per_step": [round(t * 1e3, 2) for t in times["engine"]],
         "plain_min_ms": round(plain * 1e3, 2),

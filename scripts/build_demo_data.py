@@ -3,7 +3,8 @@
 For each training prompt in ``src/chatrlhf/demo_data/prompts_train.jsonl`` the embedded default model
 (SmolLM2-135M-Instruct) samples ``--n`` answers; the simulated rater scores them; the best answer
 becomes ``chosen`` (the SFT demonstration: best-of-n) and the worst ``rejected``. Pairs whose scores
-are within ``--min-gap`` are near-ties and are left out. Output: ``demo_data/pairs.jsonl``.
+are within ``--min-gap`` are near-ties and are left out. Output: ``demo_data/pairs.jsonl`` from the
+training prompts and ``demo_data/pairs_eval.jsonl`` from the held-out prompts (the reward model's eval set).
 
 Generation is resumable: finished prompts are appended to ``pairs.jsonl.partial`` and skipped on a rerun.
 
@@ -66,18 +67,22 @@ def main() -> None:
     ap.add_argument("--min-gap", type=float, default=0.05, help="drop pairs whose rater scores differ by less")
     ap.add_argument("--limit", type=int, default=0, help="only the first N prompts (0: all)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=Path(DEMO_DIR) / "pairs.jsonl")
+    ap.add_argument("--out-dir", type=Path, default=Path(DEMO_DIR))
     args = ap.parse_args()
-
-    prompts = read_jsonl(Path(DEMO_DIR) / "prompts_train.jsonl")
-    prompts = prompts[: args.limit] if args.limit else prompts
-    partial = args.out.with_name(args.out.name + ".partial")
-    done = {r["id"]: r for r in read_jsonl(partial)} if partial.exists() else {}
-    todo = sorted((p for p in prompts if p["id"] not in done), key=lambda p: len(p["prompt"]))
-
     tokenizer = load_tokenizer("smollm2-135m-instruct", padding_side="left")
     model = load_causal_lm("smollm2-135m-instruct").eval()
     rater = SimulatedRater()
+    for split, name in (("train", "pairs"), ("eval", "pairs_eval")):
+        prompts = read_jsonl(Path(DEMO_DIR) / f"prompts_{split}.jsonl")
+        prompts = prompts[: args.limit] if args.limit else prompts
+        build(args, model, tokenizer, rater, prompts, args.out_dir / f"{name}.jsonl")
+
+
+def build(args, model, tokenizer, rater, prompts: list[dict], out: Path) -> None:
+    partial = out.with_name(out.name + ".partial")
+    done = {r["id"]: r for r in read_jsonl(partial)} if partial.exists() else {}
+    todo = sorted((p for p in prompts if p["id"] not in done), key=lambda p: len(p["prompt"]))
+
     start = time.time()
     with open(partial, "a") as f:
         for i in tqdm(range(0, len(todo), args.batch_prompts), desc="prompts", unit="batch"):
@@ -106,11 +111,11 @@ def main() -> None:
                 "chosen_score": best["score"], "rejected_score": worst["score"],
             }
         )  # fmt: skip
-    tmp = args.out.with_name(args.out.name + ".tmp")
+    tmp = out.with_name(out.name + ".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in pairs))
-    os.replace(tmp, args.out)
+    os.replace(tmp, out)
     gap = sum(r["chosen_score"] - r["rejected_score"] for r in pairs) / max(len(pairs), 1)
-    print(f"{len(pairs)} pairs from {len(prompts)} prompts (mean rater gap {gap:.3f}) -> {args.out} in {time.time() - start:.0f}s")
+    print(f"{len(pairs)} pairs from {len(prompts)} prompts (mean rater gap {gap:.3f}) -> {out} in {time.time() - start:.0f}s")
 
 
 if __name__ == "__main__":

@@ -5,3 +5,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+# The tests use tiny models, where thread start-up costs more than it saves, and a 2-core machine
+# shared with subprocesses (launcher tests) slows down badly when OpenMP threads oversubscribe it.
+torch.set_num_threads(1)

@@ -69,7 +69,9 @@ def _encode(obj: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
             return {k: _encode(v, tensors, f"{path}.{k}") for k, v in obj.items()}
         for k in obj:
             if not isinstance(k, (str, int)) or isinstance(k, bool):
-                raise TypeError(f"{path}: dict key {k!r} of type {type(k).__name__} cannot be stored; use str or int")
+                raise TypeError(
+                    f"{path}: dict key {k!r} of type {type(k).__name__} cannot be stored; use str or int"
+                )
         return {"__dict__": [[k, _encode(v, tensors, f"{path}.{k}")] for k, v in obj.items()]}
     raise TypeError(
         f"{path}: a {type(obj).__module__}.{type(obj).__qualname__} cannot be stored in a checkpoint "
@@ -83,7 +85,7 @@ def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     if not isinstance(obj, dict):
         return obj
     if len(obj) == 1:
-        (tag, value), = obj.items()
+        ((tag, value),) = obj.items()
         if tag == "__tensor__":
             return tensors[value]
         if tag == "__float__":
@@ -170,7 +172,13 @@ def save_weights(state: dict[str, torch.Tensor], path: str | os.PathLike) -> Non
     tensors, aliases = {}, {}
     for name, t in state.items():
         t = t.detach()
-        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+        key = (
+            t.device,
+            t.untyped_storage().data_ptr(),
+            t.storage_offset(),
+            tuple(t.shape),
+            tuple(t.stride()),
+        )
         if key in kept and t.numel():
             aliases[name] = kept[key]
             continue
@@ -240,7 +248,9 @@ def publish_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
     if final.exists():
         m = _STEP_DIR.match(final.name)
         # a step dir's old copy gets a trash-* name so that clean_stale() finds it after a crash
-        old = final.with_name(f"trash-{m.group(1)}-{os.getpid()}" if m else f".{final.name}.old-{os.getpid()}")
+        old = final.with_name(
+            f"trash-{m.group(1)}-{os.getpid()}" if m else f".{final.name}.old-{os.getpid()}"
+        )
         if old.exists():
             shutil.rmtree(old)
         os.rename(final, old)
@@ -300,7 +310,9 @@ def commit_checkpoint(root: str | os.PathLike, tmp: str | os.PathLike, step: int
         raise ValueError(f"keep_last must be >= 1 (run.keep_last), got {keep_last}")
     root, tmp = Path(root), Path(tmp)
     files = {
-        str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file() and p.name != MANIFEST
+        str(p.relative_to(tmp)): p.stat().st_size
+        for p in sorted(tmp.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
     }
     (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=2, sort_keys=True))
     final = root / f"step-{step}"
@@ -390,7 +402,10 @@ def capture_rng_state() -> dict[str, Any]:
     np_state = np.random.get_state(legacy=False)
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": {**np_state, "state": {"key": np_state["state"]["key"].tolist(), "pos": np_state["state"]["pos"]}},
+        "numpy": {
+            **np_state,
+            "state": {"key": np_state["state"]["key"].tolist(), "pos": np_state["state"]["pos"]},
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -403,7 +418,10 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     np_state = dict(state["numpy"])
-    np_state["state"] = {"key": np.asarray(np_state["state"]["key"], dtype=np.uint32), "pos": np_state["state"]["pos"]}
+    np_state["state"] = {
+        "key": np.asarray(np_state["state"]["key"], dtype=np.uint32),
+        "pos": np_state["state"]["pos"],
+    }
     np.random.set_state(np_state)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():

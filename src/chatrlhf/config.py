@@ -47,7 +47,8 @@ class DataConfig:
     seed: int = 1234
     """Seed of the phase split, the eval split and the blending."""
     eval_fraction: float = 0.1
-    """Share of this stage's records held out for evaluation when ``eval_datasets`` is empty."""
+    """Share of this stage's records held out for evaluation when ``eval_datasets`` is empty. A source
+    with its own held-out split (``demo`` ships ``demo:pairs_eval``) is evaluated on that instead."""
     eval_datasets: list[str] = field(default_factory=list)
     """Explicit evaluation sources (same syntax as ``datasets``); when set, nothing is held out."""
     max_prompt_len: int = 256

@@ -91,6 +91,11 @@ def init_distributed() -> tuple[int, int]:
     if accel.device_name() == "cpu":
         _skip_shm_comm_build()
         backend = "gloo"
+        # Several processes on one CPU, each with a thread per core, oversubscribe it and every step gets
+        # many times slower. torchrun sets OMP_NUM_THREADS=1; the deepspeed launcher does not.
+        local_procs = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or 1)
+        if local_procs > 1 and "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_procs))
     else:
         accel.set_device(int(os.environ["LOCAL_RANK"]))
         backend = None
@@ -109,10 +114,21 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     return [g for g in groups if g["params"]]
 
 
+def _model_dtype(model: torch.nn.Module) -> str:
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    names = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+    if len(dtypes) != 1 or next(iter(dtypes)) not in names:
+        raise ValueError(
+            f"cannot infer the training dtype from model weights of dtypes {dtypes}; pass dtype="
+        )
+    return names[dtypes.pop()]
+
+
 class Engine:
     """DeepSpeed behind one small object (see the module docstring for the gradient semantics).
 
-    ``dtype`` is the training precision ("float32", "bfloat16" or "float16"; pass ModelConfig.dtype).
+    ``dtype`` is the training precision ("float32", "bfloat16" or "float16"); by default the dtype of
+    the model's weights (so load the model as ``ModelConfig.dtype`` says).
     """
 
     def __init__(
@@ -120,11 +136,12 @@ class Engine:
         model: torch.nn.Module,
         cfg: EngineConfig,
         total_steps: int,
-        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        dtype: Literal["float32", "bfloat16", "float16"] | None = None,
     ):
         import deepspeed
 
         cfg.validate()
+        dtype = dtype or _model_dtype(model)
         if total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {total_steps}")
         if cfg.lr_scheduler not in _LR_KINDS:
@@ -132,7 +149,10 @@ class Engine:
         self.cfg, self.total_steps, self.dtype = cfg, total_steps, dtype
         self.rank, self.world_size = init_distributed()
         optimizer = torch.optim.AdamW(
-            _param_groups(model, cfg.weight_decay), lr=cfg.learning_rate, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps
+            _param_groups(model, cfg.weight_decay),
+            lr=cfg.learning_rate,
+            betas=tuple(cfg.adam_betas),
+            eps=cfg.adam_eps,
         )
         schedule = functools.partial(
             lr_factor, warmup=cfg.warmup_steps, total=total_steps, kind=cfg.lr_scheduler
@@ -154,7 +174,7 @@ class Engine:
             "wall_clock_breakdown": False,
             "flops_profiler": {"enabled": False},
         }
-        self._ds, self._optimizer, _, self._scheduler = deepspeed.initialize(
+        self._ds, _, _, self._scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
         )
         if self.world_size == 1 and cfg.zero_stage == 0:
@@ -232,10 +252,11 @@ class Engine:
         return applied
 
     def _check_finite(self, norm: float) -> None:
-        if not math.isfinite(norm):
+        # fp16 overflows are routine: DeepSpeed's loss scaler skips the step and lowers the scale.
+        if not math.isfinite(norm) and self.dtype != "float16":
             raise FloatingPointError(
                 f"gradient norm is {norm} at optimizer step {self.optimizer_steps + 1}: a loss or gradient "
-                "became NaN/inf. Lower engine.learning_rate, check the inputs of that step, or use bf16/fp32."
+                "became NaN/inf. Lower engine.learning_rate or check the data of that step."
             )
 
     # ---- collectives --------------------------------------------------------------------------------------
@@ -314,16 +335,20 @@ class Engine:
                 f"(micro-step {ds.micro_steps}); save right after a step() that returned True"
             )
         optimizer = dict(ds.optimizer.state_dict())
-        if self.cfg.zero_stage > 0 or self.dtype != "float32":
+        if self.cfg.zero_stage > 0:
             from deepspeed.checkpoint.constants import LOSS_SCALER, PARAM_SLICE_MAPPINGS
 
             # Two DeepSpeed objects in ZeRO's state: the loss scaler, kept as its scalar attributes,
             # and the parameter-slice map, which DeepSpeed rebuilds at start-up (dropped).
             if LOSS_SCALER in optimizer:
                 scaler = vars(optimizer[LOSS_SCALER])
-                optimizer[LOSS_SCALER] = {k: v for k, v in scaler.items() if isinstance(v, (bool, int, float))}
+                optimizer[LOSS_SCALER] = {
+                    k: v for k, v in scaler.items() if isinstance(v, (bool, int, float))
+                }
             optimizer.pop(PARAM_SLICE_MAPPINGS, None)
-        counters = {k: int(getattr(ds, k)) for k in ("global_steps", "global_samples", "micro_steps", "skipped_steps")}
+        counters = {
+            k: int(getattr(ds, k)) for k in ("global_steps", "global_samples", "micro_steps", "skipped_steps")
+        }
         engine = {
             **counters,
             "optimizer_steps": self.optimizer_steps,
@@ -372,7 +397,7 @@ class Engine:
                 weights = ckpt.load_weights(src / "model.safetensors", device=self.device)
                 self.module.load_state_dict(weights, strict=True)
         optimizer = ckpt.load_tensor_tree(src, self._optimizer_file(), device=self.device)
-        if self.cfg.zero_stage == 0 and self.dtype == "float32":
+        if self.cfg.zero_stage == 0:  # torch AdamW, or DeepSpeed's fp16/bf16 wrapper of it
             self._ds.optimizer.load_state_dict(optimizer)
         else:
             from deepspeed.checkpoint.constants import LOSS_SCALER, PARAM_SLICE_MAPPINGS
@@ -425,7 +450,9 @@ class Engine:
         state saved with it (None if there was none)."""
         path = Path(path)
         if not ckpt.is_complete(path):
-            raise ckpt.CheckpointError(f"{path} is not a complete checkpoint (manifest missing or files cut short)")
+            raise ckpt.CheckpointError(
+                f"{path} is not a complete checkpoint (manifest missing or files cut short)"
+            )
         self.load_checkpoint_state(path)
         ckpt.load_rng_state(path, self.rank)
         has_state = (path / "trainer_state.json").is_file()

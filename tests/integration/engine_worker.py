@@ -36,11 +36,15 @@ def token_nll_sum(engine, rows: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     logits = engine(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"]).logits  # (B, T, V)
     targets = rows["input_ids"][:, 1:]
     valid = rows["attention_mask"][:, 1:].bool()
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, reduction="none")  # (B, T-1)
+    nll = torch.nn.functional.cross_entropy(
+        logits[:, :-1].transpose(1, 2), targets, reduction="none"
+    )  # (B, T-1)
     return (nll * valid).sum(), valid.sum()
 
 
-def train_steps(engine, batches, steps: int, micro_batch_size: int, start: int = 0) -> tuple[list[float], list[float]]:
+def train_steps(
+    engine, batches, steps: int, micro_batch_size: int, start: int = 0
+) -> tuple[list[float], list[float]]:
     """Optimizer steps ``start .. start+steps-1`` (step i uses ``batches[i % len(batches)]``); each rank
     takes its rows of the global batch in micro-batches. The loss of a step is normalised by the token
     count of the whole global batch (what the stages do)."""
@@ -63,12 +67,18 @@ def train_steps(engine, batches, steps: int, micro_batch_size: int, start: int =
     return losses, norms
 
 
+def param_checksum(engine) -> float:
+    with engine.gathered_parameters():
+        return float(sum(p.double().square().sum() for p in engine.module.parameters()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--stage", type=int, default=2)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--load-stage0", default="", help="a 1-process stage-0 checkpoint to load as well")
     parser.add_argument("--local_rank", type=int, default=0)  # passed by the deepspeed launcher
     args = parser.parse_args()
 
@@ -98,14 +108,20 @@ def main() -> None:
     engine.load_checkpoint(ckpt_dir)
     with engine.gathered_parameters():
         reload_equal = all(torch.equal(a, p) for a, p in zip(before, engine.module.parameters()))
+    result = {
+        "world_size": world,
+        "losses": losses,
+        "grad_norms": norms,
+        "all_reduce_sum": ranks_sum,
+        "reload_equal": reload_equal,
+    }
+    if args.load_stage0:  # stage-0 state is not partitioned: it must load with any number of processes
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+        plain = Engine(model, EngineConfig(micro_batch_size=GLOBAL_BATCH // world), total_steps=args.steps)
+        plain.load_checkpoint(args.load_stage0)
+        result["stage0_checksum"] = param_checksum(plain)
+        result["stage0_optimizer_steps"] = plain.optimizer_steps
     if engine.is_rank_0:
-        result = {
-            "world_size": world,
-            "losses": losses,
-            "grad_norms": norms,
-            "all_reduce_sum": ranks_sum,
-            "reload_equal": reload_equal,
-        }
         (out / "result.json").write_text(json.dumps(result))
     engine.barrier()
 

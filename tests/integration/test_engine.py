@@ -16,7 +16,7 @@ import torch
 
 from chatrlhf import checkpoint as ckpt
 from chatrlhf.config import EngineConfig
-from chatrlhf.engine import Engine, lr_factor
+from chatrlhf.engine import Engine, init_distributed, lr_factor
 
 _spec = importlib.util.spec_from_file_location("engine_worker", Path(__file__).with_name("engine_worker.py"))
 worker = importlib.util.module_from_spec(_spec)
@@ -40,13 +40,25 @@ def test_lr_factor_cosine_by_hand():
 
 def test_lr_factor_linear_and_constant_by_hand():
     # warmup=2, total=6: warm-up 1/3, 2/3; then p = (s-2)/4: 1, 3/4, 1/2, 1/4.
-    assert [lr_factor(s, 2, 6, "linear") for s in range(6)] == pytest.approx([1 / 3, 2 / 3, 1, 0.75, 0.5, 0.25])
+    assert [lr_factor(s, 2, 6, "linear") for s in range(6)] == pytest.approx(
+        [1 / 3, 2 / 3, 1, 0.75, 0.5, 0.25]
+    )
     assert [lr_factor(s, 0, 3, "constant") for s in range(3)] == [1.0, 1.0, 1.0]
     with pytest.raises(ValueError, match="lr_scheduler"):
         lr_factor(0, 0, 3, "step")
 
 
 # ---- engine on a tiny Llama -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # A 64-wide model gains nothing from more threads, and on a busy 2-core machine extra OpenMP threads
+    # make each step many times slower.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -56,13 +68,13 @@ def tiny_dir(tmp_path_factory) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "model")
 
 
-def make_engine(model_dir: Path, total_steps: int = 6, **overrides) -> Engine:
+def make_engine(model_dir: Path, total_steps: int = 6, dtype: str = "float32", **overrides) -> Engine:
     from transformers import AutoModelForCausalLM
 
     settings = dict(learning_rate=3e-3, warmup_steps=1, weight_decay=0.01, micro_batch_size=4)
     settings.update(overrides)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    return Engine(model, EngineConfig(**settings), total_steps=total_steps)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+    return Engine(model, EngineConfig(**settings), total_steps=total_steps, dtype=dtype)
 
 
 def flat_params(engine: Engine) -> torch.Tensor:
@@ -80,6 +92,7 @@ def test_single_process_training_lowers_loss(tiny_dir):
         losses += worker.train_steps(engine, batch, 1, micro_batch_size=4)[0]
         lrs.append(engine.lr)
     assert engine.optimizer_steps == steps + 1 and isinstance(engine.grad_norm, float)
+    assert init_distributed() == (engine.rank, engine.world_size) == (0, 1)  # idempotent
     assert losses[-1] < 0.6 * losses[0], losses
     assert lrs == pytest.approx([1e-2 * lr_factor(s, 2, steps, "cosine") for s in range(steps + 1)], rel=1e-6)
 
@@ -124,8 +137,9 @@ def test_step_reports_boundaries(tiny_dir):
 
 
 @pytest.mark.slow
-def test_nonfinite_gradient_stops_before_the_update(tiny_dir):
-    engine = make_engine(tiny_dir)
+@pytest.mark.parametrize("stage", [0, 2])
+def test_nonfinite_gradient_stops_before_the_update(tiny_dir, stage):
+    engine = make_engine(tiny_dir, zero_stage=stage)
     batch = worker.make_batches(engine.module.config.vocab_size, 1)[0]
     before = flat_params(engine)
     engine.backward(worker.token_nll_sum(engine, batch)[0] * float("nan"))
@@ -135,19 +149,21 @@ def test_nonfinite_gradient_stops_before_the_update(tiny_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [0, 2, 3])
-def test_resume_is_bit_exact(tiny_dir, tmp_path, stage):
+@pytest.mark.parametrize("stage,dtype", [(0, "float32"), (2, "float32"), (3, "float32"), (0, "bfloat16")])
+def test_resume_is_bit_exact(tiny_dir, tmp_path, stage, dtype):
     n = 3
-    reference = make_engine(tiny_dir, total_steps=2 * n, zero_stage=stage)
+    reference = make_engine(tiny_dir, total_steps=2 * n, zero_stage=stage, dtype=dtype)
     batches = worker.make_batches(reference.module.config.vocab_size)
     ref_losses, _ = worker.train_steps(reference, batches, 2 * n, 4)
 
-    first = make_engine(tiny_dir, total_steps=2 * n, zero_stage=stage)
+    first = make_engine(tiny_dir, total_steps=2 * n, zero_stage=stage, dtype=dtype)
     losses, _ = worker.train_steps(first, batches, n, 4)
-    path = first.save_checkpoint(tmp_path, n, ckpt.TrainerState(step=n, samples_seen=4 * n, extra={"kl": 0.1}))
+    path = first.save_checkpoint(
+        tmp_path, n, ckpt.TrainerState(step=n, samples_seen=4 * n, extra={"kl": 0.1})
+    )
     after_save = torch.rand(3)  # the RNG stream a resumed run must continue
 
-    resumed = make_engine(tiny_dir, total_steps=2 * n, zero_stage=stage)
+    resumed = make_engine(tiny_dir, total_steps=2 * n, zero_stage=stage, dtype=dtype)
     state = resumed.load_checkpoint(ckpt.latest_checkpoint(tmp_path))
     assert torch.equal(torch.rand(3), after_save)
     assert (state.step, state.samples_seen, state.extra) == (n, 4 * n, {"kl": 0.1})
@@ -162,9 +178,13 @@ def test_resume_is_bit_exact(tiny_dir, tmp_path, stage):
 def test_two_processes_zero2_match_one_process(tiny_dir, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
+    stage0 = make_engine(tiny_dir, total_steps=4)  # a 1-process stage-0 checkpoint for the 2 ranks to load
+    worker.train_steps(stage0, worker.make_batches(stage0.module.config.vocab_size), 2, 4)
+    stage0_dir = stage0.save_checkpoint(tmp_path / "stage0", 2)
     launcher = Path(sys.executable).with_name("deepspeed")
     cmd = [str(launcher), "--num_gpus", "2", str(REPO / "tests/integration/engine_worker.py")]
     cmd += ["--model", str(tiny_dir), "--out", str(out), "--stage", "2", "--steps", "4"]
+    cmd += ["--load-stage0", str(stage0_dir)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -176,6 +196,8 @@ def test_two_processes_zero2_match_one_process(tiny_dir, tmp_path):
     assert result["world_size"] == 2 and result["all_reduce_sum"] == 3.0 and result["reload_equal"]
     assert result["losses"] == pytest.approx(losses, rel=1e-5)
     assert result["grad_norms"] == pytest.approx(norms, rel=1e-4)
+    assert result["stage0_optimizer_steps"] == 2
+    assert result["stage0_checksum"] == worker.param_checksum(stage0)
 
     saved = ckpt.latest_checkpoint(out / "ckpt")
     assert {p.name for p in saved.glob("optimizer.*.safetensors")} == {
@@ -188,10 +210,11 @@ def test_two_processes_zero2_match_one_process(tiny_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_save_hf_reloads_with_identical_logits(tiny_dir, tmp_path):
+@pytest.mark.parametrize("stage", [0, 3])
+def test_save_hf_reloads_with_identical_logits(tiny_dir, tmp_path, stage):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    engine = make_engine(tiny_dir)
+    engine = make_engine(tiny_dir, zero_stage=stage)
     batches = worker.make_batches(engine.module.config.vocab_size)
     worker.train_steps(engine, batches, 1, 4)
     tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
@@ -204,7 +227,7 @@ def test_save_hf_reloads_with_identical_logits(tiny_dir, tmp_path):
     engine.eval()
     reloaded = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
     ids, mask = batches[0]["input_ids"], batches[0]["attention_mask"]
-    with torch.no_grad():
+    with torch.no_grad(), engine.gathered_parameters():
         want = engine(input_ids=ids, attention_mask=mask).logits
         got = reloaded(input_ids=ids, attention_mask=mask).logits
     assert torch.equal(got, want)

@@ -91,7 +91,9 @@ def test_resaving_a_step_replaces_it_whole(tmp_path):
 
 
 def test_stale_scratch_dirs_of_dead_writers_are_cleaned(tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
     dead_pid = int(dead.stdout)
     (tmp_path / f"tmp-7-{dead_pid}").mkdir(parents=True)
     (tmp_path / f"tmp-7-{dead_pid}" / "model.safetensors").write_bytes(b"partial")
@@ -113,7 +115,9 @@ def test_tensor_tree_roundtrip(tmp_path):
     shared = torch.arange(6.0)
     tree = {
         "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(2, 3)}, 1: {"exp_avg": shared[:3]}},
-        "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.95), "params": [0, 1], "foreach": None, "amsgrad": False}],
+        "param_groups": [
+            {"lr": 1e-3, "betas": (0.9, 0.95), "params": [0, 1], "foreach": None, "amsgrad": False}
+        ],
         "view_of_same": shared,
         "names": ["a", "b"],
         "__tensor__": "a plain key that looks like a tag",
@@ -124,7 +128,9 @@ def test_tensor_tree_roundtrip(tmp_path):
     ckpt.save_tensor_tree(tree, tmp_path, "opt")
     back = ckpt.load_tensor_tree(tmp_path, "opt")
     assert set(back["state"]) == {0, 1}  # int keys survive JSON
-    assert back["param_groups"] == tree["param_groups"] and isinstance(back["param_groups"][0]["betas"], tuple)
+    assert back["param_groups"] == tree["param_groups"] and isinstance(
+        back["param_groups"][0]["betas"], tuple
+    )
     for got, want in [
         (back["state"][0]["step"], tree["state"][0]["step"]),
         (back["state"][0]["exp_avg"], tree["state"][0]["exp_avg"]),

@@ -35,6 +35,13 @@ def demo_names() -> list[str]:
     return sorted(p.stem for p in DEMO_DIR.glob("*.jsonl")) if DEMO_DIR.is_dir() else []
 
 
+def own_eval_source(source: str) -> str | None:
+    """The held-out split shipped with a source, if any: ``demo`` / ``demo:pairs`` -> ``demo:pairs_eval``."""
+    if source in ("demo", "demo:pairs") and (DEMO_DIR / "pairs_eval.jsonl").is_file():
+        return "demo:pairs_eval"
+    return None
+
+
 def demo_path(source: str) -> Path:
     """Resolves ``demo`` / ``demo:<name>`` to the shipped JSONL file."""
     name = source.partition(":")[2] or DEMO_DEFAULT

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from chatrlhf.data.formats import KINDS, DataError, convert_records
-from chatrlhf.data.sources import load_records
+from chatrlhf.data.sources import load_records, own_eval_source
 
 log = logging.getLogger(__name__)
 
@@ -155,12 +155,20 @@ def _as_list(value, flag: str) -> list[str]:
 
 
 def _load_part(source: str, fmt: str, kind: str, phase: int, data_split, seed: int, eval_fraction: float,
-               bad_rows: str) -> tuple[list[dict], list[dict], int]:
-    """One source's (train, eval, rows in this phase)."""
+               bad_rows: str, use_own_eval: bool) -> tuple[list[dict], list[dict], int]:
+    """One source's (train, eval, rows in this phase).
+
+    A source that ships its own held-out split (the demo's ``pairs_eval``) is evaluated on that split
+    in full, like DeepSpeed-Chat uses a dataset's test split, and nothing is carved out of its training rows.
+    """
     records, native = load_records(source, fmt=fmt, bad_rows=bad_rows)
     if data_split is not None:
         records = phase_split(records, data_split, phase, seed)
     records = convert_records(records, native, kind)
+    own_eval = own_eval_source(source) if use_own_eval else None
+    if own_eval is not None:
+        held, held_kind = load_records(own_eval, fmt=fmt, bad_rows=bad_rows)
+        return records, convert_records(held, held_kind, kind), len(records)
     train, held = train_eval_split(records, eval_fraction, seed) if eval_fraction else (records, [])
     return train, held, len(records)
 
@@ -174,7 +182,7 @@ def prepare_records(sources, weights: Sequence[float] | None = None, fmt: str | 
     ``sources`` is a source string, a list of them, or a DataConfig (then its fields replace the other
     arguments except ``kind`` and ``phase``). Per source, in order: load + validate, take this phase's
     share (``data_split=None`` gives every row to every phase), convert to ``kind``, hold out
-    ``eval_fraction``. The phase split runs on the loaded rows before conversion, so stages needing
+    ``eval_fraction`` (or, for a source with its own eval split such as ``demo``, evaluate on that). The phase split runs on the loaded rows before conversion, so stages needing
     different kinds see the same index space and stay disjoint. Train parts are blended by ``weights``;
     eval parts are concatenated. With ``eval_sources`` the eval set is those sources in full (no phase
     split) and nothing is held out (``eval_fraction`` is not used).
@@ -191,7 +199,8 @@ def prepare_records(sources, weights: Sequence[float] | None = None, fmt: str | 
     if eval_sources and eval_fraction:
         log.info("data.eval_datasets is set: data.eval_fraction=%s is not used", eval_fraction)
         eval_fraction = 0.0
-    parts = [_load_part(s, f, kind, phase, data_split, seed, eval_fraction, bad_rows) for s, f in zip(sources, fmts)]
+    parts = [_load_part(s, f, kind, phase, data_split, seed, eval_fraction, bad_rows, not eval_sources)
+             for s, f in zip(sources, fmts)]
     empty = [s for s, p, w in zip(sources, parts, weights or [1] * len(sources)) if not p[0] and w]
     if empty:
         sizes = "; ".join(f"{s}: {p[2]}" for s, p in zip(sources, parts))
