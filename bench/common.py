@@ -86,6 +86,18 @@ class StepStats:
         return cls(len(times), statistics.median(times), statistics.fmean(times), min(times), stdev)
 
 
+def paired_speedup(reference: Sequence[float], times: Sequence[float]) -> float:
+    """Median over i of ``reference[i] / times[i]``: how many times faster ``times`` is than ``reference``.
+
+    Pairs are steps taken close together (e.g. in the same turn-taking round), so a slow drift of the
+    machine cancels inside each pair; the ratio of two medians has no such protection.
+    ``paired_speedup([2, 4, 9], [1, 2, 9]) == 2.0``.
+    """
+    if len(reference) != len(times) or not times:
+        raise ValueError(f"need two equally long, non-empty lists, got {len(reference)} and {len(times)}")
+    return statistics.median(r / t for r, t in zip(reference, times))
+
+
 def step_durations(timestamps: Sequence[float]) -> list[float]:
     """Durations between consecutive timestamps: ``[t0, t1, t2] -> [t1 - t0, t2 - t1]``."""
     return [b - a for a, b in zip(timestamps, timestamps[1:])]

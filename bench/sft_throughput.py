@@ -7,33 +7,36 @@ loss on assistant tokens only:
     plain     AutoModelForCausalLM + torch.optim.AdamW + masked cross-entropy, a hand-written loop
     trl       trl.SFTTrainer via its Python API, fed the same input_ids and labels (no packing, no eval,
               no saving, logging off, 0 dataloader workers, fp32, no gradient checkpointing)
-    chatrlhf  chatrlhf.stages.sft.train_sft(cfg) itself; step times from its metrics.jsonl timestamps
+    chatrlhf  chatrlhf.stages.sft.train_sft(cfg) itself (Engine, token_nll, chatrlhf.data)
 
 Every conversation is longer than --max-len and cut to it, so every batch is exactly (batch, max_len)
-whatever order an implementation draws the records in, and all tokens are real (no padding). Each
-implementation runs in its own fresh Python process (no shared allocator, thread pool or process
-group), with the same torch thread count; the first --warmup steps are excluded from the timing.
-With --rounds > 1 the implementations alternate, in a rotating order, so drifts of a shared machine
-hit all of them.
+whatever order an implementation draws the records in, and all tokens are real (no padding).
+
+Each implementation runs in its own fresh Python process (no shared allocator, thread pool or process
+group) with the same torch thread count, and the processes take turns step by step: only one trains
+at a time, the order rotating every step (plain, trl, chatrlhf; then trl, chatrlhf, plain; ...). A
+busy or drifting machine therefore slows all three alike, which a run-after-run comparison cannot
+promise. A step is timed inside its process from "your turn" to the end of its optimizer step; the
+first --warmup steps are dropped.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/sft_throughput.py [--steps 10 --warmup 2 --batch-size 4
-        --max-len 256 --rounds 1 --threads <usable cores> --json results.json]
+        --max-len 256 --threads <usable cores> --trl-optim adamw_torch --json results.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
+import multiprocessing as mp
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
-from common import StepStats, load_average, machine_description, markdown_table, step_durations, usable_cores
+from common import StepStats, load_average, machine_description, markdown_table, paired_speedup, usable_cores
 
 IMPLS = ("plain", "trl", "chatrlhf")
 MODEL = "smollm2-135m-instruct"
@@ -112,8 +115,38 @@ def _read_items(workdir: Path) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
+# ---- turn-taking between the worker processes -------------------------------------------------------
+class Baton:
+    """A worker's side of the turn-taking: ``start()`` before the first step, ``step_done()`` after each.
+
+    Each step is timed from the "go" that starts it to its ``step_done()``; the parent sends "go" to one
+    worker at a time and waits for its "done", so no two steps ever overlap.
+    """
+
+    def __init__(self, conn):
+        self.conn = conn
+        self.durations: list[float] = []
+        self._started = None
+
+    def _wait(self) -> None:
+        msg = self.conn.recv()
+        self._started = time.perf_counter() if msg == "go" else None  # else "finish": no more steps
+
+    def start(self) -> None:
+        if self._started is None and not self.durations:
+            self.conn.send(("ready", None))
+            self._wait()
+
+    def step_done(self) -> None:
+        self.durations.append(time.perf_counter() - self._started)
+        self.conn.send(("done", None))
+        # Block until the next turn (or "finish"), so nothing of this process overlaps another's step,
+        # not even the end-of-training work (the chatrlhf stage's final eval and model save).
+        self._wait()
+
+
 # ---- the three implementations (each runs in its own worker process) ----------------------------------
-def run_plain(args, workdir: Path) -> dict:
+def run_plain(args, workdir: Path, baton: Baton) -> dict:
     import torch
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
@@ -126,7 +159,8 @@ def run_plain(args, workdir: Path) -> dict:
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=0.0)
     order = torch.randperm(len(items), generator=torch.Generator().manual_seed(args.seed)).tolist()
-    stamps, losses = [time.perf_counter()], []
+    losses = []
+    baton.start()
     for step in range(args.warmup + args.steps):
         batch = [items[i] for i in order[step * args.batch_size : (step + 1) * args.batch_size]]
         ids = torch.tensor([b["input_ids"] for b in batch])  # (B, T), all rows full length
@@ -139,12 +173,11 @@ def run_plain(args, workdir: Path) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
-        stamps.append(time.perf_counter())
-    return {"durations": step_durations(stamps), "mean_loss": sum(losses) / len(losses),
-            "optimizer": "torch.optim.AdamW (default: for-loop on CPU)"}
+        baton.step_done()
+    return {"mean_loss": sum(losses) / len(losses), "optimizer": "torch.optim.AdamW, default (for-loop) kernel"}
 
 
-def run_trl(args, workdir: Path) -> dict:
+def run_trl(args, workdir: Path, baton: Baton) -> dict:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -152,16 +185,15 @@ def run_trl(args, workdir: Path) -> dict:
 
     from chatrlhf.models.loading import resolve_model
 
-    class StepClock(TrainerCallback):
-        stamps: list[float] = []
-
+    class Turns(TrainerCallback):
         def on_train_begin(self, *a, **kw):
-            self.stamps = [time.perf_counter()]
+            baton.start()
 
         def on_step_end(self, *a, **kw):  # after clip, optimizer step, LR step and zero_grad
-            self.stamps.append(time.perf_counter())
+            baton.step_done()
 
     path = resolve_model(MODEL)
+    optim = {"optim": args.trl_optim} if args.trl_optim else {}
     config = SFTConfig(
         output_dir=str(workdir / "trl"), per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=1, max_steps=args.warmup + args.steps, learning_rate=args.lr,
@@ -173,35 +205,37 @@ def run_trl(args, workdir: Path) -> dict:
         completion_only_loss=False, assistant_only_loss=False,
         bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True,  # TRL defaults: bf16 and GC on
         logging_strategy="no", save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True,
-        dataloader_num_workers=0,
+        dataloader_num_workers=0, **optim,
     )
     torch.manual_seed(args.seed)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    clock = StepClock()
     trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(_read_items(workdir)),
-                         processing_class=AutoTokenizer.from_pretrained(path), callbacks=[clock])
+                         processing_class=AutoTokenizer.from_pretrained(path), callbacks=[Turns()])
     result = trainer.train()
-    return {"durations": step_durations(clock.stamps), "mean_loss": result.training_loss,
-            "optimizer": f"optim={config.optim}"}
+    optim_name = getattr(config.optim, "value", config.optim)
+    return {"mean_loss": result.training_loss, "optimizer": f"optim={optim_name} (SFTConfig.optim)"}
 
 
-def _chatrlhf_stamps(metrics_path: Path, n_steps: int) -> list[float]:
-    """Wall-clock stamps of the stage's start-of-training row and of each step's train row."""
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    train = sorted((r for r in rows if any(k.startswith("train/") for k in r)), key=lambda r: r["step"])
-    if [r["step"] for r in train] != list(range(1, n_steps + 1)):
-        raise RuntimeError(f"{metrics_path}: expected one train row per step 1..{n_steps} (run.log_every=1), "
-                           f"got steps {[r['step'] for r in train]}")
-    first = rows.index(train[0])
-    before = [rows[first - 1]["time"]] if first > 0 else []  # the "data/..." row logged just before the loop
-    return before + [r["time"] for r in train]
-
-
-def run_chatrlhf(args, workdir: Path) -> dict:
+def run_chatrlhf(args, workdir: Path, baton: Baton) -> dict:
     from chatrlhf.config import DataConfig, EngineConfig, ModelConfig, RunConfig, SFTConfig
+    from chatrlhf.engine import Engine
     from chatrlhf.stages.sft import train_sft
 
-    n_steps = args.warmup + args.steps
+    # The stage has no hooks, so the turns wrap the Engine it builds: the first forward waits for the
+    # first turn, and every optimizer step ends a turn. The stage's code itself runs unchanged.
+    forward, step = Engine.__call__, Engine.step
+
+    def forward_in_turn(self, *a, **kw):
+        baton.start()
+        return forward(self, *a, **kw)
+
+    def step_in_turn(self):
+        applied = step(self)
+        if applied:
+            baton.step_done()
+        return applied
+
+    Engine.__call__, Engine.step = forward_in_turn, step_in_turn
     out = workdir / "chatrlhf"
     cfg = SFTConfig(
         model=ModelConfig(name_or_path=MODEL, dtype="float32"),
@@ -213,91 +247,130 @@ def run_chatrlhf(args, workdir: Path) -> dict:
                             warmup_steps=0, max_grad_norm=MAX_GRAD_NORM, seed=args.seed),
         run=RunConfig(output_dir=str(out), overwrite=True, save_every=0, eval_every=0, log_every=1, progress=False),
         epochs=1,
-        max_steps=n_steps,
+        max_steps=args.warmup + args.steps,
     )
     train_sft(cfg)
-    stamps = _chatrlhf_stamps(out / "metrics.jsonl", n_steps)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     losses = [r["train/loss"] for r in rows if "train/loss" in r]
-    durations = step_durations(stamps)
-    if len(durations) < n_steps:  # no start row: the first step is unmeasured, and it is warm-up anyway
-        durations = [float("nan")] + durations
-    return {"durations": durations, "mean_loss": sum(losses) / len(losses),
-            "optimizer": "Engine: torch.optim.AdamW under DeepSpeed ZeRO-0"}
+    return {"mean_loss": sum(losses) / len(losses), "optimizer": "Engine: torch.optim.AdamW, default kernel"}
 
 
 WORKERS = {"plain": run_plain, "trl": run_trl, "chatrlhf": run_chatrlhf}
 
 
-def worker_main(impl: str, workdir: Path) -> None:
-    import torch
+def worker(impl: str, workdir: Path, conn) -> None:
+    """Entry point of a worker process (started with "spawn": a fresh interpreter)."""
+    log = os.open(workdir / f"log-{impl}.txt", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(log, 1)  # library chatter goes to the log, which the parent shows if the worker fails
+    os.dup2(log, 2)
+    try:
+        import torch
 
-    args = argparse.Namespace(**json.loads((workdir / "args.json").read_text()))
-    torch.set_num_threads(args.threads)
-    result = WORKERS[impl](args, workdir)
-    result["threads_after"] = torch.get_num_threads()  # a library that changed it would skew the comparison
-    (workdir / f"result-{impl}.json").write_text(json.dumps(result))
+        args = argparse.Namespace(**json.loads((workdir / "args.json").read_text()))
+        torch.set_num_threads(args.threads)
+        baton = Baton(conn)
+        result = WORKERS[impl](args, workdir, baton)
+        # A library that changed the thread count would skew the comparison: report it.
+        conn.send(("result", {**result, "durations": baton.durations, "threads_after": torch.get_num_threads()}))
+    except BaseException:
+        traceback.print_exc()
+        conn.send(("error", traceback.format_exc()))
 
 
 # ---- orchestration and report -------------------------------------------------------------------------
-def launch(impl: str, workdir: Path, threads: int) -> dict:
-    env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    log = workdir / f"log-{impl}.txt"
-    with open(log, "w") as f:
-        proc = subprocess.run([sys.executable, __file__, "--worker", impl, "--workdir", str(workdir)],
-                              stdout=f, stderr=subprocess.STDOUT, env=env, check=False)
-    if proc.returncode != 0:
-        tail = log.read_text()[-4000:]
-        raise RuntimeError(f"{impl} worker failed (exit {proc.returncode}); end of {log}:\n{tail}")
-    return json.loads((workdir / f"result-{impl}.json").read_text())
+class Workers:
+    """The parent's side: starts one process per implementation and hands out the turns."""
+
+    def __init__(self, impls: list[str], workdir: Path):
+        ctx = mp.get_context("spawn")
+        self.workdir, self.conns, self.procs = workdir, {}, {}
+        for impl in impls:
+            here, there = ctx.Pipe()
+            self.procs[impl] = ctx.Process(target=worker, args=(impl, workdir, there), daemon=True)
+            self.procs[impl].start()
+            there.close()
+            self.conns[impl] = here
+
+    def expect(self, impl: str, kind: str):
+        conn, proc = self.conns[impl], self.procs[impl]
+        while not conn.poll(1.0):
+            if not proc.is_alive():
+                raise RuntimeError(f"{impl} worker exited (code {proc.exitcode}, e.g. killed for memory); "
+                                   f"end of its log:\n{self._log_tail(impl)}")
+        got, payload = conn.recv()
+        if got == "error":
+            raise RuntimeError(f"{impl} worker failed:\n{payload}\nend of its log:\n{self._log_tail(impl)}")
+        if got != kind:
+            raise RuntimeError(f"{impl} worker sent {got!r} where {kind!r} was expected")
+        return payload
+
+    def _log_tail(self, impl: str) -> str:
+        return (self.workdir / f"log-{impl}.txt").read_text(errors="replace")[-3000:]
+
+    def run(self, n_steps: int) -> dict[str, dict]:
+        impls = list(self.conns)
+        for impl in impls:
+            self.expect(impl, "ready")
+        for step in range(n_steps):
+            for impl in impls[step % len(impls):] + impls[: step % len(impls)]:
+                self.conns[impl].send("go")
+                self.expect(impl, "done")
+            print(f"step {step + 1}/{n_steps} done by all", file=sys.stderr, flush=True)
+        results = {}
+        for impl in impls:  # one at a time: end-of-training work (eval, save) must not overlap either
+            self.conns[impl].send("finish")
+            results[impl] = self.expect(impl, "result")
+            self.procs[impl].join()
+        return results
 
 
-def report(results: dict[str, list[dict]], args, data: dict) -> str:
-    # NaN marks a step the chatrlhf metrics could not time (no start row); it can only be a warm-up step.
-    stats = {impl: StepStats.of([d for run in runs for d in run["durations"][args.warmup:] if math.isfinite(d)])
-             for impl, runs in results.items()}
+def report(results: dict[str, dict], args, data: dict) -> str:
+    timed = {impl: r["durations"][args.warmup:] for impl, r in results.items()}
     tokens = args.batch_size * args.max_len
-    speed = {impl: tokens / s.median for impl, s in stats.items()}
+
+    def speedup(ref: str, impl: str) -> str:
+        return f"{paired_speedup(timed[ref], timed[impl]):.2f}" if ref in timed else "-"
+
     rows = []
-    for impl, s in stats.items():
-        mean_loss = sum(r["mean_loss"] for r in results[impl]) / len(results[impl])
+    for impl, times in timed.items():
+        s = StepStats.of(times)
         rows.append([impl, f"{s.median:.3f}", f"{s.mean:.3f}", f"{s.minimum:.3f}", f"{s.stdev:.3f}",
-                     f"{speed[impl]:.1f}", f"{args.batch_size / s.median:.3f}",
-                     f"{speed[impl] / speed['plain']:.2f}" if "plain" in speed else "-",
-                     f"{speed[impl] / speed['trl']:.2f}" if "trl" in speed else "-", f"{mean_loss:.4f}"])
+                     f"{tokens / s.median:.1f}", f"{args.batch_size / s.median:.3f}", f"{tokens / s.minimum:.1f}",
+                     speedup("plain", impl), speedup("trl", impl), f"{results[impl]['mean_loss']:.4f}"])
     headers = ["implementation", "step median (s)", "step mean (s)", "step min (s)", "step stdev (s)",
-               "tokens/s", "samples/s", "x plain", "x TRL", "mean loss"]
-    notes = [f"- {impl}: {results[impl][0]['optimizer']}; torch threads after run "
-             f"{sorted({r['threads_after'] for r in results[impl]})}" for impl in results]
+               "tokens/s", "samples/s", "tokens/s (best step)", "x plain", "x TRL", "mean loss"]
+    notes = [f"- {impl}: {r['optimizer']}; torch threads after training: {r['threads_after']}"
+             for impl, r in results.items()]
     return "\n".join([
         f"machine: {machine_description(args.threads)}",
         f"model {MODEL} fp32 | batch {args.batch_size} x {args.max_len} tokens (no padding; "
         f"{data['labelled_fraction']:.0%} of predicted tokens are assistant tokens) | {args.steps} timed steps "
-        f"after {args.warmup} warm-up, x {args.rounds} round(s) | lr {args.lr} | load avg {load_average()}",
+        f"after {args.warmup} warm-up, taken in turns | lr {args.lr} | load avg at end {load_average()}",
         "",
         markdown_table(headers, rows),
         "",
-        "tokens/s and samples/s from the median step; x plain / x TRL = throughput ratio (> 1 is faster).",
+        "tokens/s and samples/s from the median step. x plain / x TRL: speed-up over that row (> 1 is faster),",
+        "the median over steps of the ratio of step times within the same round of turns.",
         *notes,
     ])
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=10, help="timed optimizer steps per implementation and round")
+    p.add_argument("--steps", type=int, default=10, help="timed optimizer steps per implementation")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (allocations, lazy init)")
     p.add_argument("--batch-size", type=int, default=4, help="sequences per optimizer step (no accumulation)")
     p.add_argument("--max-len", type=int, default=256, help="tokens per sequence (every sequence is this long)")
     p.add_argument("--lr", type=float, default=2e-5, help="constant learning rate, no warm-up")
-    p.add_argument("--rounds", type=int, default=1, help="repeat all implementations, rotating their order")
     p.add_argument("--threads", type=int, default=usable_cores(), help="torch.set_num_threads for every worker")
+    p.add_argument("--trl-optim", default=None,
+                   help="TRL's SFTConfig.optim (default: TRL's own, adamw_torch_fused; adamw_torch = the "
+                        "torch.optim.AdamW kernel plain and chatrlhf use)")
     p.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated subset of {','.join(IMPLS)}")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="also write the raw per-step durations here")
-    p.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
-    p.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    for name in ("steps", "batch_size", "rounds", "threads"):
+    for name in ("steps", "batch_size", "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0 or args.max_len < 16:
@@ -310,22 +383,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.worker:
-        worker_main(args.worker, args.workdir)
-        return
-    os.environ.update(OFFLINE_ENV)
+    # Inherited by the workers: offline, and the same thread count for OpenMP/MKL as for torch.
+    os.environ.update(OFFLINE_ENV, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     impls = [i for i in IMPLS if i in args.impls.split(",")]
     with tempfile.TemporaryDirectory(prefix="sft-throughput-") as tmp:
         workdir = Path(tmp)
-        shared = {k: v for k, v in vars(args).items() if k not in ("json", "worker", "workdir")}
-        (workdir / "args.json").write_text(json.dumps(shared))
+        (workdir / "args.json").write_text(json.dumps({k: v for k, v in vars(args).items() if k != "json"}))
         data = prepare_data(args, workdir)
-        results: dict[str, list[dict]] = {i: [] for i in impls}
-        for r in range(args.rounds):
-            for impl in impls[r % len(impls):] + impls[: r % len(impls)]:
-                t0 = time.perf_counter()
-                results[impl].append(launch(impl, workdir, args.threads))
-                print(f"round {r + 1}/{args.rounds} {impl}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        t0 = time.perf_counter()
+        results = Workers(impls, workdir).run(args.warmup + args.steps)
+        print(f"all workers finished in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     text = report(results, args, data)
     print(text)
     if args.json:

@@ -117,6 +117,8 @@ class RunConfig:
     """Checkpoints to keep; the one the ``latest`` pointer names is never deleted."""
     eval_every: int = 0
     """Evaluate every N optimizer steps (0: only at the end)."""
+    eval_at_start: bool = True
+    """Also evaluate the starting model (logged at step 0), the baseline the final eval is compared with."""
     log_every: int = 1
     """Log training metrics every N optimizer steps."""
     progress: bool = True

@@ -92,6 +92,10 @@ def train_sft(cfg: SFTConfig) -> dict[str, float]:
         logger.log(start, {"records": len(train), "eval_records": len(evals), "total_steps": n_steps}, "data")
 
     # ---- train ----------------------------------------------------------------------------------
+    baseline = None  # the starting model's eval, for comparison with the final one
+    if cfg.run.eval_at_start and start == 0:
+        baseline = evaluate(engine, evals, collate, cfg.engine.micro_batch_size)
+        logger.log(0, baseline, "eval")
     bar = tqdm(total=n_steps, initial=start, desc="sft", disable=not (cfg.run.progress and engine.is_rank_0))
     for step in range(start, n_steps):
         epoch, in_epoch = divmod(step, plan.steps_per_epoch)
@@ -122,6 +126,6 @@ def train_sft(cfg: SFTConfig) -> dict[str, float]:
     logger.log(n_steps, metrics, "eval")
     engine.save_hf(out / MODEL_SUBDIR, tokenizer)
     if engine.is_rank_0:
-        write_json_atomic(out / "eval.json", {"stage": "sft", "steps": n_steps, **metrics})
+        write_json_atomic(out / "eval.json", {"stage": "sft", "steps": n_steps, **metrics, "start": baseline})
     logger.close()
     return metrics
