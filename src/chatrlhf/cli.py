@@ -61,10 +61,16 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+def _strip_local_rank(argv: list[str]) -> list[str]:
+    """The deepspeed launcher appends ``--local_rank=N`` unless given ``--no_local_rank``; the rank is
+    in the LOCAL_RANK environment variable as well, so the flag is dropped here."""
+    return [a for a in argv if not a.startswith("--local_rank=")]
+
+
 def parse(argv: list[str]):
     """Returns (command name, the stage's config dataclass)."""
     parser = build_parser()
-    ns = parser.parse_args(_expand_preset(argv))
+    ns = parser.parse_args(_expand_preset(_strip_local_rank(argv)))
     command = ns.command
     init = parser.instantiate(ns)[command]
     cls = COMMANDS[command][0]

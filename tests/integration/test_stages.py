@@ -154,7 +154,7 @@ def test_two_processes_zero2_match_one_process(tiny_model, tmp_path):
 def test_cli_yaml_config_then_flag_override(tmp_path):
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("engine:\n  learning_rate: 0.001\n  micro_batch_size: 3\nepochs: 5\n")
-    _, cfg = parse(["sft", "--config", str(cfg_file), "--engine.micro_batch_size", "7"])
+    _, cfg = parse(["sft", "--config", str(cfg_file), "--engine.micro_batch_size", "7", "--local_rank=0"])
     assert (cfg.engine.learning_rate, cfg.engine.micro_batch_size, cfg.epochs) == (0.001, 7, 5)
     assert cfg.model.trust_remote_code is False
 
