@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from chatrlhf.checkpoint import write_json_atomic
 from chatrlhf.config import PipelineConfig
 from chatrlhf.stages.reward import train_reward_model
 from chatrlhf.stages.sft import train_sft
-from chatrlhf.training import MODEL_SUBDIR, write_json_atomic, write_resolved_config
+from chatrlhf.training import MODEL_SUBDIR, write_resolved_config
 
 
 def _finished(stage_dir: str) -> dict | None:

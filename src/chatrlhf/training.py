@@ -28,13 +28,6 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    """Write JSON next to ``path`` then rename over it, so readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 def prepare_output_dir(run: RunConfig) -> Path:
     """Create ``run.output_dir``; refuse to clobber a finished model unless asked.
 

@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from chatrlhf.algorithms import position_ids_from_mask, token_nll
+from chatrlhf.checkpoint import write_json_atomic
 from chatrlhf.config import SFTConfig
 from chatrlhf.data import SFTCollator, encode_records, prepare_records
 from chatrlhf.engine import Engine, init_distributed
@@ -26,7 +27,6 @@ from chatrlhf.training import (
     save_training_checkpoint,
     set_seed,
     total_steps,
-    write_json_atomic,
     write_resolved_config,
 )
 
