@@ -307,15 +307,18 @@ class Workers:
     def _log_tail(self, impl: str) -> str:
         return (self.workdir / f"log-{impl}.txt").read_text(errors="replace")[-3000:]
 
-    def run(self, n_steps: int) -> dict[str, dict]:
+    def run(self, n_steps: int, turn_steps: int) -> dict[str, dict]:
+        """``turn_steps`` consecutive steps per turn; the order of the implementations rotates every round."""
         impls = list(self.conns)
         for impl in impls:
             self.expect(impl, "ready")
-        for step in range(n_steps):
-            for impl in impls[step % len(impls):] + impls[: step % len(impls)]:
-                self.conns[impl].send("go")
-                self.expect(impl, "done")
-            print(f"step {step + 1}/{n_steps} done by all", file=sys.stderr, flush=True)
+        for rnd, first in enumerate(range(0, n_steps, turn_steps)):
+            last = min(n_steps, first + turn_steps)
+            for impl in impls[rnd % len(impls):] + impls[: rnd % len(impls)]:
+                for _ in range(first, last):
+                    self.conns[impl].send("go")
+                    self.expect(impl, "done")
+            print(f"steps {first + 1}-{last} of {n_steps} done by all", file=sys.stderr, flush=True)
         results = {}
         for impl in impls:  # one at a time: end-of-training work (eval, save) must not overlap either
             self.conns[impl].send("finish")
@@ -363,6 +366,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-len", type=int, default=256, help="tokens per sequence (every sequence is this long)")
     p.add_argument("--lr", type=float, default=2e-5, help="constant learning rate, no warm-up")
     p.add_argument("--threads", type=int, default=usable_cores(), help="torch.set_num_threads for every worker")
+    p.add_argument("--turn-steps", type=int, default=1,
+                   help="consecutive steps an implementation runs per turn (warmup + steps: one after another)")
     p.add_argument("--trl-optim", default=None,
                    help="TRL's SFTConfig.optim (default: TRL's own, adamw_torch_fused; adamw_torch = the "
                         "torch.optim.AdamW kernel plain and chatrlhf use)")
@@ -370,7 +375,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="also write the raw per-step durations here")
     args = p.parse_args(argv)
-    for name in ("steps", "batch_size", "threads"):
+    for name in ("steps", "batch_size", "threads", "turn_steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0 or args.max_len < 16:
@@ -391,7 +396,7 @@ def main(argv=None) -> None:
         (workdir / "args.json").write_text(json.dumps({k: v for k, v in vars(args).items() if k != "json"}))
         data = prepare_data(args, workdir)
         t0 = time.perf_counter()
-        results = Workers(impls, workdir).run(args.warmup + args.steps)
+        results = Workers(impls, workdir).run(args.warmup + args.steps, args.turn_steps)
         print(f"all workers finished in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     text = report(results, args, data)
     print(text)
