@@ -12,15 +12,15 @@ loss on assistant tokens only:
 Every conversation is longer than --max-len and cut to it, so every batch is exactly (batch, max_len)
 whatever order an implementation draws the records in, and all tokens are real (no padding).
 
-Each implementation runs in its own fresh Python process (no shared allocator, thread pool or process
-group) with the same torch thread count, and the processes take turns step by step: only one trains
-at a time, the order rotating every step (plain, trl, chatrlhf; then trl, chatrlhf, plain; ...). A
-busy or drifting machine therefore slows all three alike, which a run-after-run comparison cannot
-promise. A step is timed inside its process from "your turn" to the end of its optimizer step; the
-first --warmup steps are dropped.
+Each implementation runs in its own fresh Python process with the same torch thread count; the parent
+hands out the steps one at a time, and each step is timed inside its process from "go" to the end of
+its optimizer step; the first --warmup steps are dropped. --schedule sequential (default) runs the
+implementations one after another, each alone on the machine; --schedule turns keeps all three
+resident and lets them take turns step by step, so a drifting machine slows all alike (at the cost of
+memory; see bench/README.md).
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/sft_throughput.py [--steps 10 --warmup 2 --batch-size 4
-        --max-len 256 --threads <usable cores> --trl-optim adamw_torch --json results.json]
+        --max-len 256 --schedule sequential --threads <cores> --trl-optim adamw_torch --json out.json]
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import json
 import multiprocessing as mp
 import os
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -203,7 +204,9 @@ def run_trl(args, workdir: Path, baton: Baton) -> dict:
         # The labels column already masks everything but assistant tokens (built by chatrlhf.data, the
         # same tensors the other two train on); TRL keeps a given "labels" column as is.
         completion_only_loss=False, assistant_only_loss=False,
-        bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True,  # TRL defaults: bf16 and GC on
+        # TRL's defaults turn bf16 and activation checkpointing on (on CPU too). transformers 5 renamed
+        # gradient_checkpointing to activation_checkpointing; the old name still works but warns.
+        bf16=False, fp16=False, activation_checkpointing=False, use_cpu=True,
         logging_strategy="no", save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True,
         dataloader_num_workers=0, **optim,
     )
@@ -279,17 +282,18 @@ def worker(impl: str, workdir: Path, conn) -> None:
 
 # ---- orchestration and report -------------------------------------------------------------------------
 class Workers:
-    """The parent's side: starts one process per implementation and hands out the turns."""
+    """The parent's side: starts one process per implementation and hands out the steps."""
 
-    def __init__(self, impls: list[str], workdir: Path):
-        ctx = mp.get_context("spawn")
+    def __init__(self, workdir: Path):
+        self.ctx = mp.get_context("spawn")
         self.workdir, self.conns, self.procs = workdir, {}, {}
-        for impl in impls:
-            here, there = ctx.Pipe()
-            self.procs[impl] = ctx.Process(target=worker, args=(impl, workdir, there), daemon=True)
-            self.procs[impl].start()
-            there.close()
-            self.conns[impl] = here
+
+    def spawn(self, impl: str) -> None:
+        here, there = self.ctx.Pipe()
+        self.procs[impl] = self.ctx.Process(target=worker, args=(impl, self.workdir, there), daemon=True)
+        self.procs[impl].start()
+        there.close()
+        self.conns[impl] = here
 
     def expect(self, impl: str, kind: str):
         conn, proc = self.conns[impl], self.procs[impl]
@@ -307,24 +311,40 @@ class Workers:
     def _log_tail(self, impl: str) -> str:
         return (self.workdir / f"log-{impl}.txt").read_text(errors="replace")[-3000:]
 
-    def run(self, n_steps: int, turn_steps: int) -> dict[str, dict]:
-        """``turn_steps`` consecutive steps per turn; the order of the implementations rotates every round."""
-        impls = list(self.conns)
+    def step(self, impl: str) -> None:
+        self.conns[impl].send("go")
+        self.expect(impl, "done")
+
+    def finish(self, impl: str) -> dict:
+        self.conns[impl].send("finish")
+        result = self.expect(impl, "result")
+        self.procs[impl].join()
+        return result
+
+    def sequential(self, impls: list[str], n_steps: int) -> dict[str, dict]:
+        """One implementation at a time, alone on the machine: start, all its steps, finish, exit."""
+        results = {}
+        for impl in impls:
+            self.spawn(impl)
+            self.expect(impl, "ready")
+            for _ in range(n_steps):
+                self.step(impl)
+            results[impl] = self.finish(impl)
+            print(f"{impl}: done", file=sys.stderr, flush=True)
+        return results
+
+    def turns(self, impls: list[str], n_steps: int) -> dict[str, dict]:
+        """All implementations resident; one step each in turn, the order rotating every round."""
+        for impl in impls:
+            self.spawn(impl)
         for impl in impls:
             self.expect(impl, "ready")
-        for rnd, first in enumerate(range(0, n_steps, turn_steps)):
-            last = min(n_steps, first + turn_steps)
-            for impl in impls[rnd % len(impls):] + impls[: rnd % len(impls)]:
-                for _ in range(first, last):
-                    self.conns[impl].send("go")
-                    self.expect(impl, "done")
-            print(f"steps {first + 1}-{last} of {n_steps} done by all", file=sys.stderr, flush=True)
-        results = {}
-        for impl in impls:  # one at a time: end-of-training work (eval, save) must not overlap either
-            self.conns[impl].send("finish")
-            results[impl] = self.expect(impl, "result")
-            self.procs[impl].join()
-        return results
+        for k in range(n_steps):
+            for impl in impls[k % len(impls):] + impls[: k % len(impls)]:
+                self.step(impl)
+            print(f"step {k + 1}/{n_steps} done by all", file=sys.stderr, flush=True)
+        # One at a time: end-of-training work (TRL's, the stage's final eval and save) must not overlap.
+        return {impl: self.finish(impl) for impl in impls}
 
 
 def report(results: dict[str, dict], args, data: dict) -> str:
@@ -332,7 +352,11 @@ def report(results: dict[str, dict], args, data: dict) -> str:
     tokens = args.batch_size * args.max_len
 
     def speedup(ref: str, impl: str) -> str:
-        return f"{paired_speedup(timed[ref], timed[impl]):.2f}" if ref in timed else "-"
+        if ref not in timed:
+            return "-"
+        if args.schedule == "turns":  # steps k of all implementations ran back to back: pair them
+            return f"{paired_speedup(timed[ref], timed[impl]):.2f}"
+        return f"{statistics.median(timed[ref]) / statistics.median(timed[impl]):.2f}"
 
     rows = []
     for impl, times in timed.items():
@@ -348,12 +372,13 @@ def report(results: dict[str, dict], args, data: dict) -> str:
         f"machine: {machine_description(args.threads)}",
         f"model {MODEL} fp32 | batch {args.batch_size} x {args.max_len} tokens (no padding; "
         f"{data['labelled_fraction']:.0%} of predicted tokens are assistant tokens) | {args.steps} timed steps "
-        f"after {args.warmup} warm-up, taken in turns | lr {args.lr} | load avg at end {load_average()}",
+        f"after {args.warmup} warm-up, schedule {args.schedule} | lr {args.lr} | load avg at end {load_average()}",
         "",
         markdown_table(headers, rows),
         "",
-        "tokens/s and samples/s from the median step. x plain / x TRL: speed-up over that row (> 1 is faster),",
-        "the median over steps of the ratio of step times within the same round of turns.",
+        "tokens/s and samples/s from the median step. x plain / x TRL: speed-up over that row (> 1 is faster), "
+        + ("the median over rounds of the ratio of the step times in a round of turns." if args.schedule == "turns"
+           else "the ratio of median step times."),
         *notes,
     ])
 
@@ -366,8 +391,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-len", type=int, default=256, help="tokens per sequence (every sequence is this long)")
     p.add_argument("--lr", type=float, default=2e-5, help="constant learning rate, no warm-up")
     p.add_argument("--threads", type=int, default=usable_cores(), help="torch.set_num_threads for every worker")
-    p.add_argument("--turn-steps", type=int, default=1,
-                   help="consecutive steps an implementation runs per turn (warmup + steps: one after another)")
+    p.add_argument("--schedule", choices=("sequential", "turns"), default="sequential",
+                   help="sequential: one implementation after another, each alone; turns: all resident, "
+                        "taking turns step by step (robust to a drifting machine; see bench/README.md)")
     p.add_argument("--trl-optim", default=None,
                    help="TRL's SFTConfig.optim (default: TRL's own, adamw_torch_fused; adamw_torch = the "
                         "torch.optim.AdamW kernel plain and chatrlhf use)")
@@ -375,11 +401,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="also write the raw per-step durations here")
     args = p.parse_args(argv)
-    for name in ("steps", "batch_size", "threads", "turn_steps"):
+    for name in ("steps", "batch_size", "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.warmup < 0 or args.max_len < 16:
-        p.error(f"--warmup must be >= 0 and --max-len >= 16, got {args.warmup} and {args.max_len}")
+    if args.warmup < 0:
+        p.error(f"--warmup must be >= 0, got {args.warmup}")
+    if args.max_len < 64:  # below that the first user turn (with the default system prompt) fills it
+        p.error(f"--max-len must be >= 64 so the first assistant turn starts within it, got {args.max_len}")
     unknown = set(args.impls.split(",")) - set(IMPLS)
     if unknown:
         p.error(f"--impls: unknown {sorted(unknown)}; choose from {','.join(IMPLS)}")
@@ -396,7 +424,7 @@ def main(argv=None) -> None:
         (workdir / "args.json").write_text(json.dumps({k: v for k, v in vars(args).items() if k != "json"}))
         data = prepare_data(args, workdir)
         t0 = time.perf_counter()
-        results = Workers(impls, workdir).run(args.warmup + args.steps, args.turn_steps)
+        results = getattr(Workers(workdir), args.schedule)(impls, args.warmup + args.steps)
         print(f"all workers finished in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     text = report(results, args, data)
     print(text)
