@@ -13,7 +13,7 @@ from importlib import resources
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
-from chatrlhf.config import ConfigError, PipelineConfig, RMConfig, SFTConfig
+from chatrlhf.config import ConfigError, PipelineConfig, PPOConfig, RMConfig, SFTConfig
 
 
 def _presets() -> dict[str, str]:
@@ -41,17 +41,38 @@ def _expand_preset(argv: list[str]) -> list[str]:
     return out
 
 
+def _eval_config():
+    from chatrlhf.evaluation.run import EvalConfig
+
+    return EvalConfig
+
+
+def _chat_config():
+    from chatrlhf.chat import ChatConfig
+
+    return ChatConfig
+
+
 COMMANDS = {
     "sft": (SFTConfig, "chatrlhf.stages.sft:train_sft"),
     "rm": (RMConfig, "chatrlhf.stages.reward:train_reward_model"),
+    "ppo": (PPOConfig, "chatrlhf.stages.ppo:train_ppo"),
     "train": (PipelineConfig, "chatrlhf.pipeline:run_pipeline"),
+    "eval": (_eval_config, "chatrlhf.evaluation.run:run_eval"),
+    "chat": (_chat_config, "chatrlhf.chat:run_chat"),
 }
+
+
+def _config_class(name: str):
+    cls = COMMANDS[name][0]
+    return cls if dataclasses.is_dataclass(cls) else cls()
 
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="chatrlhf", description="Align chat LLMs with human feedback.")
     subcommands = parser.add_subcommands(dest="command")
-    for name, (cls, _) in COMMANDS.items():
+    for name in COMMANDS:
+        cls = _config_class(name)
         sub = ArgumentParser(description=cls.__doc__)
         sub.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the options below.")
         if name == "train":
@@ -73,7 +94,7 @@ def parse(argv: list[str]):
     ns = parser.parse_args(_expand_preset(_strip_local_rank(argv)))
     command = ns.command
     init = parser.instantiate(ns)[command]
-    cls = COMMANDS[command][0]
+    cls = _config_class(command)
     cfg = cls(**{f.name: init[f.name] for f in dataclasses.fields(cls)})
     return command, cfg
 

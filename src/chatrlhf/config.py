@@ -8,6 +8,7 @@ rewrites a value behind the user's back.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -173,8 +174,153 @@ class RMConfig:
 
 
 @dataclass
+class GenerationConfig:
+    """How answers are sampled (rollouts, evaluation, chat)."""
+
+    max_new_tokens: int = 64
+    """Answer length limit in tokens; an answer that reaches it without EOS counts as cut off."""
+    temperature: float = 1.0
+    """Softmax temperature. PPO's log-probs use the same temperature, so the ratio stays on-policy."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1.0 = off). Below 1 the samples are no longer from the policy PPO updates."""
+    top_k: int = 0
+    """Sample among the k most likely tokens (0 = off)."""
+    backend: Literal["native", "hf"] = "native"
+    """``native``: chatrlhf's KV-cache sampler; ``hf``: transformers ``generate`` (the reference)."""
+
+    def validate(self, flag: str = "generation") -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"{flag}.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature <= 0:
+            raise ConfigError(f"{flag}.temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"{flag}.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ConfigError(f"{flag}.top_k must be >= 0 (0 = off), got {self.top_k}")
+
+    def sampling(self):
+        from chatrlhf.rollout import SamplingConfig
+
+        return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                              top_p=self.top_p, top_k=self.top_k, do_sample=True)
+
+
+def _prompt_data() -> DataConfig:
+    return DataConfig(datasets=["demo:prompts_train"], data_split="0,0,1", eval_fraction=0.0)
+
+
+@dataclass
+class PPOConfig:
+    """RLHF with PPO (DeepSpeed-Chat step 3): actor, critic, frozen reference and a reward source.
+
+    Defaults marked DSC are DeepSpeed-Chat's; the rest are chosen for a short CPU run and say why.
+    See docs/ppo.md for every implementation detail.
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The actor's starting point (the SFT model); it is also the frozen reference unless ``reference`` is set."""
+    reward: str = ""
+    """Reward source: a reward-model dir, ``encoder:DIR``, ``rater`` or ``FILE.py:function``."""
+    critic: str | None = None
+    """Critic initialisation. None: the reward model when ``reward`` is one sharing the actor's tokenizer
+    (DSC), else the actor's trunk with a fresh value head."""
+    reference: str | None = None
+    """Reference model for the KL penalty (None: the actor's starting model)."""
+    data: DataConfig = field(default_factory=_prompt_data)
+    """Prompts; the demo default is the shipped prompt set, all of it for this phase."""
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    actor_engine: EngineConfig = field(
+        default_factory=lambda: EngineConfig(learning_rate=5e-6, micro_batch_size=8, lr_scheduler="constant")
+    )
+    """Actor optimisation. One mini-batch = micro_batch_size x gradient_accumulation_steps x processes."""
+    critic_engine: EngineConfig = field(
+        default_factory=lambda: EngineConfig(learning_rate=2e-5, micro_batch_size=8, lr_scheduler="constant")
+    )
+    """Critic optimisation; its micro-batch and accumulation must equal the actor's (same mini-batches)."""
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="outputs/ppo", eval_at_start=False))
+    phase: int = 3
+    """Which part of ``data.data_split`` this stage uses (DSC: 3 = RLHF)."""
+    rollout_batch_size: int = 16
+    """Prompts per PPO iteration over all processes (each gets ``samples_per_prompt`` answers)."""
+    samples_per_prompt: int = 1
+    """Answers sampled per prompt."""
+    epochs: int = 1
+    """Passes over the prompts."""
+    max_iterations: int = -1
+    """If > 0, exactly this many PPO iterations (rollout + update), cycling over the prompts."""
+    ppo_epochs: int = 1
+    """Optimisation passes over each rollout batch (DSC: 1)."""
+    kl_coef: float = 0.1
+    """Initial beta of the per-token KL penalty -beta * KL(pi || pi_ref) in the reward (DSC: 0.1, fixed)."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    """Per-token KL estimate in the reward: k1 = log pi - log pi_ref (DSC), k3 = the non-negative one."""
+    kl_target: float | None = None
+    """With a target, beta adapts toward this mean per-answer KL (Ziegler et al. 2019); None: fixed beta."""
+    kl_horizon: int = 10000
+    """Adaptive-KL horizon in samples (Ziegler et al.: 10000)."""
+    kl_stop: float | None = None
+    """Stop an iteration's PPO epochs early once the mean approximate KL(old || new) exceeds this."""
+    reward_clip: float | None = 5.0
+    """Clip the sequence score to +-this before it enters the reward (DSC: 5)."""
+    normalize_reward: bool = False
+    """Normalise scores by running mean/std over all rollouts so far."""
+    missing_eos_penalty: float = 0.0
+    """Subtracted from the score of an answer cut off at ``max_new_tokens`` without EOS (0 = off)."""
+    gamma: float = 1.0
+    """GAE discount (DSC: 1.0)."""
+    lam: float = 0.95
+    """GAE lambda (DSC: 0.95)."""
+    whiten_advantages: bool = True
+    """Normalise advantages per rollout batch (mean 0, std 1 over answer tokens)."""
+    clip_eps: float = 0.2
+    """PPO ratio clip (DSC: 0.2)."""
+    value_clip: float | None = 0.2
+    """Value clip around the rollout's values (DSC: 0.2; OpenRLHF 0.5); None: unclipped."""
+    entropy_coef: float = 0.0
+    """Entropy bonus on the actor loss (0 = off, as in DSC)."""
+    ptx_coef: float = 0.0
+    """PPO-ptx (InstructGPT): add ptx_coef x LM loss on ``ptx_data`` to the actor loss (0 = off)."""
+    ptx_data: list[str] = field(default_factory=list)
+    """SFT/pretraining text sources for PPO-ptx (same syntax as ``data.datasets``); empty: the SFT phase of
+    ``data`` is not used, so set this when ptx_coef > 0."""
+    ema_beta: float = 0.0
+    """Keep an EMA of the actor's weights with this decay, saved to ``model_ema`` (DSC: 0.992; 0 = off)."""
+    disable_dropout: bool = True
+    """Set the actor's and critic's dropout to 0, so the first PPO ratio is exactly 1 (as OpenRLHF/TRL)."""
+    gold_every: int = 1
+    """Also score rollouts with the simulated rater every N iterations (0 = never): the gold reward of the
+    over-optimisation plot. Not used for training."""
+
+    def validate(self) -> None:
+        self.actor_engine.validate()
+        self.critic_engine.validate()
+        self.generation.validate()
+        a, c = self.actor_engine, self.critic_engine
+        if (a.micro_batch_size, a.gradient_accumulation_steps) != (c.micro_batch_size, c.gradient_accumulation_steps):
+            raise ConfigError(
+                "critic_engine.micro_batch_size / gradient_accumulation_steps "
+                f"({c.micro_batch_size}/{c.gradient_accumulation_steps}) must equal the actor's "
+                f"({a.micro_batch_size}/{a.gradient_accumulation_steps}): both train on the same mini-batches"
+            )
+        if self.rollout_batch_size < 1 or self.samples_per_prompt < 1:
+            raise ConfigError("rollout_batch_size and samples_per_prompt must be >= 1")
+        if self.ppo_epochs < 1:
+            raise ConfigError(f"ppo_epochs must be >= 1, got {self.ppo_epochs}")
+        if self.epochs < 1 and self.max_iterations < 1:
+            raise ConfigError("set epochs >= 1 or max_iterations >= 1")
+        if self.kl_target is not None and self.kl_target <= 0:
+            raise ConfigError(f"kl_target must be > 0 (or null for a fixed kl_coef), got {self.kl_target}")
+        if self.ptx_coef > 0 and not self.ptx_data:
+            raise ConfigError("ptx_coef > 0 needs ptx_data: the SFT or pretraining sources to mix in")
+        if not 0 <= self.ema_beta < 1:
+            raise ConfigError(f"ema_beta must be in [0, 1), got {self.ema_beta}")
+        if not 0 <= self.lam <= 1 or not 0 <= self.gamma <= 1:
+            raise ConfigError("gamma and lam must be in [0, 1]")
+
+
+@dataclass
 class PipelineConfig:
-    """One command, DeepSpeed-Chat's e2e: SFT -> reward model on one base model and one dataset.
+    """One command, DeepSpeed-Chat's e2e: SFT -> reward model -> PPO on one base model, then evaluation.
 
     Each stage writes to ``output_dir/<stage>``; the reward model starts from the SFT model's weights
     (InstructGPT) unless ``rm_from_sft`` is false, in which case it starts from the base model.
@@ -210,6 +356,22 @@ class PipelineConfig:
     """Initialise the reward model's trunk from the SFT model (else from the base model)."""
     save_every: int = 0
     """Checkpoint every N optimizer steps in each stage (0: only the final model)."""
+    algo: Literal["ppo"] = "ppo"
+    """The RL stage after the reward model."""
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    """The PPO stage. Its model, reward, run.output_dir/overwrite/resume/progress are set by the pipeline:
+    the actor and reference start from the SFT model and the reward is the trained reward model."""
+    evaluate: bool = True
+    """After training, evaluate base, SFT and RL models on held-out prompts and write the run report."""
+    eval_prompts: str = "demo"
+    """Held-out prompts for the final evaluation: ``demo`` (the demo task's eval prompts) or a .jsonl file
+    with a ``prompt`` field (optional ``harmful``)."""
+    eval_limit: int = 64
+    """Evaluate on the first N held-out prompts (0: all)."""
+    eval_generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(max_new_tokens=96))
+    """Sampling for the evaluation answers (the same seed for every model)."""
+    eval_batch_size: int = 32
+    """Prompts per generation batch in the evaluation."""
 
     def stage_configs(self) -> tuple[SFTConfig, RMConfig]:
         """The per-stage configs this pipeline runs (also written beside each stage's outputs)."""
@@ -244,3 +406,12 @@ class PipelineConfig:
             max_steps=self.rm_max_steps,
         )
         return sft, rm
+
+    def rl_config(self) -> PPOConfig:
+        """The PPO stage's config: this pipeline's ``ppo`` with the actor from SFT and the trained RM."""
+        root = self.output_dir.rstrip("/")
+        model = ModelConfig(**{**self.model.__dict__, "name_or_path": f"{root}/sft/model"})
+        run = RunConfig(**{**self.ppo.run.__dict__, "output_dir": f"{root}/{self.algo}", "overwrite": self.overwrite,
+                           "resume": self.resume, "progress": self.progress,
+                           "save_every": self.save_every or self.ppo.run.save_every})
+        return dataclasses.replace(self.ppo, model=model, reward=f"{root}/rm/model", run=run)

@@ -273,6 +273,16 @@ class Engine:
             t /= self.world_size
         return t
 
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Concatenation over processes along dim 0 (every process must pass the same shape)."""
+        if self.world_size == 1:
+            return t
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(t) for _ in range(self.world_size)]
+        dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts)
+
     def broadcast_int(self, value: int, src: int = 0) -> int:
         """``value`` as held by rank ``src``, on every rank."""
         if self.world_size == 1:
@@ -298,6 +308,41 @@ class Engine:
 
         params = list(self.module.parameters()) if params is None else list(params)
         return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+
+    @contextlib.contextmanager
+    def generation_mode(self):
+        """The live training module, switched to inference for rollouts and back after (the hybrid engine).
+
+        No copy, no save/reload: generation reads the very weights being trained. Under ZeRO-3 the
+        parameters are gathered once for the whole rollout and ZeRO's per-module fetch/release hooks are
+        lifted meanwhile, so decoding runs without a collective per token; they are restored after.
+        """
+        module = self.module
+        was_training = module.training
+        module.eval()
+        try:
+            with torch.no_grad():
+                if self.cfg.zero_stage != 3:
+                    yield module
+                else:
+                    import deepspeed
+
+                    offload = self._ds.optimizer.parameter_offload
+                    offload._remove_module_hooks()
+                    try:
+                        with deepspeed.zero.GatheredParameters(list(module.parameters())):
+                            yield module
+                    finally:
+                        offload.setup_zero_stage3_hooks()
+        finally:
+            module.train(was_training)
+
+    def all_done(self, local_done: bool) -> bool:
+        """True once every process is done (lock-step decoding: ranks stop together)."""
+        if self.world_size == 1:
+            return local_done
+        flag = torch.tensor([int(not local_done)], dtype=torch.long, device=self.device)
+        return self.all_reduce(flag).item() == 0
 
     # ---- saving -------------------------------------------------------------------------------------------
     def save_hf(self, directory: str | os.PathLike, tokenizer=None) -> None:

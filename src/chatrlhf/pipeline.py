@@ -1,14 +1,14 @@
-"""The one-command pipeline (DeepSpeed-Chat's e2e_rlhf.py): SFT -> reward model on one base model."""
+"""The one-command pipeline (DeepSpeed-Chat's e2e_rlhf.py): SFT -> reward model -> PPO on one base model,
+then an evaluation of base, SFT and PPO models on held-out prompts and a run report."""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from chatrlhf.checkpoint import write_json_atomic
 from chatrlhf.config import PipelineConfig
-from chatrlhf.stages.reward import train_reward_model
-from chatrlhf.stages.sft import train_sft
 from chatrlhf.training import MODEL_SUBDIR, write_resolved_config
 
 
@@ -20,19 +20,63 @@ def _finished(stage_dir: str) -> dict | None:
     return None
 
 
-def run_pipeline(cfg: PipelineConfig) -> dict:
+def _stages(cfg: PipelineConfig):
+    from chatrlhf.stages.ppo import train_ppo
+    from chatrlhf.stages.reward import train_reward_model
+    from chatrlhf.stages.sft import train_sft
+
     sft_cfg, rm_cfg = cfg.stage_configs()
+    return [("sft", sft_cfg, train_sft), ("rm", rm_cfg, train_reward_model), (cfg.algo, cfg.rl_config(), train_ppo)]
+
+
+def run_pipeline(cfg: PipelineConfig) -> dict:
+    stages = _stages(cfg)
+    for _, stage_cfg, _ in stages:
+        stage_cfg.validate()  # all config errors before the first hour of training, not after it
     root = Path(cfg.output_dir)
     root.mkdir(parents=True, exist_ok=True)
     write_resolved_config(root, cfg)
-    summary: dict = {}
-    for name, stage_cfg, fn in (("sft", sft_cfg, train_sft), ("rm", rm_cfg, train_reward_model)):
+    summary: dict = {"seconds": {}}
+    for name, stage_cfg, fn in stages:
         done = _finished(stage_cfg.run.output_dir) if cfg.resume else None
         if done is not None:
             print(f"[chatrlhf] {name}: complete in {stage_cfg.run.output_dir}, skipped (resume)")
             summary[name] = done
             continue
         print(f"[chatrlhf] stage {name} -> {stage_cfg.run.output_dir}")
+        t0 = time.time()
         summary[name] = fn(stage_cfg)
-    write_json_atomic(root / "summary.json", summary)
+        summary["seconds"][name] = round(time.time() - t0, 1)
+    if cfg.evaluate and _is_rank_0():
+        t0 = time.time()
+        summary["evaluation"] = _evaluate(cfg, root)
+        summary["seconds"]["evaluation"] = round(time.time() - t0, 1)
+    if _is_rank_0():
+        write_json_atomic(root / "summary.json", summary)
+        if cfg.evaluate:
+            from chatrlhf.evaluation import write_report
+
+            report = write_report(root, summary.get("evaluation"), {n: root / n for n, _, _ in stages})
+            print(f"[chatrlhf] run report: {report}")
     return summary
+
+
+def _is_rank_0() -> bool:
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _evaluate(cfg: PipelineConfig, root: Path) -> dict:
+    """Base, SFT and RL models answer the same held-out prompts (same seed); the gold rater judges."""
+    from chatrlhf.evaluation import evaluate_models, load_eval_prompts
+
+    # spread: a limit takes prompts from every category (the demo file is sorted by category)
+    prompts = load_eval_prompts(cfg.eval_prompts, limit=cfg.eval_limit or None, spread=True)
+    models = {"base": cfg.model.name_or_path, "sft": str(root / "sft" / MODEL_SUBDIR),
+              cfg.algo: str(root / cfg.algo / MODEL_SUBDIR)}
+    print(f"[chatrlhf] evaluating {', '.join(models)} on {len(prompts)} held-out prompts")
+    return evaluate_models(models, reference=models["sft"], reward_model=str(root / "rm" / MODEL_SUBDIR),
+                           prompts=prompts, sampling=cfg.eval_generation.sampling(),
+                           batch_size=cfg.eval_batch_size, seed=cfg.ppo.actor_engine.seed, out_dir=root,
+                           progress=cfg.progress, backend=cfg.eval_generation.backend, dtype=cfg.model.dtype)

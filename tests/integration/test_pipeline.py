@@ -14,7 +14,7 @@ def test_train_smoke_preset_runs_sft_then_rm_and_resume_skips_done_stages(tmp_pa
     out = tmp_path / "run"
     assert main(["train", "--preset", "smoke", "--output_dir", str(out), "--progress", "false"]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary) == {"sft", "rm"}
+    assert {"sft", "rm", "ppo", "evaluation"} <= set(summary)
     assert summary["sft"]["perplexity"] > 1.0 and 0.0 <= summary["rm"]["accuracy"] <= 1.0
     # The reward model starts from the SFT model and both are plain HF dirs.
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -41,4 +41,4 @@ def test_train_smoke_preset_runs_sft_then_rm_and_resume_skips_done_stages(tmp_pa
         )
         == 0
     )
-    assert capsys.readouterr().out.count("skipped (resume)") == 2
+    assert capsys.readouterr().out.count("skipped (resume)") == 3

@@ -11,7 +11,13 @@ from chatrlhf.models.encoder import (
     load_encoder_reward_model,
     minilm_dir,
 )
-from chatrlhf.models.loading import count_parameters, load_causal_lm, load_tokenizer, resolve_model
+from chatrlhf.models.loading import (
+    count_parameters,
+    disable_dropout,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_model,
+)
 from chatrlhf.models.reward import RatingModel, RewardModel, load_rating_model, load_reward_model
 
 __all__ = [
@@ -25,6 +31,7 @@ __all__ = [
     "builtin_names",
     "cache_dir",
     "count_parameters",
+    "disable_dropout",
     "ensure_builtin",
     "load_causal_lm",
     "load_encoder_reward_model",

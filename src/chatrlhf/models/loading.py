@@ -141,3 +141,17 @@ def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> in
     return sum(
         getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad or not trainable_only
     )
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Sets every dropout probability to 0 (``nn.Dropout`` layers and attention dropout attributes), so
+    a training-mode forward computes exactly what an eval-mode one does (PPO's first ratio is then 1)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    config = getattr(model, "config", None)
+    for key in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout"):
+        if isinstance(getattr(config, key, None), float):
+            setattr(config, key, 0.0)

@@ -184,8 +184,11 @@ class RewardModel(_TrunkWithHead):
         """Per-token values (B, T), fp32; entries at pad positions are meaningless, mask them."""
         return self.head_outputs(input_ids, attention_mask).squeeze(-1)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Sequence scores (B,) read at the last position where attention_mask == 1."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, per_token: bool = False) -> torch.Tensor:
+        """Sequence scores (B,) read at the last position where attention_mask == 1; with ``per_token`` the
+        values at every position (B, T) instead (the critic's use; a forward, so DeepSpeed's hooks run)."""
+        if per_token:
+            return self.values(input_ids, attention_mask)
         hidden = self.hidden_states(input_ids, attention_mask)  # (B, T, H)
         return self.head(gather_last(hidden, attention_mask)).squeeze(-1).float()  # (B,)
 

@@ -1,0 +1,81 @@
+"""``chatrlhf eval``: evaluate saved models on held-out prompts and write the report, outside the pipeline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from chatrlhf.config import ConfigError, GenerationConfig
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation: gold-rater scores, win-rates, RM score and KL of saved models, and a report."""
+
+    models: dict[str, str] = field(default_factory=dict)
+    """Models to compare, in order, name -> HF dir or built-in name, e.g.
+    ``{base: smollm2-135m-instruct, sft: out/sft/model, ppo: out/ppo/model}``. Consecutive models are
+    compared (sft vs base, ppo vs sft) and the last with the first."""
+    reference: str | None = None
+    """Reference model for the KL column (PPO's frozen reference: the SFT model). None: no KL."""
+    reward_model: str | None = None
+    """Reward-model dir for the RM-score column. None: no RM score."""
+    prompts: str = "demo"
+    """``demo`` (the 120 shipped held-out prompts) or a .jsonl file of {"id", "prompt", "harmful"} rows."""
+    limit: int | None = None
+    """Use only N prompts (None: all)."""
+    spread: bool = True
+    """With ``limit``: take the N prompts evenly spaced through the file rather than the first N, so a file
+    sorted by category (the demo's is) keeps its mix of categories, harmful prompts included."""
+    generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(max_new_tokens=96))
+    """How answers are sampled. At temperature 1 (top_p 1, top_k 0) the KL column estimates
+    KL(policy || reference); a cut answer is rated as truncated."""
+    seed: int = 0
+    """Sampling seed, the same for every model so the comparison is fair."""
+    batch_size: int = 16
+    """Prompts per generation batch (also rows per scoring forward)."""
+    max_prompt_len: int = 256
+    """Prompts longer than this keep their last tokens."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weight dtype for every model: float32, bfloat16 or float16."""
+    output_dir: str = "outputs/eval"
+    """Where eval_models.json, samples.jsonl, report.md and plots/ go."""
+    progress: bool = True
+    """Show progress."""
+
+    def validate(self) -> None:
+        if not self.models:
+            raise ConfigError("--models is empty; give at least one, e.g. --models '{sft: out/sft/model}'")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"--limit must be >= 1 (or null for all), got {self.limit}")
+        self.generation.validate("generation")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch_size must be >= 1, got {self.batch_size}")
+
+
+def run_eval(cfg: EvalConfig) -> dict:
+    """Evaluates ``cfg.models`` and writes ``output_dir/{eval_models.json, samples.jsonl, report.md}``."""
+    from chatrlhf.evaluation.evaluate import evaluate_models
+    from chatrlhf.evaluation.prompts import load_eval_prompts
+    from chatrlhf.evaluation.report import write_report
+
+    cfg.validate()
+    out = Path(cfg.output_dir)
+    results = evaluate_models(
+        dict(cfg.models),
+        reference=cfg.reference,
+        reward_model=cfg.reward_model,
+        prompts=load_eval_prompts(cfg.prompts, cfg.limit, spread=cfg.spread),
+        sampling=cfg.generation.sampling(),
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        out_dir=out,
+        progress=cfg.progress,
+        backend=cfg.generation.backend,
+        dtype=cfg.dtype,
+        max_prompt_len=cfg.max_prompt_len,
+    )
+    report = write_report(out, results, {})
+    print(f"[chatrlhf] eval: report in {report}")
+    return results

@@ -1,0 +1,155 @@
+"""The native generation engine: our own decoding loop over a Hugging Face causal LM's forward.
+
+    for each sub-batch (prompts grouped by length, at most max_batch):
+        prefill   one forward over the prompts, logits of the last position only
+        decode    one forward per token over the *live* rows, reusing the KV cache
+                  a row that samples an EOS leaves the batch (cache rows, mask and inputs compacted)
+
+Why not ``model.generate``: it keeps finished rows in the batch until the longest one ends (a batch of
+64 where one answer runs to max_new_tokens costs 64 rows for every step), grows its KV cache with
+``torch.cat`` each step, and runs a logits-processor / stopping-criteria pipeline per step. Here a
+finished answer costs nothing more, the cache is written in place (cache.py), and sampling is one small
+function (sampling.py). The model is only ever called through ``forward``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+import torch
+
+from chatrlhf.algorithms.masking import position_ids_from_mask
+from chatrlhf.rollout.cache import compact, make_cache
+from chatrlhf.rollout.sampling import choose_tokens
+from chatrlhf.rollout.types import Rollout, SamplingConfig, merge_rollouts
+
+
+def plan_groups(prompt_lengths: torch.Tensor, max_batch: int | None) -> list[torch.Tensor]:
+    """Row indices of each sub-batch: all rows in order when they fit in one, else rows sorted by prompt
+    length (longest first, stable) and cut into chunks of ``max_batch``, so each chunk pads little.
+
+    ``plan_groups([3, 5, 4, 1], 2) -> [[1, 2], [0, 3]]``; ``plan_groups([3, 5], None) -> [[0, 1]]``.
+    """
+    n = prompt_lengths.shape[0]
+    if max_batch is None or max_batch >= n:
+        return [torch.arange(n, device=prompt_lengths.device)]
+    order = torch.sort(prompt_lengths, descending=True, stable=True).indices
+    return list(order.split(max_batch))
+
+
+def _accepts_logits_to_keep(model) -> bool:
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+class SubBatch:
+    """Generation state of one sub-batch of left-padded prompts; each ``step()`` is exactly one forward.
+
+    ``rows`` maps the live batch rows to sub-batch rows; tokens of finished rows stay pad/0 after their EOS.
+    """
+
+    def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampling: SamplingConfig,
+                 eos: torch.Tensor, pad_token_id: int, generator: torch.Generator | None):
+        self.model, self.sampling, self.eos, self.generator = model, sampling, eos, generator
+        b, device, max_new = input_ids.shape[0], input_ids.device, sampling.max_new_tokens
+        # Columns that are padding in every row of this sub-batch cost nothing: cut them.
+        width = int(attention_mask.sum(-1).max()) if b else input_ids.shape[1]
+        start = input_ids.shape[1] - width
+        self.input_ids, self.mask = input_ids[:, start:], attention_mask[:, start:]  # (b, P)
+        self.tokens = torch.full((b, max_new), pad_token_id, dtype=torch.long, device=device)  # (b, max_new)
+        self.log_probs = torch.zeros((b, max_new), dtype=torch.float32, device=device)  # (b, max_new)
+        self.lengths = torch.zeros(b, dtype=torch.long, device=device)  # (b,)
+        self.finished = torch.zeros(b, dtype=torch.bool, device=device)  # (b,)
+        self.rows = torch.arange(b, device=device)  # (L,) sub-batch row of each live batch row
+        self.t = 0  # tokens generated so far
+        self.cache = None
+        self.done = max_new == 0 or b == 0
+        self.logits_to_keep = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+
+    def step(self) -> None:
+        logits = self._prefill() if self.cache is None else self._decode()  # (L, V)
+        tokens, log_probs = choose_tokens(logits, self.sampling, self.generator)  # (L,), (L,)
+        self.tokens[self.rows, self.t] = tokens
+        self.log_probs[self.rows, self.t] = log_probs
+        self.t += 1
+        hit = torch.isin(tokens, self.eos)  # (L,) rows that just ended with an EOS
+        ended = self.rows[hit]
+        self.finished[ended] = True
+        self.lengths[ended] = self.t
+        if self.t == self.sampling.max_new_tokens or bool(hit.all()):
+            self.lengths[self.rows[~hit]] = self.t
+            self.done, self.cache = True, None  # free the cache now, not when the next sub-batch starts
+            return
+        self.next_tokens = tokens
+        if bool(hit.any()):
+            self._drop_rows((~hit).nonzero().squeeze(1))
+
+    def _prefill(self) -> torch.Tensor:
+        # Capacity: P prompt positions + every generated token but the last, which is never fed back.
+        self.cache, self.trimmable = make_cache(self.model.config, self.mask.shape[1] + self.sampling.max_new_tokens)
+        out = self.model(input_ids=self.input_ids, attention_mask=self.mask,
+                         position_ids=position_ids_from_mask(self.mask),  # left padding does not shift positions
+                         past_key_values=self.cache, use_cache=True, **self.logits_to_keep)
+        self.next_pos = self.mask.sum(-1)  # (L,) position of the next token = real tokens so far
+        return out.logits[:, -1]
+
+    def _decode(self) -> torch.Tensor:
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)  # (L, T + 1)
+        out = self.model(input_ids=self.next_tokens[:, None], attention_mask=self.mask,
+                         position_ids=self.next_pos[:, None], past_key_values=self.cache, use_cache=True)
+        self.next_pos = self.next_pos + 1
+        return out.logits[:, -1]
+
+    def _drop_rows(self, keep: torch.Tensor) -> None:
+        """Removes finished rows from the cache, mask, positions and inputs; with a trimmable cache also
+        the leading columns that are padding in every kept row."""
+        mask = self.mask[keep]  # (L', T)
+        first_col = int(mask.any(0).int().argmax()) if self.trimmable else 0
+        compact(self.cache, keep, first_col, self.trimmable)
+        self.mask = mask[:, first_col:]
+        self.rows, self.next_pos, self.next_tokens = self.rows[keep], self.next_pos[keep], self.next_tokens[keep]
+
+    def result(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> Rollout:
+        width = self.t
+        response_mask = torch.arange(width, device=self.lengths.device) < self.lengths[:, None]  # (b, R)
+        return Rollout(prompt_ids, prompt_mask, self.tokens[:, :width], response_mask.to(prompt_mask.dtype),
+                       self.finished, self.log_probs[:, :width])
+
+
+def _dummy_forward(model, pad_token_id: int, device: torch.device) -> None:
+    """One cheap forward (1 row, 1 token, no cache), so collectives inside forward stay matched across
+    ranks (ZeRO-3 gathers each layer's parameters during forward) while this rank has nothing to do."""
+    ids = torch.full((1, 1), pad_token_id, dtype=torch.long, device=device)
+    model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+
+
+def generate_native(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampling: SamplingConfig, *,
+                    eos_token_ids: list[int], pad_token_id: int, generator: torch.Generator | None = None,
+                    sync: Callable[[bool], bool] | None = None, max_batch: int | None = None) -> Rollout:
+    """See ``chatrlhf.rollout.generate``. Every loop turn runs exactly one forward (prefill, decode step or,
+    when this rank is done but others are not, a dummy), after one ``sync`` call when ``sync`` is given."""
+    eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long, device=input_ids.device)
+    groups = plan_groups(attention_mask.sum(-1), max_batch)
+    finished_parts: list[tuple[torch.Tensor, Rollout]] = []
+    current: tuple[torch.Tensor, SubBatch] | None = None
+    while True:
+        while groups and (current is None or current[1].done):
+            if current is not None:
+                finished_parts.append(current)
+            rows = groups.pop(0)
+            current = (rows, SubBatch(model, input_ids[rows], attention_mask[rows], sampling, eos, pad_token_id,
+                                      generator))
+        local_done = current is None or current[1].done
+        if sync is not None:
+            if sync(local_done):
+                break
+        elif local_done:
+            break
+        if local_done:
+            _dummy_forward(model, pad_token_id, input_ids.device)
+        else:
+            current[1].step()
+    if current is not None:
+        finished_parts.append(current)
+    parts = [(rows, sub.result(input_ids[rows], attention_mask[rows])) for rows, sub in finished_parts]
+    return merge_rollouts(parts, input_ids, attention_mask, pad_token_id)

@@ -1,0 +1,99 @@
+"""What goes into and comes out of generation: ``SamplingConfig`` and ``Rollout``.
+
+Shapes: B = prompts, P = padded prompt width (left padding), R = longest response in the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SamplingConfig:
+    """How the next token is chosen. Validated on construction; a bad value raises naming the field."""
+
+    max_new_tokens: int = 96
+    """Most tokens generated per prompt, the EOS included; a response that reaches it is cut (unfinished)."""
+    temperature: float = 1.0
+    """Logits are divided by it before sampling (and for ``Rollout.log_probs``); ignored when greedy."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of most likely tokens whose mass reaches ``top_p``; 1 = off."""
+    top_k: int = 0
+    """Keep only the ``top_k`` most likely tokens; 0 = off."""
+    do_sample: bool = True
+    """False = greedy (argmax); temperature, top_p and top_k are then ignored."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise ValueError(f"sampling.max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.do_sample and not self.temperature > 0:
+            raise ValueError(f"sampling.temperature must be > 0 when sampling, got {self.temperature} "
+                             "(use do_sample=False for greedy decoding)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"sampling.top_k must be >= 0 (0 = off), got {self.top_k}")
+
+    @property
+    def logprob_temperature(self) -> float:
+        """The temperature ``Rollout.log_probs`` are taken at: ``temperature`` when sampling, 1 when greedy."""
+        return float(self.temperature) if self.do_sample else 1.0
+
+
+@dataclass
+class Rollout:
+    """Prompts and their sampled responses, row i of every tensor belonging to prompt i.
+
+    Masks come from generation itself, never from matching pad ids (pad == eos in SmolLM2): a response's
+    final EOS is inside ``response_mask`` and its padding (pad_id, often the same id) is outside.
+    """
+
+    prompt_ids: torch.Tensor  # (B, P) left-padded prompts, exactly as given
+    prompt_mask: torch.Tensor  # (B, P)
+    response_ids: torch.Tensor  # (B, R) right-padded with pad_id
+    response_mask: torch.Tensor  # (B, R) 1 on every generated token, the final EOS included
+    finished: torch.Tensor  # (B,) bool: the response ended with an EOS (False: cut at max_new_tokens)
+    log_probs: torch.Tensor  # (B, R) float32 log-prob of each token under log_softmax(logits / T); 0 on padding
+
+    @property
+    def sequences(self) -> torch.Tensor:
+        """(B, P + R) prompt then response, ready for a training-style forward."""
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """(B, P + R) 1 on real tokens: prompt tokens, response tokens (EOS included)."""
+        return torch.cat([self.prompt_mask, self.response_mask.to(self.prompt_mask.dtype)], dim=1)
+
+    @property
+    def response_lengths(self) -> torch.Tensor:
+        """(B,) long: generated tokens per row, the EOS included."""
+        return self.response_mask.long().sum(-1)
+
+    def __len__(self) -> int:
+        return self.prompt_ids.shape[0]
+
+
+def merge_rollouts(parts: list[tuple[torch.Tensor, Rollout]], prompt_ids: torch.Tensor,
+                   prompt_mask: torch.Tensor, pad_token_id: int) -> Rollout:
+    """Puts sub-batch rollouts back into one, in the original row order.
+
+    ``parts`` pairs each sub-batch's row indices (into the full batch) with its rollout; responses are
+    right-padded to the longest one. ``prompt_ids``/``prompt_mask`` are the full batch as given.
+    """
+    batch = prompt_ids.shape[0]
+    width = max((r.response_ids.shape[1] for _, r in parts), default=0)
+    device = prompt_ids.device
+    response_ids = torch.full((batch, width), pad_token_id, dtype=torch.long, device=device)  # (B, R)
+    response_mask = torch.zeros((batch, width), dtype=prompt_mask.dtype, device=device)  # (B, R)
+    log_probs = torch.zeros((batch, width), dtype=torch.float32, device=device)  # (B, R)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)  # (B,)
+    for rows, part in parts:
+        w = part.response_ids.shape[1]
+        response_ids[rows, :w] = part.response_ids
+        response_mask[rows, :w] = part.response_mask.to(response_mask.dtype)
+        log_probs[rows, :w] = part.log_probs
+        finished[rows] = part.finished
+    return Rollout(prompt_ids, prompt_mask, response_ids, response_mask, finished, log_probs)
