@@ -124,6 +124,18 @@ def _model_dtype(model: torch.nn.Module) -> str:
     return names[dtypes.pop()]
 
 
+@contextlib.contextmanager
+def _merged(module: torch.nn.Module, lora: bool):
+    if not lora:
+        yield
+        return
+    module.merge_adapter()
+    try:
+        yield
+    finally:
+        module.unmerge_adapter()
+
+
 class Engine:
     """DeepSpeed behind one small object (see the module docstring for the gradient semantics).
 
@@ -313,29 +325,37 @@ class Engine:
     def generation_mode(self):
         """The live training module, switched to inference for rollouts and back after (the hybrid engine).
 
-        No copy, no save/reload: generation reads the very weights being trained. Under ZeRO-3 the
+        No copy, no save/reload: generation reads the very weights being trained (LoRA adapters merged
+        into them meanwhile). Under ZeRO-3 the
         parameters are gathered once for the whole rollout and ZeRO's per-module fetch/release hooks are
         lifted meanwhile, so decoding runs without a collective per token; they are restored after.
         """
         module = self.module
         was_training = module.training
         module.eval()
+        # LoRA (PEFT): fuse the adapters into the (whole) base weights for decoding, unfuse after.
+        lora = hasattr(module, "merge_adapter") and hasattr(module, "unmerge_adapter")
         try:
-            with torch.no_grad():
-                if self.cfg.zero_stage != 3:
-                    yield module
-                else:
-                    import deepspeed
-
-                    offload = self._ds.optimizer.parameter_offload
-                    offload._remove_module_hooks()
-                    try:
-                        with deepspeed.zero.GatheredParameters(list(module.parameters())):
-                            yield module
-                    finally:
-                        offload.setup_zero_stage3_hooks()
+            with torch.no_grad(), self._whole_parameters(), _merged(module, lora):
+                yield module
         finally:
             module.train(was_training)
+
+    @contextlib.contextmanager
+    def _whole_parameters(self):
+        if self.cfg.zero_stage != 3:
+            yield
+            return
+        import deepspeed
+
+        offload = self._ds.optimizer.parameter_offload
+        offload._remove_module_hooks()
+        try:
+            # modifier_rank=None: whatever generation does to the gathered copies is discarded on exit.
+            with deepspeed.zero.GatheredParameters(list(self.module.parameters())):
+                yield
+        finally:
+            offload.setup_zero_stage3_hooks()
 
     def all_done(self, local_done: bool) -> bool:
         """True once every process is done (lock-step decoding: ranks stop together)."""

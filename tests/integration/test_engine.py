@@ -232,3 +232,38 @@ def test_save_hf_reloads_with_identical_logits(tiny_dir, tmp_path, stage):
         got = reloaded(input_ids=ids, attention_mask=mask).logits
     assert torch.equal(got, want)
     assert AutoTokenizer.from_pretrained(target).eos_token == tokenizer.eos_token
+
+
+def test_generation_mode_uses_live_weights_in_eval_mode_and_restores_training(tiny_dir):
+    engine = make_engine(tiny_dir)
+    engine.train()
+    before = flat_params(engine).clone()
+    with engine.generation_mode() as model:
+        assert model is engine.module  # the live module: no copy
+        assert not model.training and not torch.is_grad_enabled()
+    assert engine.module.training and torch.is_grad_enabled()
+    assert torch.equal(flat_params(engine), before)
+
+
+def test_generation_mode_merges_lora_adapters_and_unmerges_after(tiny_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # non-zero B so that merging changes the weights
+            torch.nn.init.normal_(p, std=0.1)
+    engine = Engine(model, EngineConfig(micro_batch_size=2), total_steps=2)
+    layers = [m for m in engine.module.modules() if hasattr(m, "merged") and hasattr(m, "lora_A")]
+    assert layers and not any(m.merged for m in layers)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        engine.eval()
+        unmerged_logits = engine.module(input_ids=ids).logits
+    engine.train()
+    with engine.generation_mode() as live:
+        assert all(m.merged for m in layers)
+        merged_logits = live(input_ids=ids).logits
+    assert not any(m.merged for m in layers) and engine.module.training
+    torch.testing.assert_close(merged_logits, unmerged_logits, rtol=1e-5, atol=1e-5)

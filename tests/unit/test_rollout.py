@@ -16,6 +16,7 @@ from chatrlhf.rollout import (
     decode_responses,
     generate,
     plan_groups,
+    sample_from_weights,
     top_k_filter,
     top_p_filter,
 )
@@ -71,6 +72,16 @@ def test_choose_tokens_sampling_log_probs_are_unfiltered_at_temperature():
     assert abs(frac1 - 0.9) < 0.03  # 2000 draws: std of the fraction is 0.0067
     expected = torch.where(tokens == 1, math.log(0.9), math.log(0.1))
     torch.testing.assert_close(logp, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_sample_from_weights_inverse_cdf_by_hand():
+    """weights [1, 0, 3] -> cdf [1, 1, 4]: u * 4 < 1 -> index 0, else index 2; index 1 (weight 0) never.
+    The u's are the generator's own draws, replayed from the same seed."""
+    weights = torch.tensor([[1.0, 0.0, 3.0]]).expand(1000, 3)
+    u = torch.rand((1000, 1), generator=torch.Generator().manual_seed(5)).squeeze(1)
+    drawn = sample_from_weights(weights, torch.Generator().manual_seed(5))
+    assert torch.equal(drawn, torch.where(u * 4 < 1, 0, 2))
+    assert set(drawn.tolist()) == {0, 2}
 
 
 def test_plan_groups_by_hand():
@@ -170,6 +181,21 @@ def test_log_probs_equal_training_forward(model, prompts, eos_ids, backend, samp
     _assert_well_formed(r, eos_ids, MAX_NEW)
     expected = _training_log_probs(model, r, sampling.logprob_temperature)
     torch.testing.assert_close(r.log_probs, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_plain_dynamic_cache_path_equals_hf(model, prompts, eos_ids, monkeypatch):
+    """Layers the engine does not preallocate (e.g. sliding-window ones) keep transformers' own cache
+    classes and are compacted with its batch_select_indices: force that path for every layer."""
+    from transformers import DynamicCache
+
+    import chatrlhf.rollout.sampler as sampler
+
+    monkeypatch.setattr(sampler, "make_cache", lambda config, capacity: (DynamicCache(config=config), False))
+    ids, mask = prompts
+    native = generate(model, ids, mask, GREEDY, eos_token_ids=eos_ids, pad_token_id=PAD)
+    hf = generate(model, ids, mask, GREEDY, eos_token_ids=eos_ids, pad_token_id=PAD, backend="hf")
+    assert native.finished.any() and not native.finished.all()
+    _assert_same(native, hf)
 
 
 @pytest.mark.parametrize("backend", ["native", "hf"])
@@ -288,8 +314,12 @@ def test_rollout_tensors_and_decode(model, prompts, eos_ids):
 
 def test_zero_new_tokens_and_bad_inputs(model, prompts):
     ids, mask = prompts
-    r = generate(model, ids, mask, SamplingConfig(max_new_tokens=0), eos_token_ids=[PAD], pad_token_id=PAD)
-    assert r.response_ids.shape == (6, 0) and not r.finished.any()
+    for backend in ("native", "hf"):
+        r = generate(model, ids, mask, SamplingConfig(max_new_tokens=0), eos_token_ids=[PAD], pad_token_id=PAD,
+                     backend=backend)
+        assert r.response_ids.shape == (6, 0) and not r.finished.any()
+        empty = generate(model, ids[:0], mask[:0], GREEDY, eos_token_ids=[PAD], pad_token_id=PAD, backend=backend)
+        assert empty.response_ids.shape == (0, 0) and empty.prompt_ids.shape == (0, ids.shape[1])
     right_padded, right_mask = pad_sequences(PROMPTS, PAD, side="right")
     with pytest.raises(ValueError, match="left"):
         generate(model, right_padded, right_mask, GREEDY, eos_token_ids=[PAD], pad_token_id=PAD)

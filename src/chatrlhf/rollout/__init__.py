@@ -12,7 +12,7 @@ import torch
 
 from chatrlhf.rollout.hf import generate_hf
 from chatrlhf.rollout.sampler import generate_native, plan_groups
-from chatrlhf.rollout.sampling import choose_tokens, top_k_filter, top_p_filter
+from chatrlhf.rollout.sampling import choose_tokens, sample_from_weights, top_k_filter, top_p_filter
 from chatrlhf.rollout.types import Rollout, SamplingConfig
 
 BACKENDS = ("native", "hf")
@@ -93,6 +93,7 @@ __all__ = [
     "decode_responses",
     "generate",
     "plan_groups",
+    "sample_from_weights",
     "top_k_filter",
     "top_p_filter",
 ]

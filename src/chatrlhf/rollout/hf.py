@@ -31,6 +31,9 @@ class _LogProbRecorder:
     def log_probs(self, response_ids: torch.Tensor) -> torch.Tensor:
         """(B, R) log-probs of ``response_ids``; the last token was never fed back, so it comes from ``pending``."""
         width = response_ids.shape[1]
+        if self.pending is None:
+            raise RuntimeError("the log-prob hook saw no forward call of the model during generate; pass the "
+                               "transformers model itself (or a PEFT model), not another wrapper")
         values = self.values[:width]
         if len(values) < width:
             values.append(self.pending.gather(-1, response_ids[:, width - 1:width]).squeeze(-1))
@@ -50,7 +53,9 @@ def _generate_ids(model, input_ids, attention_mask, sampling: SamplingConfig, eo
     if sampling.do_sample:
         kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
     recorder = _LogProbRecorder(sampling.logprob_temperature)
-    handle = model.register_forward_hook(recorder, with_kwargs=True)
+    # A PEFT wrapper's generate calls the wrapped transformers model, so the hook goes there.
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    handle = target.register_forward_hook(recorder, with_kwargs=True)
     cuda = [input_ids.device.index or 0] if input_ids.device.type == "cuda" else []
     try:
         # transformers samples from the global RNG: seed it inside fork_rng, so the caller's RNG is untouched.
@@ -66,11 +71,15 @@ def _generate_ids(model, input_ids, attention_mask, sampling: SamplingConfig, eo
 def _to_rollout(input_ids, attention_mask, response, recorder: _LogProbRecorder, eos: torch.Tensor,
                 pad_token_id: int) -> Rollout:
     width = response.shape[1]
+    if width == 0:
+        mask = torch.zeros(response.shape, dtype=torch.bool, device=response.device)
+        return Rollout(input_ids, attention_mask, response, mask.to(attention_mask.dtype), mask.any(1),
+                       torch.zeros(response.shape, dtype=torch.float32, device=response.device))
     is_eos = torch.isin(response, eos)  # (B, R) generate pads finished rows with pad (often == eos)
     finished = is_eos.any(1)  # (B,)
     lengths = torch.where(finished, is_eos.int().argmax(1) + 1, width)  # (B,) up to and including the first EOS
     mask = torch.arange(width, device=response.device) < lengths[:, None]  # (B, R)
-    log_probs = recorder.log_probs(response) * mask if width else response.new_zeros(response.shape, dtype=torch.float32)
+    log_probs = recorder.log_probs(response) * mask
     return Rollout(input_ids, attention_mask, response.masked_fill(~mask, pad_token_id),
                    mask.to(attention_mask.dtype), finished, log_probs)
 

@@ -90,6 +90,11 @@ class SubBatch:
         out = self.model(input_ids=self.input_ids, attention_mask=self.mask,
                          position_ids=position_ids_from_mask(self.mask),  # left padding does not shift positions
                          past_key_values=self.cache, use_cache=True, **self.logits_to_keep)
+        if self.cache.get_seq_length() != self.mask.shape[1]:
+            # e.g. activation checkpointing in train mode: transformers then drops the cache silently.
+            raise RuntimeError(f"{type(self.model).__name__} did not fill the KV cache it was given (holds "
+                               f"{self.cache.get_seq_length()} of {self.mask.shape[1]} positions); call "
+                               "model.eval() before generate, and pass a model that supports DynamicCache")
         self.next_pos = self.mask.sum(-1)  # (L,) position of the next token = real tokens so far
         return out.logits[:, -1]
 

@@ -41,6 +41,21 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def sample_from_weights(weights: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One index per row drawn with probability proportional to ``weights`` (N, V) >= 0, by inverse CDF:
+    the first index whose running sum exceeds u * total, u ~ U[0, 1) -- one random number per row.
+
+    ``torch.multinomial`` draws V exponential variates per row instead (30 ms per step for 32 x 49152 on
+    one CPU core, more than the rest of sampling together). A zero weight is never drawn: the running sum
+    does not grow there, so it is never the first to exceed u * total.
+    Example: weights [[1, 0, 3]] -> cdf [1, 1, 4]; u = 0.2 -> 0.8 -> index 0; u = 0.5 -> 2.0 -> index 2.
+    """
+    cdf = weights.cumsum(-1)  # (N, V)
+    u = torch.rand((weights.shape[0], 1), generator=generator, device=weights.device, dtype=cdf.dtype)
+    index = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # (N, 1)
+    return index.clamp_(max=weights.shape[-1] - 1).squeeze(-1)  # clamp: only if rounding made u * total == total
+
+
 def choose_tokens(
     logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,18 +64,20 @@ def choose_tokens(
     Returns ``(tokens (N,) long, log_probs (N,) float32)``. The log-prob is taken under
     ``log_softmax(logits / T)`` of the *unfiltered* logits (T = 1 when greedy): the distribution a
     training-style forward recomputes, so PPO's old/new ratio starts at exactly 1.
-    Sampling draws from ``generator`` only (one ``multinomial`` call), so a seeded generator reproduces it.
+    Sampling draws from ``generator`` only (N uniform numbers), so a seeded generator reproduces it.
     Example (greedy): logits [[0, log 3]] -> token 1 with log-prob log(3/4) = -0.2877.
     """
     logits = logits.float()
     if not sampling.do_sample:
         tokens = logits.argmax(-1)  # (N,)
-        log_probs = torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
-        return tokens, log_probs
+        chosen = logits.gather(-1, tokens[:, None]).squeeze(-1)
+        return tokens, chosen - torch.logsumexp(logits, dim=-1)
     scaled = logits / sampling.temperature if sampling.temperature != 1.0 else logits  # (N, V)
-    log_dist = torch.log_softmax(scaled, dim=-1)  # (N, V) unfiltered, for the returned log-probs
+    top = scaled.amax(-1, keepdim=True)  # (N, 1)
+    weights = torch.exp(scaled - top)  # (N, V) unnormalised probabilities, max 1
+    log_norm = top.squeeze(-1) + weights.sum(-1).log()  # (N,) logsumexp of the unfiltered logits
     filtered = top_p_filter(top_k_filter(scaled, sampling.top_k), sampling.top_p)
-    # Without filtering the sampling distribution is exp(log_dist): skip a second softmax over V.
-    probs = log_dist.exp() if filtered is scaled else torch.softmax(filtered, dim=-1)  # (N, V)
-    tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (N,)
-    return tokens, log_dist.gather(-1, tokens[:, None]).squeeze(-1)
+    if filtered is not scaled:  # the most likely token always survives filtering, so ``top`` still fits
+        weights = torch.exp(filtered - top)
+    tokens = sample_from_weights(weights, generator)  # (N,)
+    return tokens, scaled.gather(-1, tokens[:, None]).squeeze(-1) - log_norm
