@@ -71,7 +71,7 @@ def test_ppo_rule_reward_rises_with_finite_kl(tiny_model, prompts, tmp_path):
     assert len(rows) == 24
     rewards = [r["train/reward/score"] for r in rows]
     first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
-    assert last > first + 0.3, rewards
+    assert last > first + 0.2, rewards  # from about -0.36 (long random answers) toward 0
     assert all(abs(r["train/kl"]) < 1e3 for r in rows)
     # Old log-probs and values come from eval-mode forwards of the same weights: the first mini-batch
     # of the first PPO epoch sees ratio 1 (nothing has been updated yet).
