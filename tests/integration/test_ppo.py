@@ -118,3 +118,26 @@ def test_ppo_two_processes_zero3_unequal_answer_lengths(tiny_model, prompts, tmp
     rows = read_metrics(out)
     assert len(rows) == 2
     assert (out / "model" / "config.json").is_file()
+
+
+def test_ppo_options_ptx_ema_adaptive_kl_and_kl_stop(tiny_model, prompts, tmp_path):
+    """The optional paths run end to end: PPO-ptx on SFT text, the EMA actor, the adaptive KL controller
+    (beta moves toward its target) and early stopping of the PPO epochs."""
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text("".join(json.dumps({"prompt": f"copy {w}", "response": w}) + "\n"
+                           for w in "yes no good bad hello world".split() * 4))
+    fn = tmp_path / "reward.py"
+    fn.write_text(REWARD_FN)
+    out = tmp_path / "ppo"
+    flags = ppo_flags(tiny_model, prompts, f"{fn}:short_yes", out) + [
+        "--max_iterations", "3", "--ppo_epochs", "4", "--ptx_coef", "0.5", "--ptx_data", f"[{sft}]",
+        "--ema_beta", "0.9", "--kl_target", "0.01", "--kl_horizon", "100", "--kl_stop", "1e-9"]
+    assert main(flags) == 0
+    rows = read_metrics(out)
+    assert all(r["train/ptx/loss"] > 0 for r in rows)
+    # kl_stop 1e-9: the first mini-batch sees the rollout's own weights (approx KL 0); the second sees
+    # updated weights, exceeds the limit, and the remaining 3 epochs x 2 mini-batches are skipped.
+    assert all(r["train/early_stop"] == 1.0 and r["train/ppo_updates"] == 2 for r in rows)
+    betas = [r["train/kl_coef"] for r in rows]
+    assert betas[0] == pytest.approx(0.01) and betas[1] != betas[0]
+    assert (out / "model_ema" / "config.json").is_file()
