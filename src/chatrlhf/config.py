@@ -191,12 +191,11 @@ class GenerationConfig:
     def validate(self, flag: str = "generation") -> None:
         if self.max_new_tokens < 1:
             raise ConfigError(f"{flag}.max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature <= 0:
-            raise ConfigError(f"{flag}.temperature must be > 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"{flag}.top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ConfigError(f"{flag}.top_k must be >= 0 (0 = off), got {self.top_k}")
+        try:
+            self.sampling()  # SamplingConfig checks the sampling values themselves
+        except ValueError as err:
+            # SamplingConfig names its fields sampling.<name>; here they are flags under ``flag``.
+            raise ConfigError(str(err).replace("sampling.", f"{flag}.", 1)) from None
 
     def sampling(self):
         from chatrlhf.rollout import SamplingConfig

@@ -1,9 +1,6 @@
 """evaluate_models, the report and the chat loop on tiny random models (offline, a few seconds)."""
 
 import json
-import sys
-import types
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -19,120 +16,10 @@ from chatrlhf.evaluation import (
 )
 from chatrlhf.models import RewardModel, load_causal_lm, load_tokenizer
 from chatrlhf.models.tiny import build_tiny_llama, build_tiny_tokenizer
+from chatrlhf.rollout import SamplingConfig
 
 pytestmark = pytest.mark.slow
 FIELDS = ("overall", "consistency", "engagingness", "safety", "relevance")
-
-
-def _hf_rollout_module() -> types.ModuleType:
-    """A stand-in for ``chatrlhf.rollout`` (same API, HF generate underneath) for trees that lack it."""
-
-    @dataclass
-    class SamplingConfig:
-        max_new_tokens: int = 96
-        temperature: float = 1.0
-        top_p: float = 1.0
-        top_k: int = 0
-        do_sample: bool = True
-
-    @dataclass
-    class Rollout:
-        prompt_ids: torch.Tensor
-        prompt_mask: torch.Tensor
-        response_ids: torch.Tensor
-        response_mask: torch.Tensor
-        finished: torch.Tensor
-        log_probs: torch.Tensor
-
-        @property
-        def sequences(self):
-            return torch.cat([self.prompt_ids, self.response_ids], 1)
-
-        @property
-        def attention_mask(self):
-            return torch.cat([self.prompt_mask, self.response_mask], 1)
-
-        @property
-        def response_lengths(self):
-            return self.response_mask.sum(1)
-
-    @torch.no_grad()
-    def generate(
-        model,
-        input_ids,
-        attention_mask,
-        sampling,
-        *,
-        eos_token_ids,
-        pad_token_id,
-        backend="native",
-        generator=None,
-        sync=None,
-        max_batch=None,
-    ):
-        if generator is not None:
-            torch.manual_seed(generator.initial_seed())
-        kw = (
-            dict(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
-            if sampling.do_sample
-            else {}
-        )
-        out = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            do_sample=sampling.do_sample,
-            max_new_tokens=sampling.max_new_tokens,
-            eos_token_id=eos_token_ids,
-            pad_token_id=pad_token_id,
-            **kw,
-        )
-        resp = out[:, input_ids.shape[1] :]
-        is_eos = torch.isin(resp, torch.tensor(eos_token_ids))
-        mask = ((is_eos.long().cumsum(1) - is_eos.long()) == 0).long()  # through the first EOS
-        width = int(mask.sum(1).max())
-        return Rollout(
-            input_ids,
-            attention_mask,
-            resp[:, :width],
-            mask[:, :width],
-            is_eos.any(1),
-            torch.zeros(resp.shape[0], width),
-        )
-
-    def decode_responses(tokenizer, rollout):
-        return [
-            tokenizer.decode(ids[m.bool()], skip_special_tokens=True).strip()
-            for ids, m in zip(rollout.response_ids, rollout.response_mask)
-        ]
-
-    mod = types.ModuleType("chatrlhf.rollout")
-    mod.STAND_IN = True  # its log_probs are zeros
-    mod.SamplingConfig, mod.Rollout, mod.generate, mod.decode_responses = (
-        SamplingConfig,
-        Rollout,
-        generate,
-        decode_responses,
-    )
-    return mod
-
-
-@pytest.fixture(scope="module")
-def rollout_api():
-    """The real chatrlhf.rollout when it is complete, else the HF stand-in (restored afterwards)."""
-    try:
-        import chatrlhf.rollout as real
-    except ImportError:
-        real = None
-    if real is not None and all(hasattr(real, n) for n in ("SamplingConfig", "generate", "decode_responses")):
-        yield real
-        return
-    saved = sys.modules.get("chatrlhf.rollout")
-    sys.modules["chatrlhf.rollout"] = _hf_rollout_module()
-    yield sys.modules["chatrlhf.rollout"]
-    if saved is None:
-        del sys.modules["chatrlhf.rollout"]
-    else:
-        sys.modules["chatrlhf.rollout"] = saved
 
 
 @pytest.fixture(scope="module")
@@ -145,9 +32,9 @@ def dirs(tmp_path_factory):
     return {"root": root, "base": str(base), "sft": str(sft), "rm": str(root / "rm")}
 
 
-def test_evaluate_models_end_to_end(dirs, rollout_api, tmp_path):
+def test_evaluate_models_end_to_end(dirs, tmp_path):
     prompts = load_eval_prompts("demo", limit=6)
-    sampling = rollout_api.SamplingConfig(max_new_tokens=8)
+    sampling = SamplingConfig(max_new_tokens=8)
     # "ppo" is the SFT dir again: same weights, same seed -> the same answers, so only ties, and KL 0
     models = {"base": dirs["base"], "sft": dirs["sft"], "ppo": dirs["sft"]}
     results = evaluate_models(
@@ -191,11 +78,11 @@ def test_evaluate_models_end_to_end(dirs, rollout_api, tmp_path):
     assert "| **ppo** |" in md and "## Answers side by side" in md
 
 
-def test_sample_answers_kl_and_log_probs(dirs, rollout_api):
+def test_sample_answers_kl_and_log_probs(dirs):
     prompts = load_eval_prompts("demo", limit=5)
     tok = load_tokenizer(dirs["base"], padding_side="left")
     base, sft = load_causal_lm(dirs["base"]), load_causal_lm(dirs["sft"])
-    sampling = rollout_api.SamplingConfig(max_new_tokens=6)
+    sampling = SamplingConfig(max_new_tokens=6)
     answers = sample_answers(base, tok, prompts, sampling, batch_size=2, seed=0)
     assert base.training  # the mode is restored
     again = sample_answers(base, tok, prompts, sampling, batch_size=2, seed=0)
@@ -221,12 +108,11 @@ def test_sample_answers_kl_and_log_probs(dirs, rollout_api):
         torch.testing.assert_close(lp[b, :n], want, rtol=1e-5, atol=1e-5)
         assert torch.all(lp[b, n:] == 0)
     assert lp.shape == rollout.response_ids.shape and p >= 1
-    if not getattr(rollout_api, "STAND_IN", False):
-        # the sampler's own temperature-1 log-probs (KV cache, step by step) agree with the full forward
-        torch.testing.assert_close(lp, rollout.log_probs.float(), rtol=1e-5, atol=1e-5)
+    # the sampler's own temperature-1 log-probs (KV cache, step by step) agree with the full forward
+    torch.testing.assert_close(lp, rollout.log_probs.float(), rtol=1e-5, atol=1e-5)
 
 
-def test_run_chat_two_answers_then_eof(dirs, rollout_api):
+def test_run_chat_two_answers_then_eof(dirs):
     lines = iter(["hi", "/reset", "  ", "hello", EOFError])
 
     def fake_input(prompt):
@@ -253,7 +139,7 @@ def test_run_chat_two_answers_then_eof(dirs, rollout_api):
     assert next(iter(lines), None) is None  # every input consumed, then a clean exit on EOF
 
 
-def test_run_chat_exit_and_missing_model(dirs, rollout_api, tmp_path):
+def test_run_chat_exit_and_missing_model(dirs, tmp_path):
     out_lines = []
 
     class Out:
@@ -294,7 +180,7 @@ def test_fit_history_drops_oldest_exchanges(dirs):
     assert kept == turns[-1:] and len(ids) == 5
 
 
-def test_run_eval_writes_results_and_report(dirs, rollout_api, tmp_path):
+def test_run_eval_writes_results_and_report(dirs, tmp_path):
     from chatrlhf.config import GenerationConfig
     from chatrlhf.evaluation import EvalConfig, run_eval
 

@@ -9,7 +9,6 @@ rollout tensors, so they read exactly the tokens that were sampled, never a re-t
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -18,11 +17,11 @@ import torch
 from tqdm.auto import tqdm
 
 from chatrlhf.algorithms.losses import gather_log_probs
-from chatrlhf.algorithms.masking import position_ids_from_mask
 from chatrlhf.algorithms.rl import kl_k1, sequence_kl
 from chatrlhf.data.collate import PromptCollator
 from chatrlhf.data.encode import encode_prompt, eos_id
 from chatrlhf.evaluation.prompts import EvalPrompt
+from chatrlhf.rollout.logprobs import answer_logits
 
 if TYPE_CHECKING:
     from chatrlhf.rollout import Rollout, SamplingConfig
@@ -156,19 +155,8 @@ def response_log_probs(model, rollout: Rollout, chunk: int | None = None) -> tor
     r = targets.shape[1]
     device = model_device(model)
     out = []
-    # Models without ``logits_to_keep`` return all positions; the slice below then does the cut.
-    keep = (
-        {"logits_to_keep": r + 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-    )
     for rows in _row_chunks(seqs.shape[0], chunk):
-        m = mask[rows].to(device)
-        logits = model(
-            input_ids=seqs[rows].to(device),
-            attention_mask=m,
-            position_ids=position_ids_from_mask(m),
-            use_cache=False,
-            **keep,
-        ).logits[:, -(r + 1) : -1]  # (b, R, V): position P-1+t predicts answer token t
+        logits = answer_logits(model, seqs[rows].to(device), mask[rows].to(device), r)  # (b, R, V)
         logp = gather_log_probs(logits, targets[rows].to(device))  # (b, R)
         out.append(logp.masked_fill(~resp_mask[rows].to(device).bool(), 0.0))
     return torch.cat(out) if out else torch.zeros_like(targets, dtype=torch.float32)

@@ -101,9 +101,14 @@ def _harmful(meta: dict) -> bool | None:
     return None if value is None else bool(value)
 
 
+def prompt_texts(batch: RewardBatch) -> list[str]:
+    """Each prompt as text: a single user turn as its content, a conversation as ``role: content`` lines."""
+    return [prompt_text(p[-1]["content"] if len(p) == 1 else p) for p in batch.prompts]
+
+
 def rater_inputs(batch: RewardBatch) -> tuple[list[str], list[bool] | None, list[bool]]:
     """(prompt texts, harmful flags or None, truncated flags) for ``SimulatedRater.score``."""
-    texts = [prompt_text(p[-1]["content"] if len(p) == 1 else p) for p in batch.prompts]
+    texts = prompt_texts(batch)
     flags = [_harmful(m) for m in batch.meta] if batch.meta else []
     harmful = flags if flags and all(f is not None for f in flags) else None
     return texts, harmful, [not f for f in batch.finished]
@@ -144,7 +149,7 @@ class FunctionSource:
         self.name, self.fn = f"fn:{spec}", fn
 
     def __call__(self, batch: RewardBatch) -> torch.Tensor:
-        texts = [prompt_text(p[-1]["content"] if len(p) == 1 else p) for p in batch.prompts]
+        texts = prompt_texts(batch)
         metas = batch.meta or [{} for _ in texts]
         out = []
         for i, (prompt, response, meta) in enumerate(zip(texts, batch.responses, metas)):

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 
 from chatrlhf.rollout.hf import generate_hf
+from chatrlhf.rollout.logprobs import answer_logits
 from chatrlhf.rollout.sampler import generate_native, plan_groups
 from chatrlhf.rollout.sampling import choose_tokens, sample_from_weights, top_k_filter, top_p_filter
 from chatrlhf.rollout.types import Rollout, SamplingConfig
@@ -89,6 +90,7 @@ __all__ = [
     "BACKENDS",
     "Rollout",
     "SamplingConfig",
+    "answer_logits",
     "choose_tokens",
     "decode_responses",
     "generate",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -24,7 +25,7 @@ from chatrlhf.engine import Engine, init_distributed
 from chatrlhf.models import RewardModel, disable_dropout, load_causal_lm, load_reward_model, load_tokenizer
 from chatrlhf.models.loading import resolve_model
 from chatrlhf.rewards.sources import RaterSource, RewardBatch, RewardModelSource, build_reward_source
-from chatrlhf.rollout import decode_responses, generate
+from chatrlhf.rollout import answer_logits, decode_responses, generate
 from chatrlhf.training import (
     CHECKPOINTS_SUBDIR,
     MODEL_SUBDIR,
@@ -48,24 +49,6 @@ class Experience:
     values: torch.Tensor  # (B, R)
     advantages: torch.Tensor  # (B, R)
     returns: torch.Tensor  # (B, R)
-
-    @property
-    def prompt_len(self) -> int:
-        return self.sequences.shape[1] - self.mask.shape[1]
-
-
-def answer_logits(model, sequences, attention_mask, answer_len: int, temperature: float) -> torch.Tensor:
-    """Logits (B, R, V) that predict the R answer tokens, scaled by the sampling temperature.
-
-    Only the last R+1 positions go through the LM head (``logits_to_keep``); position ids come from the mask.
-    """
-    logits = model(
-        input_ids=sequences,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        logits_to_keep=answer_len + 1,
-    ).logits  # (B, R+1, V)
-    return logits[:, :-1].float() / temperature
 
 
 @torch.no_grad()
@@ -168,14 +151,12 @@ class PtxData:
         batch = self.collate([self.items[i] for i in idx])
         mask = batch["attention_mask"]
         logits = actor(input_ids=batch["input_ids"], attention_mask=mask,
-                       position_ids=position_ids_from_mask(mask)).logits
+                       position_ids=position_ids_from_mask(mask), use_cache=False).logits
         nll, labelled = token_nll(logits, batch["labels"])
         return nll.sum() / labelled.sum().clamp(min=1) / self.per_mini
 
 
 def _is_reward_dir(path: str) -> bool:
-    from pathlib import Path
-
     return (Path(resolve_model(path)) / "chatrlhf_reward.json").is_file()
 
 
@@ -278,8 +259,10 @@ def train_ppo(cfg: PPOConfig) -> dict[str, float]:
             "time/score": t_score,
             "time/iteration": time.time() - t0,
         }
-        if gold is not None and cfg.gold_every and (it + 1) % cfg.gold_every == 0:
-            row["gold/overall"] = mean_all(torch.tensor([s.overall for s in gold.score(rb)]))
+        if gold is reward:  # training on the rater itself: its score is the gold score, no second pass
+            row["gold/overall"] = row["reward/score"]
+        elif gold is not None and cfg.gold_every and (it + 1) % cfg.gold_every == 0:
+            row["gold/overall"] = mean_all(gold(rb))
         history.append(row)
         bar.update(1)
         bar.set_postfix(reward=f"{row['reward/score']:.3f}", kl=f"{mean_kl:.3f}")
