@@ -341,7 +341,10 @@ def to_sft(record: dict) -> dict:
 def to_prompt(record: dict) -> dict:
     """Any kind -> the prompt messages (for sft: the context before the last assistant turn)."""
     if "prompt" in record:
-        return _keep(record, prompt=record["prompt"])
+        out = _keep(record, prompt=record["prompt"])
+        if "chosen" in record:  # kept as the reference answer of reward functions and the similarity reward
+            out["meta"] = {**record.get("meta", {}), "chosen": record["chosen"]}
+        return out
     msgs = record["messages"]
     last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
     if not msgs[:last] or msgs[last - 1]["role"] != "user":

@@ -1,22 +1,30 @@
 """Reward sources for RL stages: one call, ``source(batch) -> scores (B,)``, whatever judges the answers.
 
-A spec string picks the source (``build_reward_source``):
+A spec string picks the source (``build_reward_source``; every form is described in docs/rewards.md):
 
 - a reward-model dir written by ``chatrlhf rm`` (decoder trunk + scalar head). When it shares the policy's
   tokenizer it scores the rollout's token ids directly; otherwise the texts are re-encoded with its own
   tokenizer and chat template;
 - ``encoder:DIR`` - an encoder reward model with its own tokenizer (``EncoderRewardModel``), scoring text pairs;
 - ``rater`` - the simulated rater's overall score (the demo's gold judge; useful as a known-good reward);
-- ``FILE.py:function`` - rewards as code: ``function(prompt: str, response: str, metadata: dict) -> float``.
+- ``similarity`` - MiniLM cosine similarity of the answer to the row's reference answer (``similarity.py``);
+- ``FILE.py:function`` or ``package.module:function`` - rewards as code:
+  ``function(prompt: str, response: str, metadata: dict) -> float`` (examples in ``examples.py``);
+- ``W1*SPEC1 + W2*SPEC2 + ...`` - a weighted ensemble of the above (``ensemble.py``).
 
-Every source runs without gradients and leaves the models it holds in eval mode.
+Every source runs without gradients and leaves the models it holds in eval mode. Each has a ``name`` (the
+spec it came from) and a ``short_name`` (``rm``, ``rater``, a function's name ...) used in an ensemble's logs.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import math
+import numbers
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -24,6 +32,7 @@ from typing import Protocol
 import torch
 
 from chatrlhf.models.encoder import prompt_text
+from chatrlhf.rewards.ensemble import EnsembleSource, is_ensemble_spec, parse_ensemble_spec, unique_names
 
 
 @dataclass
@@ -41,11 +50,13 @@ class RewardBatch:
     finished: list[bool]
     """Whether each answer ended with EOS (False: cut at the token limit)."""
     meta: list[dict] = field(default_factory=list)
-    """Per-prompt metadata from the data rows (e.g. ``harmful``)."""
+    """Per-prompt metadata: the data row's extra columns (e.g. ``harmful``, ``keywords``, ``reference``; a
+    preference row converted to a prompt also carries its ``chosen`` answer)."""
 
 
 class RewardSource(Protocol):
     name: str
+    short_name: str
 
     def __call__(self, batch: RewardBatch) -> torch.Tensor: ...
 
@@ -60,7 +71,7 @@ class RewardModelSource:
     def __init__(self, path: str, policy_tokenizer, dtype: str = "float32", trust_remote_code: bool = False):
         from chatrlhf.models import load_reward_model, load_tokenizer
 
-        self.name = f"rm:{path}"
+        self.name, self.short_name = f"rm:{path}", "rm"
         self.path = path
         self.model = load_reward_model(path, dtype=dtype, trust_remote_code=trust_remote_code).eval()
         self.tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code, padding_side="right")
@@ -89,7 +100,7 @@ class EncoderSource:
     def __init__(self, path: str, trust_remote_code: bool = False):
         from chatrlhf.models import load_encoder_reward_model
 
-        self.name = f"encoder:{path}"
+        self.name, self.short_name = f"encoder:{path}", "encoder"
         self.model = load_encoder_reward_model(path, trust_remote_code=trust_remote_code).eval()
 
     def __call__(self, batch: RewardBatch) -> torch.Tensor:
@@ -117,7 +128,7 @@ def rater_inputs(batch: RewardBatch) -> tuple[list[str], list[bool] | None, list
 class RaterSource:
     """The simulated rater's overall score in [0, 1] (``chatrlhf.rewards.rater``)."""
 
-    name = "rater"
+    name = short_name = "rater"
 
     def __init__(self, rater=None):
         from chatrlhf.rewards.rater import SimulatedRater
@@ -132,53 +143,145 @@ class RaterSource:
         return torch.tensor([s.overall for s in self.score(batch)], dtype=torch.float32)
 
 
+# ------------------------------------------------------------------------------------- rewards as code
+_MODULE = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")  # a dotted module path: package.module
+_FUNCTION_FORM = "FILE.py:function or package.module:function"
+
+
+def is_function_spec(spec: str) -> bool:
+    """Whether ``spec`` has the form ``FILE.py:function`` or ``package.module:function``."""
+    where, _, fn_name = spec.rpartition(":")
+    return fn_name.isidentifier() and (where.endswith(".py") or bool(_MODULE.fullmatch(where)))
+
+
+def _module_from_file(file: Path, spec: str):
+    if not file.is_file():
+        raise FileNotFoundError(f"reward function file {file} does not exist (from reward spec {spec!r}); "
+                                f"pass an existing {_FUNCTION_FORM}")
+    module_spec = importlib.util.spec_from_file_location(f"chatrlhf_reward_{file.stem}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as err:
+        raise ImportError(f"reward spec {spec!r}: running {file} failed with {type(err).__name__}: {err}") from err
+    return module
+
+
+def _module_from_name(name: str, spec: str):
+    try:
+        found = importlib.util.find_spec(name)
+    except ImportError:  # a parent package is missing
+        found = None
+    if found is None:
+        raise ModuleNotFoundError(f"reward spec {spec!r}: no module named {name!r} can be imported; install it, "
+                                  "add its folder to PYTHONPATH, or name the file instead (FILE.py:function)")
+    try:
+        return importlib.import_module(name)
+    except Exception as err:
+        raise ImportError(f"reward spec {spec!r}: importing {name} failed with {type(err).__name__}: {err}") from err
+
+
+def load_reward_function(spec: str) -> Callable[[str, str, dict], float]:
+    """The function a ``FILE.py:function`` or ``package.module:function`` spec names (raises naming the spec)."""
+    where, _, fn_name = spec.rpartition(":")
+    if not is_function_spec(spec):
+        raise ValueError(f"reward spec {spec!r} is not of the form {_FUNCTION_FORM}")
+    module = _module_from_file(Path(where), spec) if where.endswith(".py") else _module_from_name(where, spec)
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise AttributeError(f"reward spec {spec!r}: {where} has no function {fn_name!r}; define "
+                             f"{fn_name}(prompt: str, response: str, metadata: dict) -> float there")
+    return fn
+
+
+def _as_reward(value, spec: str, row: int) -> float:
+    """``value`` as a finite float, or an error naming the spec, the batch row and the value."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, numbers.Real) and math.isfinite(float(value)):
+        return float(value)
+    raise ValueError(f"reward function {spec} returned {value!r} ({type(value).__name__}) for row {row} of the "
+                     "batch; it must return a finite number (int or float, not NaN or inf)")
+
+
 class FunctionSource:
-    """Rewards as code: ``FILE.py:function`` with ``function(prompt, response, metadata) -> float``."""
+    """Rewards as code: ``function(prompt, response, metadata) -> float`` called once per answer.
+
+    ``prompt`` is the prompt as text (``prompt_texts``); ``metadata`` is the row's meta plus ``finished``
+    (False when the answer was cut at the token limit).
+    """
 
     def __init__(self, spec: str):
-        path, _, fn_name = spec.rpartition(":")
-        file = Path(path)
-        if not file.is_file():
-            raise FileNotFoundError(f"reward function file {file} does not exist (from reward spec {spec!r})")
-        module_spec = importlib.util.spec_from_file_location(f"chatrlhf_reward_{file.stem}", file)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-        fn = getattr(module, fn_name, None)
-        if not callable(fn):
-            raise ValueError(f"{file} has no function {fn_name!r}; define {fn_name}(prompt, response, metadata)")
-        self.name, self.fn = f"fn:{spec}", fn
+        self.fn = load_reward_function(spec)
+        self.name, self.short_name = f"fn:{spec}", spec.rpartition(":")[2]
+        self.spec = spec
 
     def __call__(self, batch: RewardBatch) -> torch.Tensor:
         texts = prompt_texts(batch)
         metas = batch.meta or [{} for _ in texts]
         out = []
         for i, (prompt, response, meta) in enumerate(zip(texts, batch.responses, metas)):
-            value = self.fn(prompt, response, {**meta, "finished": batch.finished[i]})
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"reward function {self.name} returned {value!r} for sample {i}; "
-                                 "it must return a finite float")
-            out.append(float(value))
-        return torch.tensor(out, dtype=torch.float32)
+            try:
+                value = self.fn(prompt, response, {**meta, "finished": batch.finished[i]})
+            except Exception as err:
+                raise RuntimeError(f"reward function {self.spec} raised {type(err).__name__} on row {i} of the "
+                                   f"batch (prompt {prompt[:80]!r}): {err}") from err
+            out.append(_as_reward(value, self.spec, i))
+        return torch.tensor(out, dtype=torch.float32)  # (B,)
 
 
-def build_reward_source(spec: str, policy_tokenizer, dtype: str = "float32",
-                        trust_remote_code: bool = False) -> RewardSource:
-    """The reward source a spec string names (see the module docstring)."""
-    if not spec:
-        raise ValueError("no reward given: set --reward to a reward-model dir, 'rater', 'encoder:DIR' "
-                         "or 'FILE.py:function'")
+# ------------------------------------------------------------------------------------------- builder
+_SPEC_FORMS = f"a reward-model dir, 'rater', 'similarity', 'encoder:DIR', {_FUNCTION_FORM}, or 'W1*SPEC1 + W2*SPEC2'"
+
+
+def _build_single(spec: str, policy_tokenizer, dtype: str, trust_remote_code: bool) -> RewardSource:
     if spec == "rater":
         return RaterSource()
+    if spec == "similarity":
+        from chatrlhf.rewards.similarity import SimilaritySource
+
+        return SimilaritySource()
     if spec.startswith("encoder:"):
         return EncoderSource(spec.removeprefix("encoder:"), trust_remote_code)
-    head, _, tail = spec.rpartition(":")
-    if head.endswith(".py") and tail.isidentifier():
-        return FunctionSource(spec)
     path = Path(spec)
+    if is_function_spec(spec) and not path.is_dir():
+        return FunctionSource(spec)
     meta = path / "chatrlhf_reward.json"
     if meta.is_file() and json.loads(meta.read_text()).get("kind") == "encoder_reward":
         return EncoderSource(spec, trust_remote_code)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"reward model dir {path} not found (no config.json); pass the dir written by "
-                                "`chatrlhf rm` (its model/ subdir), 'rater', 'encoder:DIR' or 'FILE.py:function'")
+        hint = " (ensemble terms are joined by ' + ', with spaces)" if "+" in spec else ""
+        raise FileNotFoundError(f"reward model dir {path} not found (no config.json){hint}; pass the dir written "
+                                f"by `chatrlhf rm` (its model/ subdir) or another form: {_SPEC_FORMS}")
     return RewardModelSource(spec, policy_tokenizer, dtype, trust_remote_code)
+
+
+def _in_term(err: Exception, message: str) -> Exception:
+    """The same kind of error with ``message`` (a plain ValueError where that kind needs other arguments)."""
+    try:
+        return type(err)(message)
+    except Exception:
+        return ValueError(message)
+
+
+def build_reward_source(spec: str, policy_tokenizer, dtype: str = "float32", trust_remote_code: bool = False,
+                        normalize_sources: bool = True) -> RewardSource:
+    """The reward source a spec string names (see the module docstring and docs/rewards.md).
+
+    An ensemble spec (terms joined by `` + `` or a ``W*`` weight prefix) gives an ``EnsembleSource``;
+    ``normalize_sources`` then standardises each term by its own running mean/std before weighting.
+    """
+    spec = spec.strip()
+    if not spec:
+        raise ValueError(f"no reward given: set --reward to {_SPEC_FORMS}")
+    if not is_ensemble_spec(spec):
+        return _build_single(spec, policy_tokenizer, dtype, trust_remote_code)
+    terms = parse_ensemble_spec(spec)
+    sources = []
+    for i, (_, term) in enumerate(terms):
+        try:
+            sources.append(_build_single(term, policy_tokenizer, dtype, trust_remote_code))
+        except (ValueError, OSError, ImportError, AttributeError) as err:
+            raise _in_term(err, f"reward ensemble {spec!r}, term {i + 1} {term!r}: {err}") from err
+    names = unique_names([s.short_name for s in sources])
+    return EnsembleSource(sources, [w for w, _ in terms], names, normalize=normalize_sources)

@@ -1,0 +1,147 @@
+"""Reward ensembles: a weighted sum of reward sources, each optionally standardised by its own running moments.
+
+Spec: ``W1*SPEC1 + W2*SPEC2 + ...`` (``parse_ensemble_spec``). Each SPEC is a single source
+(``build_reward_source``); a weight is optional (default 1) and may be negative or 0 (a 0-weight source is
+still scored and logged, which is a cheap way to watch a judge without training on it). The score of
+answer i is
+
+    r_i = sum_k w_k * z_k,i,    z_k,i = (s_k,i - mu_k) / max(sigma_k, 1e-8)   (normalize on)
+    r_i = sum_k w_k * s_k,i                                                    (normalize off)
+
+where s_k,i is source k's raw score and mu_k / sigma_k are the running mean and sample standard deviation of
+source k's scores over every batch so far, this one included, on all processes (``RunningMoments``, Chan et
+al.'s parallel merge). Standardising first makes the weights shares of the total whatever each source's
+scale: an RM scoring in [-5, 5] and a rule in [0, 1] would otherwise let the RM dominate at equal weights.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from chatrlhf.algorithms.rl import RunningMoments
+
+if TYPE_CHECKING:
+    from chatrlhf.rewards.sources import RewardBatch, RewardSource
+
+# A "+" standing alone between terms; "a+b" or "1e+3" are not split.
+_TERM_SPLIT = re.compile(r"(?:^|\s)\+(?:\s|$)")
+RESERVED_NAMES = ("score", "total")
+"""Names the training loop already logs under ``reward/``; a source so named gets a suffix instead."""
+
+
+def is_ensemble_spec(spec: str) -> bool:
+    """Whether ``spec`` has several terms joined by `` + `` or a ``W*`` weight prefix."""
+    return "*" in spec or bool(_TERM_SPLIT.search(spec))
+
+
+def parse_ensemble_spec(spec: str) -> list[tuple[float, str]]:
+    """``"W1*SPEC1 + W2*SPEC2 + SPEC3"`` -> ``[(W1, SPEC1), (W2, SPEC2), (1.0, SPEC3)]``.
+
+    Example: ``"0.7*outputs/rm/model + 0.3 * rater + similarity"`` ->
+    ``[(0.7, "outputs/rm/model"), (0.3, "rater"), (1.0, "similarity")]``. Raises naming the bad term.
+    """
+    out = []
+    for i, raw in enumerate(_TERM_SPLIT.split(spec.strip())):
+        term = raw.strip()
+        where = f"reward ensemble {spec!r}, term {i + 1} {term!r}"
+        weight = 1.0
+        if "*" in term:
+            weight_text, _, term = (part.strip() for part in term.partition("*"))
+            try:
+                weight = float(weight_text)
+            except ValueError:
+                raise ValueError(f"{where}: weight {weight_text!r} is not a number; write W*SPEC, "
+                                 "e.g. 0.5*rater") from None
+            if not math.isfinite(weight):
+                raise ValueError(f"{where}: weight {weight_text!r} must be finite")
+        if not term:
+            raise ValueError(f"{where}: the term names no reward source; write terms as W*SPEC joined by ' + '")
+        out.append((weight, term))
+    return out
+
+
+def unique_names(names: Sequence[str], reserved: Sequence[str] = RESERVED_NAMES) -> list[str]:
+    """Each name, with ``_2``, ``_3``, ... added where it repeats an earlier one or a reserved name.
+
+    Example: ``["rm", "rater", "rm", "score"]`` -> ``["rm", "rater", "rm_2", "score_2"]``.
+    """
+    taken, out = set(reserved), []
+    for name in names:
+        candidate, k = name, 2
+        while candidate in taken:
+            candidate, k = f"{name}_{k}", k + 1
+        taken.add(candidate)
+        out.append(candidate)
+    return out
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
+class EnsembleSource:
+    """Weighted sum of reward sources; ``__call__(batch) -> (B,)`` float32 on CPU.
+
+    ``gather``: maps this process's scores (B,) to all processes' scores; the training loop sets it to its
+    all-gather so every process normalises with the same moments (identity on one process).
+    ``last_parts``: each source's raw (un-normalised) scores (B,) from the last call, keyed by name.
+    """
+
+    short_name = "ensemble"
+
+    def __init__(self, sources: Sequence[RewardSource], weights: Sequence[float], names: Sequence[str],
+                 normalize: bool = True):
+        if not sources:
+            raise ValueError("EnsembleSource needs at least one source")
+        if not len(sources) == len(weights) == len(names):
+            raise ValueError(f"EnsembleSource got {len(sources)} sources, {len(weights)} weights and {len(names)} "
+                             "names; pass one weight and one name per source")
+        if len(set(names)) != len(names):
+            raise ValueError(f"EnsembleSource names must be unique, got {list(names)}; see unique_names")
+        self.sources = list(sources)
+        self.weights = [float(w) for w in weights]
+        self.names = list(names)
+        self.normalize = normalize
+        self.moments = {name: RunningMoments() for name in self.names}
+        self.gather: Callable[[Tensor], Tensor] = _identity
+        self.last_parts: dict[str, Tensor] = {}
+        self.name = " + ".join(f"{w:g}*{s.name}" for w, s in zip(self.weights, self.sources))
+
+    @torch.no_grad()
+    def __call__(self, batch: RewardBatch) -> Tensor:
+        n = len(batch.responses)
+        parts: dict[str, Tensor] = {}
+        for name, source in zip(self.names, self.sources):
+            scores = torch.as_tensor(source(batch)).detach().float().cpu()
+            if scores.shape != (n,):
+                raise ValueError(f"reward source {name!r} ({source.name}) returned shape {tuple(scores.shape)} "
+                                 f"for {n} answers; a source must return one score per answer, shape ({n},)")
+            parts[name] = scores  # (B,)
+        total = torch.zeros(n, dtype=torch.float64)  # (B,)
+        for name, weight in zip(self.names, self.weights):
+            x = parts[name].double()
+            if self.normalize:
+                # Update first, so the first batch is standardised by its own statistics.
+                self.moments[name].update(self.gather(parts[name]))
+                x = self.moments[name].normalize(x)
+            total += weight * x
+        self.last_parts = parts
+        return total.float()
+
+    def state_dict(self) -> dict:
+        """JSON-able state: the running moments of each source (so a resumed run continues exactly)."""
+        return {"normalize": self.normalize, "moments": {n: m.state_dict() for n, m in self.moments.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = sorted(state["moments"])
+        if saved != sorted(self.names):
+            raise ValueError(f"the saved reward ensemble has sources {saved} but this one has {sorted(self.names)}; "
+                             "resume with the --reward spec the run started with")
+        for name, moments in self.moments.items():
+            moments.load_state_dict(state["moments"][name])
