@@ -13,7 +13,16 @@ from importlib import resources
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
-from chatrlhf.config import ConfigError, PipelineConfig, PPOConfig, RMConfig, SFTConfig
+from chatrlhf.config import (
+    ConfigError,
+    DPOConfig,
+    GRPOConfig,
+    PairsConfig,
+    PipelineConfig,
+    PPOConfig,
+    RMConfig,
+    SFTConfig,
+)
 
 
 def _presets() -> dict[str, str]:
@@ -57,6 +66,9 @@ COMMANDS = {
     "sft": (SFTConfig, "chatrlhf.stages.sft:train_sft"),
     "rm": (RMConfig, "chatrlhf.stages.reward:train_reward_model"),
     "ppo": (PPOConfig, "chatrlhf.stages.ppo:train_ppo"),
+    "grpo": (GRPOConfig, "chatrlhf.stages.ppo:train_ppo"),
+    "dpo": (DPOConfig, "chatrlhf.stages.dpo:train_dpo"),
+    "pairs": (PairsConfig, "chatrlhf.data.feedback:make_pairs"),
     "train": (PipelineConfig, "chatrlhf.pipeline:run_pipeline"),
     "eval": (_eval_config, "chatrlhf.evaluation.run:run_eval"),
     "chat": (_chat_config, "chatrlhf.chat:run_chat"),

@@ -9,6 +9,7 @@ rewrites a value behind the user's back.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -219,7 +220,23 @@ class PPOConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     """The actor's starting point (the SFT model); it is also the frozen reference unless ``reference`` is set."""
     reward: str = ""
-    """Reward source: a reward-model dir, ``encoder:DIR``, ``rater`` or ``FILE.py:function``."""
+    """Reward source: a reward-model dir, ``encoder:DIR``, ``rater``, ``similarity`` (MiniLM cosine to the
+    row's reference answer), ``FILE.py:function`` / ``package.module:function`` (rewards as code), or a
+    weighted ensemble of these joined by ``+`` (``0.7*outputs/rm/model + 0.3*rater``). See docs/rewards.md."""
+    normalize_sources: bool = True
+    """In an ensemble, normalise each source by its own running mean/std before weighting (so weights
+    mean shares, whatever each source's scale)."""
+    advantage_estimator: Literal[
+        "gae", "a2c", "reinforce", "reinforce_baseline", "rloo", "grpo", "dr_grpo", "reinforce_pp"
+    ] = "gae"
+    """How advantages are computed (docs/rl.md): ``gae`` (PPO) and ``a2c`` train a critic; ``reinforce``
+    (return-to-go), ``reinforce_baseline`` (minus the batch-mean return), ``rloo`` (leave-one-out group
+    mean), ``grpo`` (group-normalised), ``dr_grpo`` (group mean only, constant loss normaliser) and
+    ``reinforce_pp`` (REINFORCE++: return-to-go, whitened over the batch) need no critic. The group
+    estimators need ``samples_per_prompt`` >= 2."""
+    kl_in: Literal["reward", "loss"] = "reward"
+    """Where the KL to the reference goes: per-token ``-kl_coef * KL`` in the reward (DSC, InstructGPT) or
+    ``+kl_coef * KL`` added to the policy loss (GRPO)."""
     critic: str | None = None
     """Critic initialisation. None: the reward model when ``reward`` is one sharing the actor's tokenizer
     (DSC), else the actor's trunk with a fresh value head."""
@@ -269,8 +286,10 @@ class PPOConfig:
     """GAE discount (DSC: 1.0)."""
     lam: float = 0.95
     """GAE lambda (DSC: 0.95)."""
-    whiten_advantages: bool = True
-    """Normalise advantages per rollout batch (mean 0, std 1 over answer tokens)."""
+    whiten_advantages: bool | None = None
+    """Normalise advantages over the rollout batch (mean 0, std 1 over answer tokens of all processes).
+    None: the estimator's own choice (on for gae, a2c and reinforce_pp; off for the others, whose
+    advantages are already centred or must stay unbiased)."""
     clip_eps: float = 0.2
     """PPO ratio clip (DSC: 0.2)."""
     value_clip: float | None = 0.2
@@ -297,8 +316,13 @@ class PPOConfig:
         if not self.reward:
             raise ConfigError("--reward is required: a reward-model dir (from `chatrlhf rm`), 'rater', "
                               "'encoder:DIR' or 'FILE.py:function'")
+        from chatrlhf.algorithms.advantages import ADVANTAGE_ESTIMATORS
+
+        estimator = ADVANTAGE_ESTIMATORS[self.advantage_estimator]
         a, c = self.actor_engine, self.critic_engine
-        if (a.micro_batch_size, a.gradient_accumulation_steps) != (c.micro_batch_size, c.gradient_accumulation_steps):
+        if estimator.critic and (a.micro_batch_size, a.gradient_accumulation_steps) != (
+            c.micro_batch_size, c.gradient_accumulation_steps
+        ):
             raise ConfigError(
                 "critic_engine.micro_batch_size / gradient_accumulation_steps "
                 f"({c.micro_batch_size}/{c.gradient_accumulation_steps}) must equal the actor's "
@@ -306,6 +330,11 @@ class PPOConfig:
             )
         if self.rollout_batch_size < 1 or self.samples_per_prompt < 1:
             raise ConfigError("rollout_batch_size and samples_per_prompt must be >= 1")
+        if estimator.grouped and self.samples_per_prompt < 2:
+            raise ConfigError(
+                f"advantage_estimator={self.advantage_estimator} compares answers to the same prompt: set "
+                f"samples_per_prompt >= 2 (got {self.samples_per_prompt}; GRPO uses 4-64)"
+            )
         if self.ppo_epochs < 1:
             raise ConfigError(f"ppo_epochs must be >= 1, got {self.ppo_epochs}")
         if self.epochs < 1 and self.max_iterations < 1:
@@ -318,6 +347,87 @@ class PPOConfig:
             raise ConfigError(f"ema_beta must be in [0, 1), got {self.ema_beta}")
         if not 0 <= self.lam <= 1 or not 0 <= self.gamma <= 1:
             raise ConfigError("gamma and lam must be in [0, 1]")
+
+
+@dataclass
+class GRPOConfig(PPOConfig):
+    """On-policy RL without a critic, with GRPO's defaults (DeepSeekMath; Shao et al. 2024): several answers
+    per prompt, group-normalised advantages, the k3 KL to the reference in the loss. Every advantage
+    estimator of ``chatrlhf ppo`` is available here too (``--advantage_estimator rloo`` ...)."""
+
+    advantage_estimator: Literal[
+        "gae", "a2c", "reinforce", "reinforce_baseline", "rloo", "grpo", "dr_grpo", "reinforce_pp"
+    ] = "grpo"
+    """See ``chatrlhf ppo``; ``grpo`` here."""
+    samples_per_prompt: int = 4
+    """Answers per prompt: the group each answer is compared with."""
+    rollout_batch_size: int = 8
+    """Prompts per iteration over all processes (x samples_per_prompt answers)."""
+    kl_in: Literal["reward", "loss"] = "loss"
+    """GRPO puts the KL in the loss, not the reward."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    """GRPO's unbiased, non-negative estimator (Schulman's k3)."""
+    kl_coef: float = 0.04
+    """GRPO's beta (DeepSeekMath: 0.04)."""
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="outputs/grpo", eval_at_start=False))
+
+
+@dataclass
+class DPOConfig:
+    """Direct preference optimisation (Rafailov et al. 2023) and its IPO / cDPO variants on preference pairs.
+
+    No reward model and no sampling: the policy's summed answer log-probs on chosen and rejected answers,
+    against a frozen reference's, enter the loss picked by ``loss``. See docs/dpo.md.
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy's starting point (usually the SFT model); also the reference unless ``reference`` is set."""
+    reference: str | None = None
+    """Frozen reference model (None: the starting model)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Preference pairs; with the demo default, DSC's phase split gives DPO the reward model's share."""
+    engine: EngineConfig = field(
+        default_factory=lambda: EngineConfig(learning_rate=5e-6, warmup_steps=2, micro_batch_size=4,
+                                             gradient_accumulation_steps=2)
+    )
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="outputs/dpo"))
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"
+    """``sigmoid``: DPO (with ``label_smoothing`` > 0: cDPO); ``ipo``: IPO (Azar et al. 2023)."""
+    beta: float = 0.1
+    """Strength of the implicit KL constraint (DPO paper: 0.1; for IPO it sets the target margin 1/(2 beta))."""
+    label_smoothing: float = 0.0
+    """cDPO: the assumed probability that a pair's label is flipped, in [0, 0.5). Sigmoid loss only."""
+    reference_free: bool = False
+    """Drop the reference (its log-probs are taken as 0): the loss depends on the policy alone."""
+    precompute_reference: bool = True
+    """Compute the reference's log-probs for every pair once before training (no reference forward per
+    step, and the reference is freed); off: a reference forward per micro-batch."""
+    epochs: int = 1
+    """Passes over the pairs."""
+    max_steps: int = -1
+    """Run exactly this many optimizer steps, cycling through epochs as needed (-1: run ``epochs``)."""
+    phase: int = 2
+    """Which part of ``data.data_split`` this stage trains on (2: the preference-pair phase)."""
+    disable_dropout: bool = True
+    """Set dropout to 0 in policy and reference, so both see the same deterministic forward."""
+
+    def validate(self) -> None:
+        self.engine.validate()
+        if self.loss not in ("sigmoid", "ipo"):
+            raise ConfigError(f"loss must be 'sigmoid' (DPO, cDPO) or 'ipo', got {self.loss!r}")
+        if not self.beta > 0:  # also catches NaN
+            raise ConfigError(f"beta must be > 0 (the DPO paper uses 0.1), got {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(
+                f"label_smoothing must be in [0, 0.5) (the share of flipped labels cDPO assumes), "
+                f"got {self.label_smoothing}"
+            )
+        if self.loss == "ipo" and self.label_smoothing:
+            raise ConfigError("label_smoothing (cDPO) applies to loss=sigmoid only; set label_smoothing 0 for IPO")
+        if self.reference_free and self.reference:
+            raise ConfigError("reference_free=true uses no reference: drop --reference or set reference_free false")
+        if self.epochs < 1 and self.max_steps < 1:
+            raise ConfigError(f"set epochs >= 1 or max_steps >= 1 (got epochs={self.epochs}, max_steps={self.max_steps})")
 
 
 @dataclass
@@ -358,16 +468,29 @@ class PipelineConfig:
     """Initialise the reward model's trunk from the SFT model (else from the base model)."""
     save_every: int = 0
     """Checkpoint every N optimizer steps in each stage (0: only the final model)."""
-    algo: Literal["ppo"] = "ppo"
-    """The RL stage after the reward model."""
+    algo: Literal["ppo", "a2c", "grpo", "dr_grpo", "rloo", "reinforce", "reinforce_baseline", "reinforce_pp",
+                  "dpo"] = "ppo"
+    """What follows SFT. ``ppo`` and ``a2c`` run the ``ppo`` section (critic); ``grpo``, ``dr_grpo``, ``rloo``,
+    ``reinforce``, ``reinforce_baseline`` and ``reinforce_pp`` run the ``grpo`` section with that advantage
+    estimator; all of them train on the reward model of step 2. ``dpo`` runs the ``dpo`` section on
+    preference pairs instead and trains no reward model (SFT -> DPO)."""
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(
         max_iterations=12, kl_coef=0.1, missing_eos_penalty=0.1, generation=GenerationConfig(max_new_tokens=96),
         actor_engine=EngineConfig(learning_rate=1.5e-5, micro_batch_size=8, lr_scheduler="constant"),
         critic_engine=EngineConfig(learning_rate=5e-5, micro_batch_size=8, lr_scheduler="constant")))
-    """The PPO stage. Its model, reward, run.output_dir/overwrite/resume/progress are set by the pipeline:
-    the actor and reference start from the SFT model and the reward is the trained reward model. The
-    defaults fit the CPU demo: 12 iterations of 16 prompts, answers up to 96 tokens (as in the evaluation),
-    beta 0.1, learning rates 1.5e-5 / 5e-5, and a cut-off answer loses 0.1 of its score."""
+    """The PPO / A2C stage. Its model, reward, run.output_dir/overwrite/resume/progress are set by the
+    pipeline: the actor and reference start from the SFT model and the reward is the trained reward model.
+    The defaults fit the CPU demo: 12 iterations of 16 prompts, answers up to 96 tokens (as in the
+    evaluation), beta 0.1, learning rates 1.5e-5 / 5e-5, and a cut-off answer loses 0.1 of its score."""
+    grpo: GRPOConfig = field(default_factory=lambda: GRPOConfig(
+        max_iterations=12, rollout_batch_size=8, samples_per_prompt=4, missing_eos_penalty=0.1,
+        generation=GenerationConfig(max_new_tokens=96),
+        actor_engine=EngineConfig(learning_rate=1e-5, micro_batch_size=8, lr_scheduler="constant")))
+    """The critic-free RL stage (set up by the pipeline as ``ppo``). CPU demo defaults: 12 iterations of 8
+    prompts x 4 answers, answers up to 96 tokens, k3 KL in the loss with beta 0.04, learning rate 1e-5."""
+    dpo: DPOConfig = field(default_factory=lambda: DPOConfig(epochs=2))
+    """The DPO stage (``--algo dpo``). The policy and reference start from the SFT model; it trains on the
+    preference phase of ``data`` (the reward model's share in DSC's split)."""
     evaluate: bool = True
     """After training, evaluate base, SFT and RL models on held-out prompts and write the run report."""
     eval_prompts: str = "demo"
@@ -414,11 +537,52 @@ class PipelineConfig:
         )
         return sft, rm
 
-    def rl_config(self) -> PPOConfig:
-        """The PPO stage's config: this pipeline's ``ppo`` with the actor from SFT and the trained RM."""
+    def rl_config(self) -> PPOConfig | DPOConfig:
+        """The stage after SFT (``algo``), starting from the SFT model; RL stages use the trained RM."""
         root = self.output_dir.rstrip("/")
         model = ModelConfig(**{**self.model.__dict__, "name_or_path": f"{root}/sft/model"})
-        run = RunConfig(**{**self.ppo.run.__dict__, "output_dir": f"{root}/{self.algo}", "overwrite": self.overwrite,
+        base = {"dpo": self.dpo, "ppo": self.ppo, "a2c": self.ppo}.get(self.algo, self.grpo)
+        run = RunConfig(**{**base.run.__dict__, "output_dir": f"{root}/{self.algo}", "overwrite": self.overwrite,
                            "resume": self.resume, "progress": self.progress,
-                           "save_every": self.save_every or self.ppo.run.save_every})
-        return dataclasses.replace(self.ppo, model=model, reward=f"{root}/rm/model", run=run)
+                           "save_every": self.save_every or base.run.save_every})
+        if self.algo == "dpo":
+            return dataclasses.replace(self.dpo, model=model, data=self.data, run=run)
+        estimator = "gae" if self.algo == "ppo" else self.algo  # --algo names the advantage estimator
+        return dataclasses.replace(base, model=model, reward=f"{root}/rm/model", run=run,
+                                   advantage_estimator=estimator)
+
+
+@dataclass
+class PairsConfig:
+    """Turn pointwise ratings into preference pairs for ``chatrlhf rm`` / ``chatrlhf dpo``, filtering noisy
+    feedback: duplicate answers are merged, ties, near-ties and pairs the annotators disagree on are dropped
+    (rules: docs/data.md, "Ratings to pairs")."""
+
+    input: list[str] = field(default_factory=list)
+    """Rating sources (.jsonl/.json/.csv/.parquet rows with prompt, response, score and optionally
+    ``annotator``, a name or number; empty means anonymous), same syntax as ``data.datasets``. Ratings of
+    all sources are pooled."""
+    output: str = "outputs/pairs.jsonl"
+    """Where the pairs go (JSON lines: prompt, chosen, rejected, margin, agreement, and the counts behind
+    them); ``chatrlhf rm`` / ``chatrlhf dpo`` read it as preference data."""
+    overwrite: bool = False
+    """Replace an existing output file. Off: stop instead of overwriting."""
+    min_margin: float = 1.0
+    """Drop ties and near-ties: pairs whose mean scores differ by less than this (exact ties are always
+    dropped, even with 0)."""
+    min_agreement: float = 1.0
+    """Of the annotators who rated both answers, the share that must rank them like the means do
+    (1.0: any dissent drops the pair; 0.5: a majority is enough). A pair no annotator rated both sides
+    of is kept (nothing to disagree with); its ``agreement`` is null."""
+    bad_rows: Literal["error", "skip"] = "error"
+    """A malformed rating row stops the run naming file, row and field; ``skip`` drops it (logged)."""
+
+    def validate(self) -> None:
+        if not self.input:
+            raise ConfigError("--input is empty: name one or more rating files (prompt, response, score rows)")
+        if not self.output:
+            raise ConfigError("--output is empty: name the JSONL file the pairs go to")
+        if not (self.min_margin >= 0 and math.isfinite(self.min_margin)):
+            raise ConfigError(f"--min_margin must be a finite number >= 0, got {self.min_margin}")
+        if not 0 <= self.min_agreement <= 1:
+            raise ConfigError(f"--min_agreement must be in [0, 1], got {self.min_agreement}")

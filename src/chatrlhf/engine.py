@@ -280,9 +280,12 @@ class Engine:
             return t
         import torch.distributed as dist
 
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        on_device = t.to(self.device)  # NCCL reduces device tensors only; a no-op for gloo / CPU
+        dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
         if op == "mean":
-            t /= self.world_size
+            on_device /= self.world_size
+        if on_device is not t:
+            t.copy_(on_device)
         return t
 
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
@@ -291,9 +294,10 @@ class Engine:
             return t
         import torch.distributed as dist
 
-        parts = [torch.empty_like(t) for _ in range(self.world_size)]
-        dist.all_gather(parts, t.contiguous())
-        return torch.cat(parts)
+        local = t.to(self.device).contiguous()  # NCCL gathers device tensors only
+        parts = [torch.empty_like(local) for _ in range(self.world_size)]
+        dist.all_gather(parts, local)
+        return torch.cat(parts).to(t.device)
 
     def broadcast_int(self, value: int, src: int = 0) -> int:
         """``value`` as held by rank ``src``, on every rank."""

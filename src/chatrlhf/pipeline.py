@@ -26,6 +26,10 @@ def _stages(cfg: PipelineConfig):
     from chatrlhf.stages.sft import train_sft
 
     sft_cfg, rm_cfg = cfg.stage_configs()
+    if cfg.algo == "dpo":  # preference pairs train the policy directly: no reward model
+        from chatrlhf.stages.dpo import train_dpo
+
+        return [("sft", sft_cfg, train_sft), ("dpo", cfg.rl_config(), train_dpo)]
     return [("sft", sft_cfg, train_sft), ("rm", rm_cfg, train_reward_model), (cfg.algo, cfg.rl_config(), train_ppo)]
 
 
@@ -76,7 +80,8 @@ def _evaluate(cfg: PipelineConfig, root: Path) -> dict:
     models = {"base": cfg.model.name_or_path, "sft": str(root / "sft" / MODEL_SUBDIR),
               cfg.algo: str(root / cfg.algo / MODEL_SUBDIR)}
     print(f"[chatrlhf] evaluating {', '.join(models)} on {len(prompts)} held-out prompts")
-    return evaluate_models(models, reference=models["sft"], reward_model=str(root / "rm" / MODEL_SUBDIR),
+    rm = root / "rm" / MODEL_SUBDIR  # absent after SFT -> DPO, unless an earlier run here trained one
+    return evaluate_models(models, reference=models["sft"], reward_model=str(rm) if (rm / "config.json").is_file() else None,
                            prompts=prompts, sampling=cfg.eval_generation.sampling(),
                            batch_size=cfg.eval_batch_size, seed=cfg.ppo.actor_engine.seed, out_dir=root,
                            progress=cfg.progress, backend=cfg.eval_generation.backend, dtype=cfg.model.dtype)

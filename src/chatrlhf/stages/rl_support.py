@@ -1,0 +1,175 @@
+"""Pieces the RL loop in ``stages/ppo.py`` uses around its phases: model loading, the EMA actor, PPO-ptx
+data, the iteration plan, and saving/resuming. Each is orchestration around the loop, not math."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from chatrlhf.algorithms import position_ids_from_mask, token_nll
+from chatrlhf.checkpoint import (
+    TrainerState,
+    complete_checkpoints,
+    load_weights,
+    save_weights,
+    write_json_atomic,
+)
+from chatrlhf.config import DataConfig, PPOConfig
+from chatrlhf.data import SFTCollator, encode_records, prepare_records
+from chatrlhf.engine import Engine
+from chatrlhf.models import RewardModel, disable_dropout, load_causal_lm, load_reward_model
+from chatrlhf.models.loading import resolve_model
+from chatrlhf.rewards.sources import RewardModelSource, build_reward_source
+from chatrlhf.training import CHECKPOINTS_SUBDIR, MODEL_SUBDIR, BatchPlan, total_steps
+
+
+class EMA:
+    """Exponential moving average of the actor's weights (DeepSpeed-Chat's ``--enable_ema``, beta 0.992)."""
+
+    def __init__(self, engine: Engine, beta: float):
+        self.beta = beta
+        with engine.gathered_parameters():
+            self.shadow = {k: v.detach().clone().float() for k, v in engine.module.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, engine: Engine) -> None:
+        with engine.gathered_parameters():
+            for k, v in engine.module.state_dict().items():
+                self.shadow[k].lerp_(v.detach().float(), 1.0 - self.beta)
+
+
+class PtxData:
+    """PPO-ptx (InstructGPT): LM loss on SFT or pretraining text mixed into the actor's loss.
+
+    Each actor micro-batch draws ``micro_batch_size`` examples from a generator seeded by (iteration,
+    update, micro-batch, rank), so a resumed run draws the same ones; the term is that micro-batch's
+    token-mean NLL divided by the micro-batches per mini-batch (the mean of micro-batch means).
+    """
+
+    def __init__(self, cfg: PPOConfig, tokenizer, rank: int, world: int):
+        data = DataConfig(datasets=cfg.ptx_data, data_split="1,0,0", eval_fraction=0.0, seed=cfg.data.seed,
+                          max_len=cfg.data.max_len, max_prompt_len=cfg.data.max_prompt_len,
+                          long_prompt=cfg.data.long_prompt, bad_rows=cfg.data.bad_rows)
+        records, _ = prepare_records(data, kind="sft", phase=1)
+        self.items = encode_records(records, "sft", tokenizer, data, progress=False)
+        self.collate = SFTCollator(pad_id=tokenizer.pad_token_id)
+        self.micro = cfg.actor_engine.micro_batch_size
+        self.per_mini = cfg.actor_engine.gradient_accumulation_steps
+        self.seed, self.rank = cfg.actor_engine.seed, rank
+
+    def loss(self, actor: Engine, key: tuple[int, int, int]) -> torch.Tensor:
+        it, update, j = key
+        gen = torch.Generator().manual_seed(hash((self.seed, it, update, j, self.rank)) % 2**62)
+        idx = torch.randint(len(self.items), (self.micro,), generator=gen).tolist()
+        batch = self.collate([self.items[i] for i in idx])
+        mask = batch["attention_mask"]
+        logits = actor(input_ids=batch["input_ids"], attention_mask=mask,
+                       position_ids=position_ids_from_mask(mask), use_cache=False).logits
+        nll, labelled = token_nll(logits, batch["labels"])
+        return nll.sum() / labelled.sum().clamp(min=1) / self.per_mini
+
+
+def _is_reward_dir(path: str) -> bool:
+    return (Path(resolve_model(path)) / "chatrlhf_reward.json").is_file()
+
+
+def load_models(cfg: PPOConfig, tokenizer, with_critic: bool):
+    """(actor, reference, critic or None, reward source): plain modules; the actor and critic get engines later."""
+    m = cfg.model
+    actor = load_causal_lm(m.name_or_path, dtype=m.dtype, trust_remote_code=m.trust_remote_code,
+                           gradient_checkpointing=m.gradient_checkpointing)
+    reference = load_causal_lm(cfg.reference or m.name_or_path, dtype=m.dtype,
+                               trust_remote_code=m.trust_remote_code).eval().requires_grad_(False)
+    reward = build_reward_source(cfg.reward, tokenizer, m.dtype, m.trust_remote_code,
+                                 normalize_sources=cfg.normalize_sources)
+    if cfg.disable_dropout:
+        disable_dropout(actor)
+    if not with_critic:
+        return actor, reference, None, reward
+    critic_from = cfg.critic
+    if critic_from is None and isinstance(reward, RewardModelSource) and reward.shares_tokenizer:
+        critic_from = reward.path
+    if critic_from is not None and _is_reward_dir(critic_from):
+        critic = load_reward_model(critic_from, dtype=m.dtype, trust_remote_code=m.trust_remote_code)
+    else:  # no RM in the actor's vocabulary: the actor's trunk with a fresh value head
+        critic = RewardModel.from_causal_lm(critic_from or m.name_or_path, dtype=m.dtype,
+                                            trust_remote_code=m.trust_remote_code)
+    if cfg.disable_dropout:
+        disable_dropout(critic)
+    critic.train()
+    return actor, reference, critic, reward
+
+
+def plan_iterations(cfg: PPOConfig, n_prompts: int, world: int, seed: int):
+    """(prompt plan, iterations, answers per process per iteration, mini-batch per process)."""
+    if cfg.rollout_batch_size % world:
+        raise ValueError(f"rollout_batch_size={cfg.rollout_batch_size} must be divisible by the {world} processes")
+    plan = BatchPlan(n_prompts, cfg.rollout_batch_size // world, 1, world, seed)
+    plan.check("ppo")
+    local_samples = cfg.rollout_batch_size // world * cfg.samples_per_prompt
+    mini = cfg.actor_engine.micro_batch_size * cfg.actor_engine.gradient_accumulation_steps
+    if local_samples % mini:
+        raise ValueError(
+            f"each process gets {local_samples} answers per iteration (rollout_batch_size / processes x "
+            f"samples_per_prompt), not a multiple of the mini-batch {mini} (actor_engine.micro_batch_size x "
+            "gradient_accumulation_steps); change one of them"
+        )
+    return plan, total_steps(plan, cfg.epochs, cfg.max_iterations), local_samples, mini
+
+
+def save_final(out, actor: Engine, critic: Engine | None, ema, tokenizer, history: list[dict], n_iters: int,
+               kl_coef: float, estimator: str):
+    """The actor (``model/``), the critic (``critic/``), the EMA actor (``model_ema/``) and ``eval.json``."""
+    actor.save_hf(out / MODEL_SUBDIR, tokenizer)
+    if critic is not None:
+        critic.save_hf(out / "critic", tokenizer)
+    if ema is not None and actor.is_rank_0:
+        actor.module.save_pretrained(out / "model_ema", state_dict=ema.shadow)
+        tokenizer.save_pretrained(out / "model_ema")
+    last = history[-max(1, len(history) // 4):]  # the last quarter of the run
+    summary = {k: sum(h[k] for h in last) / len(last) for k in ("reward/score", "kl", "response_length", "gold/overall")
+               if last and all(k in h for h in last)}
+    summary.update({"stage": "ppo" if estimator == "gae" else estimator, "advantage_estimator": estimator, "iterations": n_iters, "kl_coef": kl_coef})
+    if actor.is_rank_0:
+        write_json_atomic(out / "eval.json", summary)
+    return summary
+
+
+def save_checkpoint(out, actor: Engine, critic: Engine | None, step: int, cfg: PPOConfig, stateful: dict,
+                    ema) -> None:
+    """Actor and critic each in their own crash-safe dir; ``stateful`` (name -> object with ``state_dict``:
+    the KL controller, reward normalisers) rides with the actor's trainer state, the EMA in its own file."""
+    root = out / CHECKPOINTS_SUBDIR
+    if ema is not None and actor.is_rank_0:
+        (root / "ema").mkdir(parents=True, exist_ok=True)
+        tmp = root / "ema" / f".step-{step}.tmp"
+        save_weights(ema.shadow, tmp)
+        tmp.replace(root / "ema" / f"step-{step}.safetensors")
+    if critic is not None:
+        critic.save_checkpoint(root / "critic", step, keep_last=cfg.run.keep_last)
+    extra = {name: obj.state_dict() for name, obj in stateful.items()}
+    actor.save_checkpoint(root / "actor", step, TrainerState(step=step, extra=extra), keep_last=cfg.run.keep_last)
+
+
+def resume(out, actor: Engine, critic: Engine | None, cfg: PPOConfig, stateful: dict, ema) -> int:
+    """The iteration to start from: the latest step with complete actor (and critic) checkpoints."""
+    if not cfg.run.resume:
+        return 0
+    root = out / CHECKPOINTS_SUBDIR
+    steps = {s for s, _ in complete_checkpoints(root / "actor")}
+    if critic is not None:
+        steps &= {s for s, _ in complete_checkpoints(root / "critic")}
+    if not steps:
+        print(f"[chatrlhf] --run.resume: no complete checkpoint under {root}; starting at iteration 0")
+        return 0
+    step = max(steps)
+    if critic is not None:
+        critic.load_checkpoint(root / "critic" / f"step-{step}")
+    state = actor.load_checkpoint(root / "actor" / f"step-{step}")
+    for name, obj in stateful.items():
+        obj.load_state_dict(state.extra[name])
+    if ema is not None:
+        ema.shadow = load_weights(root / "ema" / f"step-{step}.safetensors")
+    print(f"[chatrlhf] resumed RL from {root} at iteration {step}")
+    return step
