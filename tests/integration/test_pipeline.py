@@ -42,3 +42,12 @@ def test_train_smoke_preset_runs_sft_then_rm_and_resume_skips_done_stages(tmp_pa
         == 0
     )
     assert capsys.readouterr().out.count("skipped (resume)") == 3
+    # The other recipes reuse the finished SFT (and RM) stages and end with the same evaluation and report.
+    for algo, skipped in (("grpo", 2), ("dpo", 1)):
+        flags = ["train", "--preset", "smoke", "--output_dir", str(out), "--progress", "false", "--resume", "true"]
+        assert main([*flags, "--algo", algo]) == 0
+        assert capsys.readouterr().out.count("skipped (resume)") == skipped
+        assert (out / algo / "model" / "config.json").is_file()
+        summary = json.loads((out / "summary.json").read_text())
+        assert algo in summary and algo in summary["evaluation"]["models"], summary["evaluation"].keys()
+        assert "## " in (out / "report.md").read_text()

@@ -198,3 +198,32 @@ def test_run_eval_writes_results_and_report(dirs, tmp_path):
     assert results["win_rates"] == {}
     assert {p.name for p in tmp_path.iterdir()} >= {"eval_models.json", "samples.jsonl", "report.md"}
     assert "No reward model was given" in (tmp_path / "report.md").read_text()
+
+
+def test_report_of_dpo_and_grpo_stages(dirs, tmp_path):
+    """A real DPO stage dir gets its loss / implicit-reward plot; an RL stage other than PPO (GRPO here, from a
+    metrics file in the RL loop's names) gets the reward, KL and gold plots under its own name."""
+    from chatrlhf.config import DataConfig, DPOConfig, EngineConfig, ModelConfig, RunConfig
+    from chatrlhf.stages.dpo import train_dpo
+
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": f"question {i}", "chosen": "good answer", "rejected": "bad"} for i in range(12)]
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = DPOConfig(model=ModelConfig(name_or_path=dirs["sft"]),
+                    data=DataConfig(datasets=[str(pairs)], data_split="0,1,0", eval_fraction=0.25),
+                    engine=EngineConfig(micro_batch_size=4, gradient_accumulation_steps=1, learning_rate=1e-3),
+                    run=RunConfig(output_dir=str(tmp_path / "dpo"), progress=False), max_steps=3)
+    train_dpo(cfg)
+    grpo = tmp_path / "grpo"
+    grpo.mkdir()
+    grpo_rows = [{"step": s, "train/reward/score": 0.1 * s, "train/kl": 0.01 * s, "train/kl_coef": 0.04,
+                  "train/gold/overall": 0.5, "train/loss/policy": -0.1} for s in range(1, 5)]
+    (grpo / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in grpo_rows))
+    md = write_report(tmp_path, None, {"dpo": tmp_path / "dpo", "grpo": grpo}).read_text()
+    for name in ("dpo_curves.png", "grpo_reward.png", "grpo_kl.png", "grpo_gold_vs_proxy.png", "losses.png"):
+        assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert f"(plots/{name})" in md
+    assert "### DPO loss and implicit reward" in md and "### GRPO reward" in md and "### GRPO Gold vs proxy" in md
+    assert "PPO" not in md and "ppo_reward.png" not in md  # no PPO stage, so no PPO plots or notes about them
+    assert "rewards/accuracy" in md  # the DPO stage's eval.json in the stage-evaluation table
+    assert "no `dpo` metrics" not in md and "no `grpo` metrics" not in md

@@ -1,10 +1,12 @@
-"""DPO-family losses against hand-computed values (expected numbers worked out in each comment)."""
+"""DPO-family losses and the sequence log-probs they take, against hand-computed values (worked out in each
+comment)."""
 
 import math
 
 import pytest
 import torch
 
+from chatrlhf.algorithms import answer_mask, sequence_log_probs
 from chatrlhf.algorithms.preference import (
     PREFERENCE_LOSSES,
     dpo_sigmoid,
@@ -56,3 +58,29 @@ def test_table_and_implicit_rewards():
     # 0.1 * (-1 - -3) = 0.2
     r = implicit_rewards(torch.tensor([-1.0], dtype=D), torch.tensor([-3.0], dtype=D), beta=0.1)
     assert r.item() == pytest.approx(0.2, rel=1e-12)
+
+
+def test_answer_mask_by_hand():
+    # row 0: prompt 2 of 4 real tokens -> answer at 2, 3 (the EOS is the last real token); row 1: prompt 1 of 3
+    # real tokens, then padding -> 1, 2 only, even if the pad id equals the EOS id (the mask never reads ids)
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]])
+    got = answer_mask(mask, torch.tensor([2, 1]))
+    assert got.tolist() == [[False, False, True, True, False], [False, True, True, False, False]]
+
+
+def test_sequence_log_probs_by_hand():
+    # V = 3. Row 0: tokens [2, 0, 2, 1], mask [0, 0, 1, 1]. logits[1] = log [1, 1, 2] -> p(token 2) = 2/4;
+    # logits[2] = log [1, 3, 4] -> p(token 1) = 3/8; sum = log(1/2) + log(3/8) = log(3/16) = -1.6739764335716716.
+    # Row 1: the same first three tokens, then padding (mask 0) whose logits are -inf: left out, not NaN.
+    # Its only answer token is tokens[2] = 2, predicted by logits[1] -> log(1/2) = -0.6931471805599453.
+    logits = torch.zeros(2, 4, 3, dtype=D)
+    logits[:, 1] = torch.tensor([1.0, 1.0, 2.0], dtype=D).log()
+    logits[0, 2] = torch.tensor([1.0, 3.0, 4.0], dtype=D).log()
+    logits[1, 2] = -math.inf
+    tokens = torch.tensor([[2, 0, 2, 1], [2, 0, 2, 0]])
+    mask = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 0]])
+    got = sequence_log_probs(logits, tokens, mask)
+    torch.testing.assert_close(got, torch.tensor([math.log(3 / 16), math.log(0.5)]), rtol=1e-6, atol=0)
+    assert got.dtype == torch.float32  # gathered in float32 whatever the logits' dtype
+    # the first position is never counted: nothing predicts it
+    assert torch.equal(sequence_log_probs(logits, tokens, mask.clone().index_fill_(1, torch.tensor([0]), 1)), got)

@@ -1,6 +1,14 @@
 """Pure math: losses, log-prob gathering and masking. Functions of tensors only (no models, no I/O)."""
 
-from chatrlhf.algorithms.losses import IGNORE_INDEX, gather_log_probs, pairwise_loss, rating_loss, token_nll
+from chatrlhf.algorithms.losses import (
+    IGNORE_INDEX,
+    answer_mask,
+    gather_log_probs,
+    pairwise_loss,
+    rating_loss,
+    sequence_log_probs,
+    token_nll,
+)
 from chatrlhf.algorithms.masking import (
     gather_last,
     last_token_index,
@@ -11,6 +19,7 @@ from chatrlhf.algorithms.masking import (
 
 __all__ = [
     "IGNORE_INDEX",
+    "answer_mask",
     "gather_last",
     "gather_log_probs",
     "last_token_index",
@@ -19,5 +28,6 @@ __all__ = [
     "pairwise_loss",
     "position_ids_from_mask",
     "rating_loss",
+    "sequence_log_probs",
     "token_nll",
 ]

@@ -24,6 +24,32 @@ def gather_log_probs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor
     return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (B, T)
 
 
+def answer_mask(attention_mask: torch.Tensor, prompt_lens: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool mask of the answer tokens of right-padded ``prompt + answer`` rows: positions at or after
+    the row's prompt length that hold a real token (``attention_mask`` 1), so the answer's EOS is in it and
+    padding is not, even where the pad id equals the EOS id.
+
+    Example: attention_mask [[1, 1, 1, 1, 0]], prompt_lens [2] -> [[False, False, True, True, False]].
+    """
+    positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)  # (T,)
+    return (positions >= prompt_lens.to(attention_mask.device)[:, None]) & (attention_mask != 0)  # (B, T)
+
+
+def sequence_log_probs(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Summed log-probability of the masked tokens of each row: sum_t mask[t] log p(tokens[t] | tokens[<t]).
+
+    logits (B, T, V) from a causal LM over tokens (B, T), so logits[:, t] predicts tokens[:, t+1]; mask (B, T)
+    marks the tokens that count (e.g. :func:`answer_mask`). ``mask[:, 0]`` is ignored: nothing predicts the
+    first token. Returns (B,) in float32. Masked-out positions are dropped with ``where``, not multiplied by
+    0, so a -inf log-prob at a padded position cannot turn the sum into NaN.
+
+    Example (V = 3): tokens [2, 0, 2, 1], mask [0, 0, 1, 1]; logits[1] = log [1, 1, 2] gives p(2) = 2/4 and
+    logits[2] = log [1, 3, 4] gives p(1) = 3/8, so the sum is log(1/2) + log(3/8) = log(3/16) = -1.6739764.
+    """
+    logp = gather_log_probs(logits[:, :-1], tokens[:, 1:])  # (B, T-1): log p of tokens 1..T-1
+    return torch.where(mask[:, 1:].bool(), logp, 0.0).sum(-1)  # (B,)
+
+
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token negative log-likelihood of the labelled tokens.
 

@@ -75,27 +75,44 @@ def _save(fig, out: Path) -> Path:
     return out
 
 
-def plot_ppo_reward(rows: list[dict], out: Path) -> Path | None:
-    """Reward-model score (and the KL-penalised total) per PPO step; None when neither was logged."""
+RL_STAGES = ("ppo", "a2c", "grpo", "dr_grpo", "rloo", "reinforce", "reinforce_baseline", "reinforce_pp")
+"""Stage names of the on-policy RL loop (stages/ppo.py): every advantage estimator logs the same metric names."""
+PREFERENCE_STAGES = ("dpo",)
+"""Stage names of the offline preference loop (stages/dpo.py)."""
+STAGE_TITLES = {"ppo": "PPO", "a2c": "A2C", "grpo": "GRPO", "dr_grpo": "Dr. GRPO", "rloo": "RLOO",
+                "reinforce": "REINFORCE", "reinforce_baseline": "REINFORCE with baseline",
+                "reinforce_pp": "REINFORCE++", "dpo": "DPO", "sft": "SFT", "rm": "RM"}
+
+
+def stage_title(stage: str) -> str:
+    """The name a stage goes by in titles: ``grpo`` -> ``GRPO``; an unknown name is shown as it is."""
+    return STAGE_TITLES.get(stage, stage)
+
+
+def plot_rl_reward(rows: list[dict], out: Path, stage: str = "ppo") -> Path | None:
+    """Reward score (and the KL-penalised total) per step of an RL stage; None when neither was logged."""
     score, total = series(rows, "train/reward/score"), series(rows, "train/reward/total")
     if not score[0] and not total[0]:
         return None
+    name = stage_title(stage)
     fig = _new_figure()
     ax = fig.add_subplot()
-    for s, label in ((score, "RM score"), (total, "total (score - beta * KL)")):
+    for s, label in ((score, "reward score"), (total, "total (score - beta * KL)")):
         if s[0]:
             _plot(ax, s, label)
-    ax.set(xlabel="PPO step", ylabel="reward", title="PPO reward")
+    ax.set(xlabel=f"{name} step", ylabel="reward", title=f"{name} reward")
     ax.legend()
     ax.grid(alpha=0.3)
     return _save(fig, out)
 
 
-def plot_ppo_kl(rows: list[dict], out: Path) -> Path | None:
-    """KL to the reference and the KL coefficient beta per PPO step, one panel each."""
+def plot_rl_kl(rows: list[dict], out: Path, stage: str = "ppo") -> Path | None:
+    """KL to the reference and the KL coefficient beta per step of an RL stage, one panel each."""
     kl, beta = series(rows, "train/kl"), series(rows, "train/kl_coef")
+    name = stage_title(stage)
     panels = [
-        (s, t) for s, t in ((kl, "KL to reference (per answer)"), (beta, "KL coefficient beta")) if s[0]
+        (s, t) for s, t in ((kl, f"{name}: KL to reference (per answer)"), (beta, f"{name}: KL coefficient beta"))
+        if s[0]
     ]
     if not panels:
         return None
@@ -103,22 +120,23 @@ def plot_ppo_kl(rows: list[dict], out: Path) -> Path | None:
     for i, (s, title) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
         _plot(ax, s, title)
-        ax.set(xlabel="PPO step", title=title)
+        ax.set(xlabel=f"{name} step", title=title)
         ax.grid(alpha=0.3)
     return _save(fig, out)
 
 
-def plot_gold_vs_proxy(rows: list[dict], out: Path) -> Path | None:
-    """Gold-rater overall and RM score on twin axes; the proxy rising while gold falls is
+def plot_gold_vs_proxy(rows: list[dict], out: Path, stage: str = "ppo") -> Path | None:
+    """Gold-rater overall and reward score on twin axes; the proxy rising while gold falls is
     over-optimisation of the reward model (Gao et al. 2022, reward-model over-optimization)."""
     gold, proxy = series(rows, "train/gold/overall"), series(rows, "train/reward/score")
     if not gold[0] or not proxy[0]:
         return None
+    name = stage_title(stage)
     fig = _new_figure()
     ax = fig.add_subplot()
-    _plot(ax, proxy, "RM score (proxy)", color="tab:blue")
-    ax.set(xlabel="PPO step", title="Gold rater vs reward model")
-    ax.set_ylabel("RM score (proxy)", color="tab:blue")
+    _plot(ax, proxy, "reward score (proxy)", color="tab:blue")
+    ax.set(xlabel=f"{name} step", title=f"{name}: gold rater vs reward")
+    ax.set_ylabel("reward score (proxy)", color="tab:blue")
     ax2 = ax.twinx()
     _plot(ax2, gold, "gold overall", color="tab:orange")
     ax2.set_ylabel("gold overall (0-1)", color="tab:orange")
@@ -126,16 +144,45 @@ def plot_gold_vs_proxy(rows: list[dict], out: Path) -> Path | None:
     return _save(fig, out)
 
 
+def plot_preference(rows: list[dict], out: Path, stage: str = "dpo") -> Path | None:
+    """A preference stage's train and eval curves: loss, implicit-reward margin and reward accuracy (the share
+    of pairs whose chosen answer gets the higher implicit reward), one panel each; None when none was logged."""
+    name = stage_title(stage)
+    wanted = [
+        (f"{name} loss", "loss", "loss"),
+        (f"{name} reward margin (chosen - rejected)", "rewards/margin", "beta * h"),
+        (f"{name} reward accuracy", "rewards/accuracy", "share of pairs"),
+    ]
+    panels = []
+    for title, key, ylabel in wanted:
+        curves = [(f"{split}/{key}", series(rows, f"{split}/{key}")) for split in ("train", "eval")]
+        curves = [(k, s) for k, s in curves if s[0]]
+        if curves:
+            panels.append((title, ylabel, curves))
+    if not panels:
+        return None
+    fig = _new_figure(len(panels))
+    cols = min(len(panels), 2)
+    for i, (title, ylabel, curves) in enumerate(panels):
+        ax = fig.add_subplot(math.ceil(len(panels) / cols), cols, i + 1)
+        for key, s in curves:
+            _plot(ax, s, key)
+        ax.set(xlabel="step", ylabel=ylabel, title=title)
+        ax.legend()
+        ax.grid(alpha=0.3)
+    return _save(fig, out)
+
+
 def _loss_panels(stage_rows: dict[str, list[dict]]) -> list[tuple[str, list[tuple[str, Series]]]]:
-    """(title, curves) per panel: SFT and RM train + eval loss; PPO's policy, value (and ptx) losses apart,
-    since their scales differ by orders of magnitude."""
+    """(title, curves) per panel: each stage's train + eval loss; an RL stage's policy, value (and ptx) losses
+    apart, since their scales differ by orders of magnitude."""
     wanted = []
     for stage in stage_rows:
-        if stage == "ppo":
+        if stage in RL_STAGES:
             wanted += [
-                ("ppo policy loss", stage, ("train/loss/policy",)),
-                ("ppo value loss", stage, ("train/loss/value",)),
-                ("ppo pretraining (ptx) loss", stage, ("train/ptx/loss",)),
+                (f"{stage} policy loss", stage, ("train/loss/policy",)),
+                (f"{stage} value loss", stage, ("train/loss/value",)),
+                (f"{stage} pretraining (ptx) loss", stage, ("train/ptx/loss",)),
             ]
         else:
             wanted.append((f"{stage} loss", stage, ("train/loss", "eval/loss")))
@@ -149,7 +196,7 @@ def _loss_panels(stage_rows: dict[str, list[dict]]) -> list[tuple[str, list[tupl
 
 
 def plot_losses(stage_rows: dict[str, list[dict]], out: Path) -> Path | None:
-    """One panel per loss: SFT and RM train (and eval) loss, PPO policy and value losses."""
+    """One panel per loss: each stage's train (and eval) loss; an RL stage's policy and value losses apart."""
     panels = _loss_panels(stage_rows)
     if not panels:
         return None

@@ -13,6 +13,7 @@ import json
 import math
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from chatrlhf.evaluation import plots
@@ -191,30 +192,32 @@ def _stage_evals(stages: dict[str, Path]) -> list[str]:
     return ["## Stage evaluations", "", *_table(["stage", "final eval"], rows), ""] if rows else []
 
 
-_PLOTS = (
-    (
-        "ppo_reward.png",
-        "PPO reward",
-        "ppo",
-        plots.plot_ppo_reward,
-        "Reward-model score per PPO step (and the KL-penalised total).",
-    ),
-    (
-        "ppo_kl.png",
-        "KL and beta",
-        "ppo",
-        plots.plot_ppo_kl,
-        "KL to the reference per answer and the KL coefficient beta per PPO step.",
-    ),
-    (
-        "gold_vs_proxy.png",
-        "Gold vs proxy",
-        "ppo",
-        plots.plot_gold_vs_proxy,
-        "The gold rater against the reward model over PPO steps: the proxy rising while gold falls is "
-        "over-optimisation of the reward model.",
-    ),
-)
+def _plot_file(stage: str, kind: str) -> str:
+    # PPO's gold plot predates the other RL stages and keeps its file name, so earlier reports' links hold.
+    return "gold_vs_proxy.png" if (stage, kind) == ("ppo", "gold_vs_proxy") else f"{stage}_{kind}.png"
+
+
+def _stage_plots(stage: str) -> list[tuple[str, str, Callable, str]]:
+    """(file, title, plot function, caption) of each plot the stage named ``stage`` gets."""
+    name = plots.stage_title(stage)
+    if stage in plots.RL_STAGES:
+        return [
+            (_plot_file(stage, "reward"), f"{name} reward", plots.plot_rl_reward,
+             f"Reward score per {name} step (and the KL-penalised total)."),
+            (_plot_file(stage, "kl"), f"{name} KL and beta", plots.plot_rl_kl,
+             f"KL to the reference per answer and the KL coefficient beta per {name} step."),
+            (_plot_file(stage, "gold_vs_proxy"), f"{name} Gold vs proxy", plots.plot_gold_vs_proxy,
+             f"The gold rater against the reward over {name} steps: the proxy rising while gold falls is "
+             "over-optimisation of the reward model."),
+        ]
+    if stage in plots.PREFERENCE_STAGES:
+        return [
+            (_plot_file(stage, "curves"), f"{name} loss and implicit reward", plots.plot_preference,
+             f"{name} loss, implicit-reward margin beta * h (chosen minus rejected) and reward accuracy (the share "
+             "of pairs whose chosen answer gets the higher implicit reward), on the training batches and on "
+             "the held-out pairs."),
+        ]
+    return []
 
 
 def _plots_section(run_dir: Path, stages: dict[str, Path], notes: list[str]) -> list[str]:
@@ -224,20 +227,21 @@ def _plots_section(run_dir: Path, stages: dict[str, Path], notes: list[str]) -> 
         notes += [f"{md_escape(name)}: {n}" for n in read_notes]
     lines = ["## Training curves", ""]
     out_dir = run_dir / PLOTS_DIR
-    for file, title, stage, fn, caption in _PLOTS:
-        made = fn(rows.get(stage, []), out_dir / file)
-        if made is None:
-            (out_dir / file).unlink(missing_ok=True)  # a stale plot of an earlier report would mislead
-            notes.append(
-                f"{title}: no `{stage}` metrics for it (stage missing, or the metric was not logged)."
-            )
-            continue
-        lines += [f"### {title}", "", caption, "", f"![{title}]({PLOTS_DIR}/{file})", ""]
+    for stage in stages:
+        for file, title, fn, caption in _stage_plots(stage):
+            made = fn(rows[stage], out_dir / file, stage=stage)
+            if made is None:
+                (out_dir / file).unlink(missing_ok=True)  # a stale plot of an earlier report would mislead
+                notes.append(
+                    f"{title}: no `{stage}` metrics for it (stage missing, or the metric was not logged)."
+                )
+                continue
+            lines += [f"### {title}", "", caption, "", f"![{title}]({PLOTS_DIR}/{file})", ""]
     if plots.plot_losses(rows, out_dir / "losses.png") is not None:
         lines += [
             "### Losses",
             "",
-            "SFT and reward-model train/eval loss; PPO policy and value losses.",
+            "Each stage's train (and eval) loss; an RL stage's policy, value and ptx losses in panels of their own.",
             "",
             f"![Losses]({PLOTS_DIR}/losses.png)",
             "",
@@ -253,7 +257,9 @@ def write_report(run_dir: Path, results: dict | None, stages: dict[str, Path]) -
 
     ``results``: the dict of :func:`chatrlhf.evaluation.evaluate_models` (or None to leave the
     evaluation out). ``stages``: stage name -> its output dir holding ``metrics.jsonl`` (or the file),
-    e.g. ``{"sft": run/"sft", "rm": run/"rm", "ppo": run/"ppo"}``; the name ``ppo`` selects the PPO plots.
+    e.g. ``{"sft": run/"sft", "rm": run/"rm", "ppo": run/"ppo"}``. A stage named after an RL estimator
+    (``plots.RL_STAGES``: ``ppo``, ``grpo``, ``rloo`` ...) gets the reward, KL and gold-vs-proxy plots under its
+    name; a ``dpo`` stage gets its loss and implicit-reward plot.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
