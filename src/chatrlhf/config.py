@@ -488,7 +488,8 @@ class PipelineConfig:
         actor_engine=EngineConfig(learning_rate=1e-5, micro_batch_size=8, lr_scheduler="constant")))
     """The critic-free RL stage (set up by the pipeline as ``ppo``). CPU demo defaults: 12 iterations of 8
     prompts x 4 answers, answers up to 96 tokens, k3 KL in the loss with beta 0.04, learning rate 1e-5."""
-    dpo: DPOConfig = field(default_factory=lambda: DPOConfig(epochs=2))
+    dpo: DPOConfig = field(default_factory=lambda: DPOConfig(
+        epochs=2, engine=EngineConfig(learning_rate=1e-5, warmup_steps=2, micro_batch_size=4, gradient_accumulation_steps=2)))
     """The DPO stage (``--algo dpo``). The policy and reference start from the SFT model; it trains on the
     preference phase of ``data`` (the reward model's share in DSC's split)."""
     evaluate: bool = True
