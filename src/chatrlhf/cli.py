@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         getattr(importlib.import_module(module), fn)(cfg)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
+    except (ConfigError, ValueError, FileNotFoundError, ImportError) as err:
         # User-actionable errors (bad flags, data, paths) print one clear line, not a traceback.
         print(f"chatrlhf {command}: error: {err}", file=sys.stderr)
         return 2

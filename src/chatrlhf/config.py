@@ -488,10 +488,11 @@ class PipelineConfig:
         actor_engine=EngineConfig(learning_rate=1e-5, micro_batch_size=8, lr_scheduler="constant")))
     """The critic-free RL stage (set up by the pipeline as ``ppo``). CPU demo defaults: 12 iterations of 8
     prompts x 4 answers, answers up to 96 tokens, k3 KL in the loss with beta 0.04, learning rate 1e-5."""
-    dpo: DPOConfig = field(default_factory=lambda: DPOConfig(
-        epochs=2, engine=EngineConfig(learning_rate=1e-5, warmup_steps=2, micro_batch_size=4, gradient_accumulation_steps=2)))
-    """The DPO stage (``--algo dpo``). The policy and reference start from the SFT model; it trains on the
-    preference phase of ``data`` (the reward model's share in DSC's split)."""
+    dpo: DPOConfig = field(default_factory=lambda: DPOConfig(epochs=2, engine=EngineConfig(
+        learning_rate=1.5e-5, warmup_steps=2, micro_batch_size=4, gradient_accumulation_steps=2)))
+    """The DPO stage (``--algo dpo``). The policy and reference start from the SFT model; it trains on every
+    pair of ``data`` the SFT stage did not use (phases 2 and 3 of ``data_split``: no RM, no RL phase). CPU
+    demo defaults: 2 epochs over those pairs, 8 pairs per step, learning rate 1.5e-5, beta 0.1."""
     evaluate: bool = True
     """After training, evaluate base, SFT and RL models on held-out prompts and write the run report."""
     eval_prompts: str = "demo"
@@ -547,7 +548,13 @@ class PipelineConfig:
                            "resume": self.resume, "progress": self.progress,
                            "save_every": self.save_every or base.run.save_every})
         if self.algo == "dpo":
-            return dataclasses.replace(self.dpo, model=model, data=self.data, run=run)
+            # No reward model and no RL phase: DPO trains on every pair SFT did not use (phases 2 and 3 of
+            # data_split; phase 1, and so the SFT stage's data, is unchanged).
+            from chatrlhf.data.split import parse_split
+
+            sft, rm, rl = parse_split(self.data.data_split)
+            data = dataclasses.replace(self.data, data_split=f"{sft},{rm + rl},0")
+            return dataclasses.replace(self.dpo, model=model, data=data, run=run)
         estimator = "gae" if self.algo == "ppo" else self.algo  # --algo names the advantage estimator
         return dataclasses.replace(base, model=model, reward=f"{root}/rm/model", run=run,
                                    advantage_estimator=estimator)

@@ -112,7 +112,7 @@ def test_function_spec_errors(tmp_path):
         build_reward_source(f"{tmp_path}/missing.py:f", None)
     with pytest.raises(ModuleNotFoundError, match=r"'no_such_pkg\.rewards:f': no module named 'no_such_pkg\.rewards'"):
         build_reward_source("no_such_pkg.rewards:f", None)
-    with pytest.raises(AttributeError, match=rf"'{EXAMPLES}:nothing': {EXAMPLES} has no function 'nothing'"):
+    with pytest.raises(ValueError, match=rf"'{EXAMPLES}:nothing': {EXAMPLES} has no function 'nothing'"):
         build_reward_source(f"{EXAMPLES}:nothing", None)
     broken = tmp_path / "broken.py"
     broken.write_text("import no_such_dependency\n")

@@ -189,7 +189,7 @@ def load_reward_function(spec: str) -> Callable[[str, str, dict], float]:
     module = _module_from_file(Path(where), spec) if where.endswith(".py") else _module_from_name(where, spec)
     fn = getattr(module, fn_name, None)
     if not callable(fn):
-        raise AttributeError(f"reward spec {spec!r}: {where} has no function {fn_name!r}; define "
+        raise ValueError(f"reward spec {spec!r}: {where} has no function {fn_name!r}; define "
                              f"{fn_name}(prompt: str, response: str, metadata: dict) -> float there")
     return fn
 
