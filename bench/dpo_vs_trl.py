@@ -146,7 +146,7 @@ def run_chatrlhf(args, workdir: Path, precompute: bool) -> dict:
     return {"ends": ends, "mean_loss": statistics.fmean(losses), "first_loss": losses[0],
             "precompute_seconds": sum(p["seconds"] for p in train_pre),
             "precompute_pairs": sum(p["pairs"] for p in train_pre),
-            "optimizer": "Engine: torch.optim.AdamW, default (for-loop) kernel"}
+            "optimizer": "Engine: torch.optim.AdamW, fused kernel (ZeRO 0)"}
 
 
 def run_trl(args, workdir: Path, precompute: bool) -> dict:
@@ -317,8 +317,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--beta", type=float, default=0.1, help="DPO beta")
     p.add_argument("--threads", type=int, default=usable_cores(), help="torch.set_num_threads for every run")
     p.add_argument("--trl-optim", default=None,
-                   help="TRL's DPOConfig.optim (default: TRL's own, adamw_torch_fused; adamw_torch = the "
-                        "torch.optim.AdamW kernel chatrlhf uses)")
+                   help="TRL's DPOConfig.optim (default: TRL's own, adamw_torch_fused, the kernel "
+                        "chatrlhf's Engine uses at ZeRO 0; adamw_torch = the for-loop one)")
     p.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated subset of {','.join(IMPLS)}")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="also write the raw step stamps and results here")

@@ -129,7 +129,7 @@ def run_chatrlhf(args, workdir: Path) -> dict:
     return {"ends": ends, "gen_seconds": gen_seconds, "lengths": [r["train/response_length"] for r in rows],
             "rewards": [r["train/reward/score"] for r in rows],
             "generation": f"chatrlhf.rollout.generate(backend={args.backend!r})",
-            "optimizer": "Engine: torch.optim.AdamW, default (for-loop) kernel"}
+            "optimizer": "Engine: torch.optim.AdamW, fused kernel (ZeRO 0)"}
 
 
 def run_trl(args, workdir: Path) -> dict:
@@ -288,8 +288,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--beta", type=float, default=0.04, help="KL coefficient (k3 estimator, in the loss)")
     p.add_argument("--threads", type=int, default=usable_cores(), help="torch.set_num_threads for every run")
     p.add_argument("--trl-optim", default=None,
-                   help="TRL's GRPOConfig.optim (default: TRL's own, adamw_torch_fused; adamw_torch = the "
-                        "torch.optim.AdamW kernel chatrlhf uses)")
+                   help="TRL's GRPOConfig.optim (default: TRL's own, adamw_torch_fused, the kernel "
+                        "chatrlhf's Engine uses at ZeRO 0; adamw_torch = the for-loop one)")
     p.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated subset of {','.join(IMPLS)}")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="also write the raw step stamps and results here")
