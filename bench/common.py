@@ -6,17 +6,29 @@ a parent process that only orchestrates workers stays light.
 
 from __future__ import annotations
 
+import argparse
 import datetime
+import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 
 LIBRARIES = ("torch", "transformers", "deepspeed", "trl", "accelerate")
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+               "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
+"""Environment of every benchmark process: offline, no tokenizer threads, no progress bars."""
+ADAM_BETAS = (0.9, 0.95)  # chatrlhf's (DeepSpeed-Chat's) betas; TRL's default beta2 is 0.999
+ADAM_EPS = 1e-8
+MAX_GRAD_NORM = 1.0
 
 
 def cpu_model() -> str:
@@ -130,3 +142,57 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
         [":" + "-" * (widths[0] + 1)] + ["-" * (w + 1) + ":" for w in widths[1:]]
     ) + "|"
     return "\n".join([line(cells[0]), rule] + [line(r) for r in cells[1:]])
+
+
+# ---- sequential comparisons: one fresh worker process per implementation ------------------------------
+def run_sequentially(args, impls: Sequence[str], script: str, prepare, prefix: str) -> tuple[dict, dict]:
+    """Parent side: writes ``args.json`` and the inputs (``prepare(args, workdir) -> data description``) to a
+    temp dir, then runs each of ``impls`` (in ``args.impls``) one after another in its own interpreter.
+    Returns (results by implementation, data description)."""
+    os.environ.update(OFFLINE_ENV)
+    chosen = [i for i in impls if i in args.impls.split(",")]
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        workdir = Path(tmp)
+        saved = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        (workdir / "args.json").write_text(json.dumps(saved))
+        data = prepare(args, workdir)
+        results = {}
+        for impl in chosen:
+            t0 = time.perf_counter()
+            results[impl] = _run_worker(script, impl, workdir, args.threads)
+            print(f"{impl}: done in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    return results, data
+
+
+def _run_worker(script: str, impl: str, workdir: Path, threads: int) -> dict:
+    """Runs ``script --worker impl`` in a fresh interpreter (no allocator, thread pool or patched class shared
+    with another run) and returns its result; on failure, raises with the end of its log."""
+    env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    log = workdir / f"log-{impl}.txt"
+    with open(log, "w") as f:
+        proc = subprocess.run([sys.executable, script, "--worker", impl, "--workdir", str(workdir)], env=env,
+                              stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode:
+        raise RuntimeError(f"{impl} worker failed (exit {proc.returncode}); end of {log.name}:\n"
+                           f"{log.read_text(errors='replace')[-4000:]}")
+    return json.loads((workdir / f"result-{impl}.json").read_text())
+
+
+def worker_main(workers: dict, impl: str, workdir: Path) -> None:
+    """Entry point of a worker process: runs ``workers[impl](args, workdir)``, writes ``result-<impl>.json``."""
+    import torch
+
+    args = argparse.Namespace(**json.loads((workdir / "args.json").read_text()))
+    torch.set_num_threads(args.threads)
+    result = workers[impl](args, workdir)
+    # A library that changed the thread count would skew the comparison: report it.
+    result["threads_after"] = torch.get_num_threads()
+    (workdir / f"result-{impl}.json").write_text(json.dumps(result))
+
+
+def publish(text: str, args, data: dict, results: dict) -> None:
+    """Prints the report and, with ``--json``, writes it with the raw results."""
+    print(text)
+    if args.json:
+        args.json.write_text(json.dumps({"report": text, "data": data, "results": results,
+                                         "args": {k: str(v) for k, v in vars(args).items()}}, indent=2))

@@ -33,23 +33,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-from common import StepStats, load_average, machine_description, markdown_table, step_durations, usable_cores
+from common import (
+    ADAM_BETAS,
+    ADAM_EPS,
+    MAX_GRAD_NORM,
+    StepStats,
+    load_average,
+    machine_description,
+    markdown_table,
+    publish,
+    run_sequentially,
+    step_durations,
+    usable_cores,
+    worker_main,
+)
 
 IMPLS = ("chatrlhf", "trl")
 REWARD = "chatrlhf.rewards.examples:length_reward"
-ADAM_BETAS = (0.9, 0.95)  # chatrlhf's (DeepSpeed-Chat's) betas; TRL's default beta2 is 0.999
-ADAM_EPS = 1e-8
-MAX_GRAD_NORM = 1.0
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-               "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
 
 
 def grpo_config(args, out: Path):
@@ -206,32 +210,6 @@ def run_trl(args, workdir: Path) -> dict:
 WORKERS = {"chatrlhf": run_chatrlhf, "trl": run_trl}
 
 
-def worker(impl: str, workdir: Path) -> None:
-    """Entry point of a worker process: runs one implementation, writes ``result-<impl>.json``."""
-    import torch
-
-    args = argparse.Namespace(**json.loads((workdir / "args.json").read_text()))
-    torch.set_num_threads(args.threads)
-    result = WORKERS[impl](args, workdir)
-    # A library that changed the thread count would skew the comparison: report it.
-    result["threads_after"] = torch.get_num_threads()
-    (workdir / f"result-{impl}.json").write_text(json.dumps(result))
-
-
-def run_worker(impl: str, workdir: Path, threads: int) -> dict:
-    """Runs ``impl`` in a fresh interpreter (no allocator, thread pool or patched class shared with the
-    other run) and returns its result; on failure, raises with the end of its log."""
-    env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    log = workdir / f"log-{impl}.txt"
-    with open(log, "w") as f:
-        proc = subprocess.run([sys.executable, __file__, "--worker", impl, "--workdir", str(workdir)], env=env,
-                              stdout=f, stderr=subprocess.STDOUT)
-    if proc.returncode:
-        raise RuntimeError(f"{impl} worker failed (exit {proc.returncode}); end of {log.name}:\n"
-                           f"{log.read_text(errors='replace')[-4000:]}")
-    return json.loads((workdir / f"result-{impl}.json").read_text())
-
-
 # ---- report ---------------------------------------------------------------------------------------------
 def report(results: dict[str, dict], args, data: dict) -> str:
     answers = args.prompts * args.group
@@ -312,25 +290,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.worker:
-        worker(args.worker, args.workdir)
+        worker_main(WORKERS, args.worker, args.workdir)
         return
-    os.environ.update(OFFLINE_ENV)
-    impls = [i for i in IMPLS if i in args.impls.split(",")]
-    with tempfile.TemporaryDirectory(prefix="grpo-vs-trl-") as tmp:
-        workdir = Path(tmp)
-        saved = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-        (workdir / "args.json").write_text(json.dumps(saved))
-        data = prepare_prompts(args, workdir)
-        results = {}
-        for impl in impls:
-            t0 = time.perf_counter()
-            results[impl] = run_worker(impl, workdir, args.threads)
-            print(f"{impl}: done in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-    text = report(results, args, data)
-    print(text)
-    if args.json:
-        args.json.write_text(json.dumps({"report": text, "data": data, "results": results,
-                                         "args": {k: str(v) for k, v in vars(args).items()}}, indent=2))
+    results, data = run_sequentially(args, IMPLS, __file__, prepare_prompts, "grpo-vs-trl-")
+    publish(report(results, args, data), args, data, results)
 
 
 if __name__ == "__main__":

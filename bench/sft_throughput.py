@@ -37,15 +37,21 @@ import time
 import traceback
 from pathlib import Path
 
-from common import StepStats, load_average, machine_description, markdown_table, paired_speedup, usable_cores
+from common import (
+    ADAM_BETAS,
+    ADAM_EPS,
+    MAX_GRAD_NORM,
+    OFFLINE_ENV,
+    StepStats,
+    load_average,
+    machine_description,
+    markdown_table,
+    paired_speedup,
+    usable_cores,
+)
 
 IMPLS = ("plain", "trl", "chatrlhf")
 MODEL = "smollm2-135m-instruct"
-ADAM_BETAS = (0.9, 0.95)  # chatrlhf's (DeepSpeed-Chat's) betas; TRL's default beta2 is 0.999
-ADAM_EPS = 1e-8
-MAX_GRAD_NORM = 1.0
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-               "TOKENIZERS_PARALLELISM": "false"}
 
 # ---- data: synthetic multi-turn conversations ----------------------------------------------------------
 _SUBJECTS = ("a sourdough starter", "a small vegetable garden", "a home Wi-Fi network", "a monthly budget",
