@@ -252,8 +252,8 @@ def _update(cfg: PPOConfig, actor: Engine, critic: Engine | None, exp: Experienc
             step: dict[str, float] = {}
             for j, s in enumerate(idx.split(micro)):
                 st = _micro_step(cfg, actor, critic, exp, s, tokens, world, kl_coef, ptx, (it, updates, j))
-                for k, v in st.items():
-                    _add(step, k, v / len(idx.split(micro)) if k == "ptx/loss" else v)
+                for k, v in st.items():  # every stat is a share of the mini-batch's: they sum to it
+                    _add(step, k, v)
             step = {k: actor.all_reduce(torch.tensor(v, dtype=torch.float64)).item() for k, v in step.items()}
             if updates == 0:  # before any update: exactly 1 when rollout and training forwards agree
                 first_ratio = step["ratio"]
@@ -294,7 +294,7 @@ def _micro_step(cfg: PPOConfig, actor: Engine, critic: Engine | None, exp: Exper
     if ptx is not None:
         ptx_loss = ptx.loss(actor, ptx_key)
         loss = loss + cfg.ptx_coef * ptx_loss
-        st["ptx/loss"] = ptx_loss
+        st["ptx/loss"] = ptx_loss / world  # stats are summed over processes; this one is a per-process mean
     actor.backward(loss * world)  # x world: DeepSpeed averages gradients over processes
     actor.step()
     if critic is not None:
