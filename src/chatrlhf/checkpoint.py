@@ -38,6 +38,7 @@ MANIFEST = "manifest.json"
 POINTER = "latest"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _SCRATCH_DIR = re.compile(r"^(tmp|trash)-(\d+)-(\d+)$")
+_SCRATCH_DOT = re.compile(r"^\..+\.(tmp|old)-(\d+)$")  # write_json_atomic's and publish_dir's scratch names
 
 
 class CheckpointError(RuntimeError):
@@ -127,7 +128,7 @@ def save_tensor_tree(tree: Any, directory: str | os.PathLike, name: str) -> None
 def load_tensor_tree(directory: str | os.PathLike, name: str, device: str | torch.device = "cpu") -> Any:
     """Inverse of :func:`save_tensor_tree`."""
     directory = Path(directory)
-    skeleton = json.loads(_read_text(directory / f"{name}.json"))
+    skeleton = read_json(directory / f"{name}.json")
     return _decode(skeleton, load_tensors(directory / f"{name}.safetensors", device))
 
 
@@ -205,6 +206,15 @@ def _read_text(path: Path) -> str:
     return path.read_text()
 
 
+def read_json(path: str | os.PathLike) -> Any:
+    """A checkpoint's JSON file; a missing or unparsable one is a :class:`CheckpointError` naming it."""
+    path = Path(path)
+    try:
+        return json.loads(_read_text(path))
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err}); the checkpoint is damaged") from err
+
+
 # ---- atomic commit, pointer, rotation ---------------------------------------------------------------------
 
 
@@ -271,19 +281,21 @@ def _pid_alive(pid: int) -> bool:
 
 
 def clean_stale(root: str | os.PathLike) -> list[Path]:
-    """Removes ``tmp-*``/``trash-*`` dirs left by a crashed save (their writer process is gone, or it is
-    this process). Dirs of another live process are left alone. Returns what was removed."""
+    """Removes scratch left in ``root`` by a crashed writer: ``tmp-*``/``trash-*`` checkpoint dirs and the
+    ``.NAME.tmp-PID``/``.NAME.old-PID`` files or dirs of atomic writes and renames. Only entries whose
+    writer process is gone (or is this process) are removed; another live process's are left alone."""
     root = Path(root)
     removed = []
     if not root.is_dir():
         return removed
     for entry in root.iterdir():
         m = _SCRATCH_DIR.match(entry.name)
-        if m and entry.is_dir():
-            pid = int(m.group(3))
-            if pid == os.getpid() or not _pid_alive(pid):
-                shutil.rmtree(entry, ignore_errors=True)
-                removed.append(entry)
+        pid = int(m.group(3)) if m and entry.is_dir() else None
+        if m is None and (m := _SCRATCH_DOT.match(entry.name)):
+            pid = int(m.group(2))
+        if pid is not None and (pid == os.getpid() or not _pid_alive(pid)):
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+            removed.append(entry)
     return removed
 
 
@@ -453,6 +465,11 @@ class TrainerState:
     """Optimizer steps done inside ``epoch``: the data position to continue from."""
     samples_seen: int = 0
     """Training samples consumed so far (all processes)."""
+    world_size: int = 0
+    """Processes of the run that wrote it (0: not recorded)."""
+    global_batch: int = 0
+    """Samples per optimizer step over all processes (0: not recorded). A resume with another process count
+    continues the same data stream and schedule only if this stays the same."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Anything else a stage must restore (KL controller, reward normaliser, best metric): JSON values."""
 
@@ -463,7 +480,9 @@ def save_trainer_state(directory: str | os.PathLike, state: TrainerState) -> Non
 
 def load_trainer_state(directory: str | os.PathLike) -> TrainerState:
     path = Path(directory) / "trainer_state.json"
-    data = json.loads(_read_text(path))
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
     unknown = set(data) - {f for f in TrainerState.__dataclass_fields__}
     if unknown:
         raise CheckpointError(f"{path}: unknown fields {sorted(unknown)}")

@@ -3,13 +3,22 @@
 Every option of a stage's typed config is a flag (``--engine.learning_rate 1e-5``); ``--config FILE.yaml``
 loads any of them from YAML first, and flags given after it override it. ``--preset NAME`` loads a
 shipped YAML preset (see ``chatrlhf/presets/``) the same way.
+
+A mistake in the flags, a YAML file, the data, a model dir or a checkpoint ends the command with one line
+on stderr (``chatrlhf <command>: error: ...``) that names what is wrong and how to fix it, and exit
+status 2; a run stopped by NaN/inf losses exits with 1.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import re
 import sys
+import typing
+from argparse import ArgumentError
 from importlib import resources
+from pathlib import Path
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
@@ -23,6 +32,11 @@ from chatrlhf.config import (
     RMConfig,
     SFTConfig,
 )
+
+EXIT_INPUT_ERROR = 2
+"""Flags, YAML, data, model dirs or checkpoints are wrong: fix the input and run again."""
+EXIT_NONFINITE = 1
+"""The run stopped on NaN/inf losses or gradients (``FloatingPointError``)."""
 
 
 def _presets() -> dict[str, str]:
@@ -43,7 +57,7 @@ def _expand_preset(argv: list[str]) -> list[str]:
         if arg == "--preset" or arg.startswith("--preset="):
             presets = _presets()
             if name not in presets:
-                raise SystemExit(f"chatrlhf: unknown --preset {name!r}; available: {', '.join(sorted(presets))}")
+                raise ConfigError(f"unknown --preset {name!r}. Fix: use one of: {', '.join(sorted(presets))}")
             out += ["--config", presets[name]]
         else:
             out.append(arg)
@@ -81,11 +95,15 @@ def _config_class(name: str):
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="chatrlhf", description="Align chat LLMs with human feedback.")
+    # exit_on_error=False: parse errors come back as ArgumentError and main() prints them as one line (the
+    # default prints the whole usage first). allow_abbrev=False: a misspelt flag such as
+    # --engine.learning_rat is an error, not silently taken as the flag it abbreviates.
+    parser = ArgumentParser(prog="chatrlhf", description="Align chat LLMs with human feedback.",
+                            exit_on_error=False, allow_abbrev=False)
     subcommands = parser.add_subcommands(dest="command")
     for name in COMMANDS:
         cls = _config_class(name)
-        sub = ArgumentParser(description=cls.__doc__)
+        sub = ArgumentParser(description=cls.__doc__, exit_on_error=False, allow_abbrev=False)
         sub.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the options below.")
         if name == "train":
             sub.add_argument("--preset", type=str, help=f"Shipped config preset: {', '.join(sorted(_presets()))}.")
@@ -100,10 +118,132 @@ def _strip_local_rank(argv: list[str]) -> list[str]:
     return [a for a in argv if not a.startswith("--local_rank=")]
 
 
+# ----------------------------------------------------------------------------- parse errors as one line
+def _command_of(argv: list[str]) -> str | None:
+    """The subcommand: the first argument that is not a flag (the top-level parser has no options)."""
+    first = next((a for a in argv if not a.startswith("-")), None)
+    return first if first in COMMANDS else None
+
+
+def _config_files(argv: list[str]) -> list[str]:
+    """The values given to ``--config`` (``--config F`` or ``--config=F``), in order."""
+    files = []
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            files.append(argv[i + 1])
+        elif arg.startswith("--config="):
+            files.append(arg.split("=", 1)[1])
+    return files
+
+
+def _check_config_file(value: str) -> None:
+    """Reads one ``--config`` file up front, so a missing file, a YAML syntax error or a file that is not
+    a mapping is reported with the file's name, line and column instead of jsonargparse's generic text."""
+    import yaml
+
+    if "\n" in value or value.lstrip().startswith("{"):
+        return  # an inline YAML/JSON string, which jsonargparse accepts as well
+    path = Path(value).expanduser()
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise ConfigError(f"--config {value} {what}. Fix: pass the path of a YAML file of options "
+                          "(relative paths start at the working directory).")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"--config {value} is not valid YAML: {problem}{where}. Fix: correct the YAML "
+                          "syntax there (a mapping of option: value lines).") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"--config {value} is not UTF-8 text ({err.reason}). Fix: save it as UTF-8 YAML.") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"--config {value} holds a YAML {type(data).__name__}, not a mapping of options. "
+                          "Fix: write option: value lines, e.g. 'engine:' then '  learning_rate: 1.0e-5'.")
+
+
+def _flag_names(cls, prefix: str = "") -> list[str]:
+    """Every dotted option of a config dataclass: ``engine.learning_rate``, ``run.output_dir``, ..."""
+    hints = typing.get_type_hints(cls)
+    names = []
+    for f in dataclasses.fields(cls):
+        name = f"{prefix}{f.name}"
+        names.append(name)
+        if dataclasses.is_dataclass(hints.get(f.name)):
+            names += _flag_names(hints[f.name], f"{name}.")
+    return names
+
+
+def _did_you_mean(name: str, known: list[str], prefix: str = "") -> str:
+    """`` Did you mean --engine.learning_rate?`` for the closest known name, or ""."""
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    return f" Did you mean {prefix}{close[0]}?" if close else ""
+
+
+def _yaml_has_key(value: str, key: str) -> bool:
+    import yaml
+
+    try:
+        node = yaml.safe_load(Path(value).expanduser().read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return False
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _where(key: str, got: str, argv: list[str]) -> str:
+    """``--KEY`` when that flag gave the bad value, else the --config file(s) that set the key."""
+    flag = f"--{key}"
+    for i, arg in enumerate(argv):
+        value = argv[i + 1] if arg == flag and i + 1 < len(argv) else arg.partition("=")[2]
+        if (arg == flag or arg.startswith(flag + "=")) and value == got:
+            return flag
+    files = [f for f in _config_files(argv) if _yaml_has_key(f, key)]
+    return f"'{key}' in --config {', '.join(files)}" if files else flag
+
+
+def _simplify_expected(text: str) -> str:
+    """jsonargparse's ``Expected a typing.Literal[0, 1]`` / ``<class 'int'>`` in words."""
+    text = re.sub(r"Expected a typing\.Literal\[(.*?)\]\.", r"must be one of \1.", text)
+    return re.sub(r"Expected a <class '(\w+)'>\.", r"must be a value of type \1.", text)
+
+
+def _parse_error_message(err: ArgumentError, argv: list[str], command: str | None) -> str:
+    """One line naming the flag or YAML key, what is wrong, and the fix."""
+    msg = " ".join(str(err).split())
+    help_hint = f"`chatrlhf {command} --help` lists the options" if command else "`chatrlhf --help` lists the commands"
+    known = _flag_names(_config_class(command)) if command else []
+    if m := re.match(r'Parser key "([^"]+)": (.*?)(?: Got value: (.*))?$', msg):
+        key, problem, got = m.groups()
+        where = _where(key, got or "", argv)
+        bad = f" {got!r}" if got is not None else ""
+        return f"{where}: bad value{bad}: {_simplify_expected(problem)} Fix: give a valid value ({help_hint})."
+    if m := re.match(r"Subcommand '\w+' does not accept option '([^']+)'", msg):
+        key = m.group(1)
+        files = ", ".join(_config_files(argv))
+        return (f"unknown option '{key}' in --config {files}.{_did_you_mean(key, known)} "
+                f"Fix: correct or remove that key ({help_hint}).")
+    if m := re.match(r"unrecognized arguments: (.*)", msg):
+        flags = [a for a in m.group(1).split() if a.startswith("--")]
+        guess = _did_you_mean(flags[0][2:].split("=")[0], known, "--") if flags else ""
+        return f"unknown flag(s): {m.group(1)}.{guess} Fix: correct or remove them ({help_hint})."
+    return f"{msg.rstrip('.')}. Fix: correct the command line ({help_hint})."
+
+
 def parse(argv: list[str]):
-    """Returns (command name, the stage's config dataclass)."""
+    """Returns (command name, the stage's config dataclass). Raises ConfigError with a one-line message."""
+    argv = _expand_preset(_strip_local_rank(argv))
+    for value in _config_files(argv):
+        _check_config_file(value)
     parser = build_parser()
-    ns = parser.parse_args(_expand_preset(_strip_local_rank(argv)))
+    try:
+        ns = parser.parse_args(argv)
+    except ArgumentError as err:
+        raise ConfigError(_parse_error_message(err, argv, _command_of(argv))) from None
     command = ns.command
     init = parser.instantiate(ns)[command]
     cls = _config_class(command)
@@ -111,17 +251,52 @@ def parse(argv: list[str]):
     return command, cfg
 
 
-def main(argv: list[str] | None = None) -> int:
-    command, cfg = parse(sys.argv[1:] if argv is None else argv)
-    module, fn = COMMANDS[command][1].split(":")
-    import importlib
+def _resume_flag(command: str | None) -> str:
+    return "--resume" if command == "train" else "--run.resume"
 
+
+def _overwrite_flag(command: str | None) -> str:
+    return "--overwrite" if command == "train" else "--run.overwrite"
+
+
+def _one_line(err: BaseException) -> str:
+    # Some library messages span lines; the error stays one line so it reads as one in logs and scripts.
+    return " ".join(str(err).split())
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    prefix = f"chatrlhf {_command_of(argv) or ''}".rstrip()
     try:
-        getattr(importlib.import_module(module), fn)(cfg)
-    except (ConfigError, ValueError, FileNotFoundError, ImportError) as err:
-        # User-actionable errors (bad flags, data, paths) print one clear line, not a traceback.
-        print(f"chatrlhf {command}: error: {err}", file=sys.stderr)
-        return 2
+        command, cfg = parse(argv)
+        prefix = f"chatrlhf {command}"
+        # Config mistakes fail here, in a second, before the stage imports torch, DeepSpeed and the model.
+        if hasattr(cfg, "validate"):
+            cfg.validate()
+        module, fn = COMMANDS[command][1].split(":")
+        import importlib
+
+        run = getattr(importlib.import_module(module), fn)
+        from chatrlhf.checkpoint import CheckpointError
+
+        try:
+            run(cfg)
+        except CheckpointError as err:
+            # The checkpoint module names the file and the problem (and a setting to change where one would
+            # fix it); what to do with a damaged checkpoint is the same for every file, so it is said here.
+            # "Move", not "delete": the checkpoint may be fine for the run it came from.
+            print(f"{prefix}: error: checkpoint: {_one_line(err)}. If the checkpoint is damaged: move its step dir out of "
+                  f"the checkpoints dir to resume from the previous complete one, or start over with "
+                  f"{_overwrite_flag(command)} true instead of {_resume_flag(command)}.", file=sys.stderr)
+            return EXIT_INPUT_ERROR
+    except (ConfigError, ValueError, OSError, ImportError) as err:
+        # User-actionable errors (bad flags, YAML, data, paths, model dirs) print one clear line, not a
+        # traceback. OSError covers FileNotFoundError and the I/O errors that name their path.
+        print(f"{prefix}: error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_INPUT_ERROR
+    except FloatingPointError as err:
+        print(f"{prefix}: error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_NONFINITE
     return 0
 
 

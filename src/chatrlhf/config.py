@@ -89,8 +89,15 @@ class EngineConfig:
     """Global gradient-norm clip; 0 disables clipping."""
     seed: int = 42
     """Seed for model init (heads), dropout and data order."""
+    max_consecutive_nonfinite: int = 3
+    """A NaN/inf loss or gradient skips that optimizer step (weights and optimizer state unchanged; counted
+    and logged as ``skipped_steps``); after this many skips in a row the run stops (0: never stop)."""
 
     def validate(self) -> None:
+        if self.max_consecutive_nonfinite < 0:
+            raise ConfigError(
+                f"engine.max_consecutive_nonfinite must be >= 0 (0: never stop), got {self.max_consecutive_nonfinite}"
+            )
         if self.micro_batch_size < 1:
             raise ConfigError(f"engine.micro_batch_size must be >= 1, got {self.micro_batch_size}")
         if self.gradient_accumulation_steps < 1:
@@ -126,6 +133,15 @@ class RunConfig:
     progress: bool = True
     """Show progress bars."""
 
+    def validate(self) -> None:
+        if self.keep_last < 1:
+            raise ConfigError(f"run.keep_last must be >= 1 (the newest checkpoint is always kept), got {self.keep_last}")
+        for name in ("save_every", "eval_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"run.{name} must be >= 0 (0: only at the end), got {getattr(self, name)}")
+        if self.log_every < 1:
+            raise ConfigError(f"run.log_every must be >= 1, got {self.log_every}")
+
 
 @dataclass
 class SFTConfig:
@@ -144,6 +160,7 @@ class SFTConfig:
 
     def validate(self) -> None:
         self.engine.validate()
+        self.run.validate()
         if self.epochs < 1 and self.max_steps < 1:
             raise ConfigError("set epochs >= 1 or max_steps >= 1")
 
@@ -170,6 +187,7 @@ class RMConfig:
 
     def validate(self) -> None:
         self.engine.validate()
+        self.run.validate()
         if self.num_levels < 2:
             raise ConfigError(f"num_levels must be >= 2, got {self.num_levels}")
 
@@ -312,6 +330,7 @@ class PPOConfig:
     def validate(self) -> None:
         self.actor_engine.validate()
         self.critic_engine.validate()
+        self.run.validate()
         self.generation.validate()
         if not self.reward:
             raise ConfigError("--reward is required: a reward-model dir (from `chatrlhf rm`), 'rater', "
@@ -413,6 +432,7 @@ class DPOConfig:
 
     def validate(self) -> None:
         self.engine.validate()
+        self.run.validate()
         if self.loss not in ("sigmoid", "ipo"):
             raise ConfigError(f"loss must be 'sigmoid' (DPO, cDPO) or 'ipo', got {self.loss!r}")
         if not self.beta > 0:  # also catches NaN

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -136,6 +137,10 @@ def _merged(module: torch.nn.Module, lora: bool):
         module.unmerge_adapter()
 
 
+class NonFiniteError(FloatingPointError):
+    """Too many optimizer steps in a row had a NaN/inf loss or gradient."""
+
+
 class Engine:
     """DeepSpeed behind one small object (see the module docstring for the gradient semantics).
 
@@ -198,6 +203,10 @@ class Engine:
             self._ds.enable_backward_allreduce = False
         self._params = [p for g in optimizer.param_groups for p in g["params"]]
         self.optimizer_steps = 0
+        self.skipped_steps = 0
+        """Optimizer steps skipped for a NaN/inf loss or gradient (or an fp16 loss-scale overflow)."""
+        self.consecutive_skips = 0
+        self._nonfinite_loss = False
         self.grad_norm: float | None = None
         self._last_lr = self.current_lr()
 
@@ -235,43 +244,86 @@ class Engine:
 
     # ---- optimisation -------------------------------------------------------------------------------------
     def backward(self, loss: torch.Tensor) -> None:
-        """Adds grad(loss) to the accumulated gradients (no division by the accumulation steps)."""
+        """Adds grad(loss) to the accumulated gradients (no division by the accumulation steps).
+
+        A non-finite loss is turned into all-NaN gradients (``loss * nan``), so that the step it belongs
+        to is skipped by the same check as a non-finite gradient, on every ZeRO stage alike.
+        """
+        if not bool(torch.isfinite(loss.detach()).all()):
+            self._nonfinite_loss = True
+            loss = loss * float("nan")
         self._ds.backward(loss, scale_wrt_gas=False)
 
     def step(self) -> bool:
         """Ends a micro-batch; at the accumulation boundary clips, updates and advances the LR.
 
-        Returns True when an optimizer step happened. A non-finite gradient norm raises
-        ``FloatingPointError`` (with plain fp32 data parallel before the weights change).
+        Returns True when an optimizer step happened. A NaN/inf loss or gradient norm skips the update:
+        weights, optimizer state and LR schedule stay as they were, ``skipped_steps`` counts it, and after
+        ``engine.max_consecutive_nonfinite`` skips in a row :class:`NonFiniteError` stops the run.
+        (fp16 loss-scale overflows are skipped the same way but only a non-finite loss counts toward the stop.)
         """
-        boundary = self._ds.is_gradient_accumulation_boundary()
-        norm = None
-        if boundary:
-            self._last_lr = self.current_lr()
-            if self._own_clip:
-                grads = [p.grad for p in self._params if p.grad is not None]
-                norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-                self._check_finite(float(norm))
-                if self.cfg.max_grad_norm > 0:
-                    torch.nn.utils.clip_grads_with_norm_(self._params, self.cfg.max_grad_norm, norm)
-        self._ds.step()
-        if not boundary:
+        if not self._ds.is_gradient_accumulation_boundary():
+            self._ds.step()
             return False
-        if not self._own_clip:
+        self._last_lr = self.current_lr()
+        norm = None
+        if self._own_clip:
+            grads = [p.grad for p in self._params if p.grad is not None]
+            total = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+            norm = float(total)
+            if math.isfinite(norm):
+                if self.cfg.max_grad_norm > 0:
+                    torch.nn.utils.clip_grads_with_norm_(self._params, self.cfg.max_grad_norm, total)
+                self._ds.step()
+            else:
+                self._skip_update()
+        else:
+            self._ds.step()  # ZeRO and bf16/fp16 optimizers check for inf/NaN themselves and skip
             norm = self._ds.get_global_grad_norm()
         self.grad_norm = None if norm is None else float(norm)
-        if self.grad_norm is not None:
-            self._check_finite(self.grad_norm)
         applied = self._ds.was_step_applied()
         self.optimizer_steps += int(applied)
+        self._after_boundary(applied)
         return applied
 
-    def _check_finite(self, norm: float) -> None:
-        # fp16 overflows are routine: DeepSpeed's loss scaler skips the step and lowers the scale.
-        if not math.isfinite(norm) and self.dtype != "float16":
-            raise FloatingPointError(
-                f"gradient norm is {norm} at optimizer step {self.optimizer_steps + 1}: a loss or gradient "
-                "became NaN/inf. Lower engine.learning_rate or check the data of that step."
+    def _skip_update(self) -> None:
+        # Plain AdamW: drop the gradients (params without one are left untouched, state included) and let
+        # DeepSpeed see an overflow, so it books a skipped step and leaves the LR schedule where it was.
+        for p in self._params:
+            p.grad = None
+        optimizer = self._ds.optimizer
+        optimizer.overflow = True
+        try:
+            self._ds.step()
+        finally:
+            del optimizer.overflow
+
+    def _after_boundary(self, applied: bool) -> None:
+        nonfinite_loss = self._nonfinite_loss
+        self._nonfinite_loss = False
+        if applied:
+            self.consecutive_skips = 0
+            return
+        self.skipped_steps += 1
+        if self.dtype == "float16":  # loss-scale overflows are routine; agree on the loss flag across ranks
+            flag = self.all_reduce(torch.tensor([int(nonfinite_loss)], dtype=torch.long))
+            if not flag.item():
+                return
+        self.consecutive_skips += 1
+        step = self._ds.global_steps
+        if self.is_rank_0:
+            print(
+                f"[chatrlhf] optimizer step {step} skipped: non-finite {'loss' if nonfinite_loss else 'gradient'} "
+                f"(grad norm {self.grad_norm}); {self.consecutive_skips} in a row, {self.skipped_steps} in all",
+                flush=True,
+            )
+        limit = self.cfg.max_consecutive_nonfinite
+        if limit and self.consecutive_skips >= limit:
+            raise NonFiniteError(
+                f"stopping at optimizer step {step}: {self.consecutive_skips} steps in a row had a NaN/inf loss "
+                "or gradient (each was skipped, the weights are unchanged). Lower engine.learning_rate, check "
+                "the data of those steps, or raise engine.max_consecutive_nonfinite; --run.resume true restarts "
+                "from the last checkpoint."
             )
 
     # ---- collectives --------------------------------------------------------------------------------------
@@ -424,6 +476,8 @@ class Engine:
         engine = {
             **counters,
             "optimizer_steps": self.optimizer_steps,
+            "nonfinite_skips": self.skipped_steps,
+            "consecutive_skips": self.consecutive_skips,
             "zero_stage": self.cfg.zero_stage,
             "world_size": self.world_size,
             "dtype": self.dtype,
@@ -445,7 +499,7 @@ class Engine:
             (out / "engine.json").write_text(json.dumps(state["engine"], indent=2))
 
     def _check_compatible(self, directory: Path) -> None:
-        saved = json.loads((directory / "engine.json").read_text())
+        saved = ckpt.read_json(directory / "engine.json")
         if saved["zero_stage"] != self.cfg.zero_stage:
             raise ckpt.CheckpointError(
                 f"{directory} was saved with ZeRO stage {saved['zero_stage']} but this run uses "
@@ -467,7 +521,13 @@ class Engine:
         with self.gathered_parameters(modifier_rank=0):
             if self.cfg.zero_stage != 3 or self.is_rank_0:
                 weights = ckpt.load_weights(src / "model.safetensors", device=self.device)
-                self.module.load_state_dict(weights, strict=True)
+                try:
+                    self.module.load_state_dict(weights, strict=True)
+                except RuntimeError as err:  # missing/unexpected keys, size mismatches
+                    raise ckpt.CheckpointError(
+                        f"{src / 'model.safetensors'} does not fit this model: {err}. Resume with the model "
+                        "the checkpoint was trained from (--model.name_or_path of that run)."
+                    ) from err
         optimizer = ckpt.load_tensor_tree(src, self._optimizer_file(), device=self.device)
         if self.cfg.zero_stage == 0:  # torch AdamW, or DeepSpeed's fp16/bf16 wrapper of it
             self._ds.optimizer.load_state_dict(optimizer)
@@ -485,11 +545,13 @@ class Engine:
             per_rank: list[Any] = [None] * self.world_size
             per_rank[self.rank] = optimizer
             current.load_state_dict(per_rank, load_optimizer_states=True, load_from_fp32_weights=True)
-        self._scheduler.load_state_dict(json.loads((src / "scheduler.json").read_text()))
-        engine = json.loads((src / "engine.json").read_text())
+        self._scheduler.load_state_dict(ckpt.read_json(src / "scheduler.json"))
+        engine = ckpt.read_json(src / "engine.json")
         for key in ("global_steps", "global_samples", "micro_steps", "skipped_steps"):
             setattr(self._ds, key, engine[key])
         self.optimizer_steps = engine["optimizer_steps"]
+        self.skipped_steps = engine.get("nonfinite_skips", 0)
+        self.consecutive_skips = engine.get("consecutive_skips", 0)
         self._last_lr = self.current_lr()
 
     def save_checkpoint(
@@ -499,33 +561,62 @@ class Engine:
         trainer_state: ckpt.TrainerState | None = None,
         keep_last: int = 2,
     ) -> Path:
-        """Crash-safe checkpoint ``root/step-<step>`` (engine state, RNG per rank, trainer state), then
-        ``root/latest`` and rotation. All ranks must call it; assumes a filesystem shared by all ranks."""
-        root = Path(root)
-        pid = os.getpid()
-        if self.is_rank_0:
-            ckpt.begin_checkpoint(root, step)
-        tmp = ckpt.tmp_dir_for(root, step, self.broadcast_int(pid))  # rank 0's pid names the dir
-        self.barrier()
-        self.write_checkpoint_state(tmp)
-        ckpt.save_rng_state(tmp, self.rank)
-        if self.is_rank_0 and trainer_state is not None:
-            ckpt.save_trainer_state(tmp, trainer_state)
-        self.barrier()
-        if self.is_rank_0:
-            ckpt.commit_checkpoint(root, tmp, step, keep_last)
-        self.barrier()
-        return root / f"step-{step}"
+        """Crash-safe checkpoint of this engine alone; see :func:`save_checkpoint`."""
+        return save_checkpoint(root, step, {"": self}, trainer_state, keep_last)
 
     def load_checkpoint(self, path: str | os.PathLike) -> ckpt.TrainerState | None:
-        """Restores engine state and this rank's RNG from a complete checkpoint dir; returns the trainer
-        state saved with it (None if there was none)."""
-        path = Path(path)
-        if not ckpt.is_complete(path):
-            raise ckpt.CheckpointError(
-                f"{path} is not a complete checkpoint (manifest missing or files cut short)"
-            )
-        self.load_checkpoint_state(path)
-        ckpt.load_rng_state(path, self.rank)
-        has_state = (path / "trainer_state.json").is_file()
-        return ckpt.load_trainer_state(path) if has_state else None
+        """Inverse of :meth:`save_checkpoint`; see :func:`load_checkpoint`."""
+        return load_checkpoint(path, {"": self})
+
+
+def save_checkpoint(
+    root: str | os.PathLike,
+    step: int,
+    engines: dict[str, Engine],
+    trainer_state: ckpt.TrainerState | None = None,
+    keep_last: int = 2,
+    write_extra: Callable[[Path], None] | None = None,
+) -> Path:
+    """One crash-safe checkpoint ``root/step-<step>`` of several engines trained together (the actor and
+    the critic: each in its own subdir, ``""`` = the top level), the RNG of every rank, the trainer state
+    and whatever ``write_extra(dir)`` writes on rank 0 (e.g. EMA weights); then ``root/latest`` and rotation.
+
+    They are committed together by one rename, so a crash can never leave an actor at step N beside a critic
+    at step N-k. All ranks must call it; assumes a filesystem shared by all ranks.
+    """
+    root = Path(root)
+    first = next(iter(engines.values()))
+    if first.is_rank_0:
+        ckpt.begin_checkpoint(root, step)
+        for name in engines:
+            if name:
+                (ckpt.tmp_dir_for(root, step) / name).mkdir()
+    tmp = ckpt.tmp_dir_for(root, step, first.broadcast_int(os.getpid()))  # rank 0's pid names the dir
+    first.barrier()
+    for name, engine in engines.items():
+        engine.write_checkpoint_state(tmp / name if name else tmp)
+    ckpt.save_rng_state(tmp, first.rank)
+    if first.is_rank_0:
+        if trainer_state is not None:
+            ckpt.save_trainer_state(tmp, trainer_state)
+        if write_extra is not None:
+            write_extra(tmp)
+    first.barrier()
+    if first.is_rank_0:
+        ckpt.commit_checkpoint(root, tmp, step, keep_last)
+    first.barrier()
+    return root / f"step-{step}"
+
+
+def load_checkpoint(path: str | os.PathLike, engines: dict[str, Engine]) -> ckpt.TrainerState | None:
+    """Restores what :func:`save_checkpoint` wrote into ``engines`` and this rank's RNG; returns the trainer
+    state saved with it (None if there was none)."""
+    path = Path(path)
+    if not ckpt.is_complete(path):
+        raise ckpt.CheckpointError(f"{path} is not a complete checkpoint (manifest missing or files cut short)")
+    for name, engine in engines.items():
+        engine.load_checkpoint_state(path / name if name else path)
+    first = next(iter(engines.values()))
+    ckpt.load_rng_state(path, first.rank)
+    has_state = (path / "trainer_state.json").is_file()
+    return ckpt.load_trainer_state(path) if has_state else None

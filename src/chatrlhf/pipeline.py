@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from chatrlhf.checkpoint import write_json_atomic
-from chatrlhf.config import PipelineConfig
+from chatrlhf.config import ConfigError, PipelineConfig
 from chatrlhf.training import MODEL_SUBDIR, write_resolved_config
 
 
@@ -18,6 +18,17 @@ def _finished(stage_dir: str) -> dict | None:
     if (Path(stage_dir) / MODEL_SUBDIR / "config.json").exists() and path.exists():
         return json.loads(path.read_text())
     return None
+
+
+def _refuse_finished(cfg: PipelineConfig, stages) -> None:
+    """A finished stage model needs --resume or --overwrite; checked before anything is written (the
+    stage's own check comes after config.yaml is rewritten, and names the stage flag --run.overwrite)."""
+    if cfg.overwrite or cfg.resume:
+        return
+    done = [s.run.output_dir for _, s, _ in stages if (Path(s.run.output_dir) / MODEL_SUBDIR / "config.json").exists()]
+    if done:
+        raise ConfigError(f"{', '.join(done)} already hold(s) a finished model. Pass --resume true to skip finished "
+                          "stages and continue, --overwrite true to replace them, or choose another --output_dir.")
 
 
 def _stages(cfg: PipelineConfig):
@@ -37,6 +48,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     stages = _stages(cfg)
     for _, stage_cfg, _ in stages:
         stage_cfg.validate()  # all config errors before the first hour of training, not after it
+    _refuse_finished(cfg, stages)
     root = Path(cfg.output_dir)
     root.mkdir(parents=True, exist_ok=True)
     write_resolved_config(root, cfg)

@@ -20,6 +20,7 @@ import yaml
 from chatrlhf.config import ConfigError, RunConfig
 
 MODEL_SUBDIR = "model"
+CHECKPOINTS_SUBDIR = "checkpoints"
 
 
 def set_seed(seed: int) -> None:
@@ -41,7 +42,18 @@ def prepare_output_dir(run: RunConfig) -> Path:
             f"(the old one is kept until the new one is complete), --run.resume true to continue, "
             f"or choose another --run.output_dir."
         )
+    from chatrlhf.checkpoint import clean_stale, complete_checkpoints
+
+    found = complete_checkpoints(out / CHECKPOINTS_SUBDIR)
+    if found and not (run.overwrite or run.resume):
+        raise ConfigError(
+            f"{out / CHECKPOINTS_SUBDIR} holds checkpoints of an earlier run (latest: step {found[-1][0]}). Pass "
+            "--run.resume true to continue it, --run.overwrite true to start over (its checkpoints are replaced "
+            "as the new run saves), or choose another --run.output_dir."
+        )
     out.mkdir(parents=True, exist_ok=True)
+    for scratch in (out, out / CHECKPOINTS_SUBDIR):  # what a killed run left half-written
+        clean_stale(scratch)
     return out
 
 
@@ -54,17 +66,29 @@ def write_resolved_config(out: Path, cfg) -> None:
 
 
 class MetricsLogger:
-    """Metrics to ``metrics.jsonl`` (one JSON object per line) and TensorBoard, on rank 0 only."""
+    """Metrics to ``metrics.jsonl`` (one JSON object per line) and TensorBoard, on rank 0 only.
 
-    def __init__(self, out: Path, enabled: bool = True):
+    ``start`` is the step the run starts (or resumes) at: rows logged after it by an earlier attempt, which
+    the resumed run is about to redo, are dropped from both, so every step appears once. ``start`` 0 begins
+    a new log.
+    """
+
+    def __init__(self, out: Path, enabled: bool = True, start: int = 0):
         self.enabled = enabled
         self._writer = None
         self._file = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(str(out / "tensorboard"))
-            self._file = open(out / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115 - closed in close()
+            path = out / "metrics.jsonl"
+            kept = []
+            if start > 0 and path.exists():
+                kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= start]
+            tmp = path.with_name(f".metrics.jsonl.tmp-{os.getpid()}")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, path)
+            self._writer = SummaryWriter(str(out / "tensorboard"), purge_step=start + 1 if start > 0 else None)
+            self._file = open(path, "a", buffering=1)  # noqa: SIM115 - closed in close()
 
     def log(self, step: int, metrics: dict[str, float], prefix: str = "train") -> None:
         if not self.enabled:
@@ -133,8 +157,6 @@ def total_steps(plan: BatchPlan, epochs: int, max_steps: int) -> int:
     return max_steps if max_steps > 0 else plan.steps_per_epoch * epochs
 
 
-CHECKPOINTS_SUBDIR = "checkpoints"
-
 
 def save_training_checkpoint(out: Path, engine, step: int, run: RunConfig, plan: BatchPlan) -> None:
     """A resumable checkpoint: engine state (model, optimizer, scheduler), RNG per rank, data position.
@@ -144,11 +166,40 @@ def save_training_checkpoint(out: Path, engine, step: int, run: RunConfig, plan:
     from chatrlhf.checkpoint import TrainerState
 
     epoch, in_epoch = divmod(step, plan.steps_per_epoch)
-    state = TrainerState(step=step, epoch=epoch, step_in_epoch=in_epoch, samples_seen=step * plan.global_batch)
+    state = TrainerState(step=step, epoch=epoch, step_in_epoch=in_epoch, samples_seen=step * plan.global_batch,
+                         world_size=plan.world_size, global_batch=plan.global_batch)
     engine.save_checkpoint(out / CHECKPOINTS_SUBDIR, step, state, keep_last=run.keep_last)
 
 
-def resume_or_start(out: Path, engine, run: RunConfig) -> int:
+def check_resume_layout(path: Path, world_size: int, global_batch: int) -> None:
+    """Stops a resume whose batch layout differs from the checkpoint's: step N would then mean other data
+    and another LR schedule. (The process count may change when the global batch stays the same; ZeRO's
+    partitioned optimizer state is checked by the engine.)"""
+    from chatrlhf.checkpoint import CheckpointError, load_trainer_state
+
+    if not (path / "trainer_state.json").is_file():
+        return
+    state = load_trainer_state(path)
+    if state.global_batch and state.global_batch != global_batch:
+        raise CheckpointError(
+            f"{path} was written by {state.world_size} process(es) with {state.global_batch} samples per "
+            f"optimizer step, but this run has {world_size} process(es) with {global_batch}. Resume with the "
+            "same global batch (micro_batch_size x gradient_accumulation_steps x processes) or start a new run."
+        )
+
+
+def nothing_to_resume(out: Path, run: RunConfig) -> None:
+    """``--run.resume`` found no checkpoint: start at step 0, unless that would replace a finished model
+    without ``--run.overwrite``."""
+    if (out / MODEL_SUBDIR / "config.json").exists() and not run.overwrite:
+        raise ConfigError(
+            f"--run.resume: {out / CHECKPOINTS_SUBDIR} holds no complete checkpoint, and {out / MODEL_SUBDIR} "
+            "holds a finished model: the run is done. Pass --run.overwrite true to train it again."
+        )
+    print(f"[chatrlhf] --run.resume: no complete checkpoint under {out / CHECKPOINTS_SUBDIR}; starting at step 0")
+
+
+def resume_or_start(out: Path, engine, run: RunConfig, plan: BatchPlan) -> int:
     """The optimizer step to start from: 0, or the step of the latest complete checkpoint on ``--run.resume``."""
     if not run.resume:
         return 0
@@ -156,8 +207,9 @@ def resume_or_start(out: Path, engine, run: RunConfig) -> int:
 
     path = latest_checkpoint(out / CHECKPOINTS_SUBDIR)
     if path is None:
-        print(f"[chatrlhf] --run.resume: no complete checkpoint under {out / CHECKPOINTS_SUBDIR}; starting at step 0")
+        nothing_to_resume(out, run)
         return 0
+    check_resume_layout(path, plan.world_size, plan.global_batch)
     state = engine.load_checkpoint(path)
     step = state.step if state is not None else 0
     print(f"[chatrlhf] resumed from {path} at step {step}")

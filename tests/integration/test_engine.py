@@ -136,16 +136,68 @@ def test_step_reports_boundaries(tiny_dir):
     assert flags == [False, True, False, True] and engine.optimizer_steps == 2
 
 
+def optimizer_tensors(engine: Engine) -> list[torch.Tensor]:
+    state = engine.state_dict_for_checkpoint()["optimizer"]
+    found = []
+
+    def walk(x):
+        if isinstance(x, torch.Tensor):
+            found.append(x.detach().clone())
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v)
+
+    walk(state)
+    return found
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [0, 2])
-def test_nonfinite_gradient_stops_before_the_update(tiny_dir, stage):
-    engine = make_engine(tiny_dir, zero_stage=stage)
+@pytest.mark.parametrize("stage,dtype", [(0, "float32"), (2, "float32"), (0, "bfloat16")])
+def test_nonfinite_step_is_skipped_and_leaves_no_trace(tiny_dir, stage, dtype):
+    """good, NaN-loss, good steps == good, good steps bit for bit: the skipped step changes neither the
+    weights, the optimizer state nor the LR schedule; it is counted, and the next step trains normally."""
+    batches = worker.make_batches(json.loads((tiny_dir / "config.json").read_text())["vocab_size"], 2)
+
+    def run(poison: bool) -> Engine:
+        engine = make_engine(tiny_dir, zero_stage=stage, dtype=dtype)
+        for i, scale in enumerate([1.0, float("nan"), 1.0] if poison else [1.0, 1.0]):
+            before = (flat_params(engine), optimizer_tensors(engine), engine.current_lr())
+            engine.backward(worker.token_nll_sum(engine, batches[min(i, 1) if poison else i])[0] * scale / 50)
+            applied = engine.step()
+            if scale != scale:  # the NaN step
+                assert not applied and engine.skipped_steps == 1 and engine.consecutive_skips == 1
+                assert torch.equal(flat_params(engine), before[0])
+                assert all(torch.equal(a, b) for a, b in zip(optimizer_tensors(engine), before[1], strict=True))
+                assert engine.current_lr() == before[2]
+            else:
+                assert applied and engine.consecutive_skips == 0
+        return engine
+
+    skipped, clean = run(poison=True), run(poison=False)
+    assert skipped.optimizer_steps == clean.optimizer_steps == 2
+    assert torch.equal(flat_params(skipped), flat_params(clean))
+
+
+@pytest.mark.slow
+def test_consecutive_nonfinite_steps_stop_the_run(tiny_dir):
+    engine = make_engine(tiny_dir, max_consecutive_nonfinite=2)
     batch = worker.make_batches(engine.module.config.vocab_size, 1)[0]
-    before = flat_params(engine)
-    engine.backward(worker.token_nll_sum(engine, batch)[0] * float("nan"))
-    with pytest.raises(FloatingPointError, match="optimizer step 1"):
-        engine.step()
-    assert torch.equal(flat_params(engine), before)
+    engine.backward(worker.token_nll_sum(engine, batch)[0] * float("inf"))
+    assert not engine.step()
+    engine.backward(worker.token_nll_sum(engine, batch)[0] / 50)
+    assert engine.step() and engine.consecutive_skips == 0  # a good step resets the streak
+    for attempt in range(2):
+        engine.backward(worker.token_nll_sum(engine, batch)[0] * float("nan"))
+        if attempt == 0:
+            assert not engine.step()
+        else:
+            with pytest.raises(FloatingPointError, match=r"stopping at optimizer step 4: 2 steps in a row.*"
+                                                         r"engine.max_consecutive_nonfinite"):
+                engine.step()
+    assert engine.skipped_steps == 3 and engine.optimizer_steps == 1
 
 
 @pytest.mark.slow

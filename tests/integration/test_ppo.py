@@ -1,5 +1,5 @@
 """PPO on a tiny random Llama: a rule reward rises with finite KL, the first ratio is exactly 1,
-2 processes under ZeRO-3 with unequal answer lengths complete, and a run resumes."""
+2 processes under ZeRO-3 with unequal answer lengths complete, and the optional paths run."""
 
 import json
 import os
@@ -78,25 +78,6 @@ def test_ppo_rule_reward_rises_with_finite_kl(tiny_model, prompts, tmp_path):
     assert rows[0]["train/ratio_first"] == pytest.approx(1.0, abs=1e-6)
     for name in ("model", "critic"):
         assert (out / name / "config.json").is_file()
-
-
-def test_ppo_resume_continues_the_run(tiny_model, prompts, tmp_path):
-    fn = tmp_path / "reward.py"
-    fn.write_text(REWARD_FN)
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    base = ["--max_iterations", "4", "--run.save_every", "2"]
-    assert main(ppo_flags(tiny_model, prompts, f"{fn}:short_yes", full) + base) == 0
-    assert main(ppo_flags(tiny_model, prompts, f"{fn}:short_yes", cut) + base) == 0
-    # Pretend the run died after iteration 2: drop the final model and later metrics, then resume.
-    shutil.rmtree(cut / "model")
-    rows = [line for line in (cut / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= 2]
-    (cut / "metrics.jsonl").write_text("\n".join(rows) + "\n")
-    assert main(ppo_flags(tiny_model, prompts, f"{fn}:short_yes", cut) + base + ["--run.resume", "true",
-                                                                                "--run.overwrite", "true"]) == 0
-    a, b = read_metrics(full), read_metrics(cut)
-    assert [r["step"] for r in b] == [1, 2, 3, 4]
-    for key in ("train/reward/score", "train/loss/policy", "train/loss/value", "train/kl"):
-        assert [r[key] for r in a] == pytest.approx([r[key] for r in b], rel=1e-5, abs=1e-6), key
 
 
 @pytest.mark.skipif(shutil.which("deepspeed", path=os.path.dirname(sys.executable)) is None,

@@ -1,6 +1,6 @@
 """Every advantage estimator of the RL stage trains a tiny random Llama on a rule reward (the reward rises),
 GRPO's KL-in-the-loss is logged, A2C and PPO train a critic while the critic-free estimators save none,
-and a critic-free run resumes exactly."""
+and an ensemble reward logs each of its terms."""
 
 import json
 import os
@@ -80,28 +80,19 @@ def test_estimator_learns_the_rule_reward(setup, tmp_path, estimator):
     assert summary["advantage_estimator"] == estimator and summary["stage"] == estimator
 
 
-def test_grpo_with_an_ensemble_reward_resumes_exactly(setup, tmp_path):
-    """KL in the loss (GRPO's k3), an ensemble of two reward terms with per-source running normalisation
-    (its state rides in the checkpoint), and a resume after iteration 2 that repeats the uninterrupted run."""
-    model, data, reward = setup
+def test_grpo_ensemble_reward_logs_each_term_and_k3_kl(setup, tmp_path):
+    """KL in the loss (GRPO's k3 >= 0, moving off 0) and an ensemble of two reward terms, each term's raw
+    score logged. (Its exact resume, normaliser state included, is in test_resume.py.)"""
+    _, _, reward = setup
+    out = tmp_path / "grpo"
     ensemble = f"{reward} + 0.5*chatrlhf.rewards.examples:length_reward"
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    flags = ["--max_iterations", "4", "--run.save_every", "2", "--reward", ensemble]
-    assert main(rl_flags(setup, full, "grpo", *flags)) == 0
-    assert main(rl_flags(setup, cut, "grpo", *flags)) == 0
-    shutil.rmtree(cut / "model")
-    rows = [line for line in (cut / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= 2]
-    (cut / "metrics.jsonl").write_text("\n".join(rows) + "\n")
-    assert main(rl_flags(setup, cut, "grpo", *flags, "--run.resume", "true", "--run.overwrite", "true")) == 0
-    read = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (full, cut)]
-    a, b = ([r for r in rows if "train/reward/score" in r] for rows in read)
-    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    assert main(rl_flags(setup, out, "grpo", "--max_iterations", "3", "--reward", ensemble)) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    a = [r for r in rows if "train/reward/score" in r]
     parts = sorted(k for k in a[0] if k.startswith("train/reward/") and k not in ("train/reward/score",
                                                                                   "train/reward/total"))
-    assert len(parts) == 2, a[0].keys()  # each ensemble term's raw score is logged
-    assert all(r["train/loss/kl"] >= 0 for r in a) and a[-1]["train/loss/kl"] > 0  # k3 >= 0, moves off 0
-    for key in ("train/reward/score", "train/loss/policy", "train/loss/kl", "train/kl", *parts):
-        assert [r[key] for r in a] == pytest.approx([r[key] for r in b], rel=1e-5, abs=1e-6), key
+    assert len(parts) == 2, a[0].keys()
+    assert all(r["train/loss/kl"] >= 0 for r in a) and a[-1]["train/loss/kl"] > 0
     assert "train/loss/value" not in a[0]
 
 

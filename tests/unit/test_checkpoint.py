@@ -98,6 +98,8 @@ def test_stale_scratch_dirs_of_dead_writers_are_cleaned(tmp_path):
     (tmp_path / f"tmp-7-{dead_pid}").mkdir(parents=True)
     (tmp_path / f"tmp-7-{dead_pid}" / "model.safetensors").write_bytes(b"partial")
     (tmp_path / f"trash-3-{dead_pid}").mkdir()
+    (tmp_path / f".latest.tmp-{dead_pid}").write_text("{")  # a pointer write cut short
+    (tmp_path / f".model.tmp-{dead_pid}").mkdir()  # a final-model save cut short
     alive = tmp_path / f"tmp-8-{os.getppid()}"  # another live process may be writing: leave it
     alive.mkdir()
     ckpt.save_checkpoint(tmp_path, 9, write_one("a"))

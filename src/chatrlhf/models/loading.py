@@ -7,12 +7,17 @@ Every stage goes through these three functions, so the rules live in one place:
 * A tokenizer always has a pad token (eos when the model defines none, logged) and a chat template
   (an error with the fix otherwise), because prompts are built with ``apply_chat_template``.
 * Models come back in train mode with their ``generation_config`` (eos = end-of-turn token).
+* A local dir is checked before transformers reads it (``check_model_dir``), so a missing or broken
+  ``config.json``, a config that asks for remote code, a corrupt weights file or a pickled weights file
+  that is not plain tensors stops with a ``ModelDirError`` naming the file and the fix.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -29,6 +34,77 @@ _DTYPES = {
     "float16": torch.float16,
     "fp16": torch.float16,
 }
+
+
+class ModelDirError(ValueError):
+    """A model dir cannot be used as given; the message names the dir or file and what would fix it."""
+
+
+_TRUST_FLAG = "--model.trust_remote_code true"
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelDirError(f"{path} is not valid JSON ({err}). Fix: restore the file from the model's source "
+                            "(or save the model again with save_pretrained).") from None
+    if not isinstance(data, dict):
+        raise ModelDirError(f"{path} holds a JSON {type(data).__name__}, not an object. Fix: restore the file "
+                            "from the model's source.")
+    return data
+
+
+def _refuse_remote_code(path: Path, data: dict, trust_remote_code: bool) -> None:
+    # transformers would load a known model_type with its built-in class and ignore auto_map, which
+    # silently gives a different model than its author shipped; so refuse, and say both ways out.
+    auto_map = data.get("auto_map")
+    if auto_map and not trust_remote_code:
+        classes = ", ".join(sorted(auto_map)) if isinstance(auto_map, dict) else str(auto_map)
+        raise ModelDirError(
+            f"{path} has 'auto_map' ({classes}): this model needs Python code shipped with it, and running it "
+            f"is off. Fix: pass {_TRUST_FLAG} if you trust the code in {path.parent}, or delete 'auto_map' "
+            "from the file to load it with transformers' built-in class for its model_type."
+        )
+
+
+def _check_weight_files(root: Path) -> None:
+    """Reads the header of every safetensors file: a truncated or foreign file fails here, by name."""
+    from safetensors import safe_open
+
+    for file in sorted(root.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                f.keys()
+        except Exception as err:  # safetensors raises its own error type, or OSError
+            raise ModelDirError(
+                f"{file} is not a readable safetensors file ({err}); it is truncated or corrupt. Fix: copy it "
+                "again from the model's source (or save the model again with save_pretrained)."
+            ) from None
+
+
+def check_model_dir(name_or_path: str | os.PathLike, trust_remote_code: bool = False,
+                    require_config: bool = True) -> None:
+    """Checks a local model dir before transformers reads it; hub ids and built-in names pass through.
+
+    Raises ``ModelDirError`` for: no ``config.json`` (with ``require_config``), a ``config.json`` or
+    ``tokenizer_config.json`` that is not a JSON object, an ``auto_map`` (remote code) in either while
+    ``trust_remote_code`` is off, or a safetensors weights file whose header cannot be read.
+    """
+    root = Path(resolve_model(name_or_path))
+    if not root.is_dir():
+        return
+    config = root / "config.json"
+    if not config.is_file() and require_config:
+        raise ModelDirError(
+            f"model dir {root} has no config.json, so it is not a Hugging Face model dir. Fix: point at the dir "
+            "that holds config.json (for a chatrlhf run: its model/ subdir)."
+        )
+    for name in ("config.json", "tokenizer_config.json"):
+        if (root / name).is_file():
+            _refuse_remote_code(root / name, _read_json(root / name), trust_remote_code)
+    if require_config:
+        _check_weight_files(root)
 
 
 def resolve_model(name_or_path: str | os.PathLike) -> str:
@@ -79,6 +155,7 @@ def load_tokenizer(
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     path = resolve_model(name_or_path)
+    check_model_dir(path, trust_remote_code, require_config=False)
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     tok.padding_side = padding_side
     if tok.pad_token is None:
@@ -109,9 +186,22 @@ def load_causal_lm(
     from transformers import AutoModelForCausalLM
 
     path = resolve_model(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code
-    )
+    check_model_dir(path, trust_remote_code)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code
+        )
+    except pickle.UnpicklingError as err:
+        # torch.load(weights_only=True) refused a pickled object that is not a plain tensor; nothing ran.
+        files = ", ".join(p.name for p in sorted(Path(path).glob("*.bin")) + sorted(Path(path).glob("*.pt")))
+        # torch's text goes on to suggest allow-listing the global, which is exactly what not to do here
+        reason = next((line.strip() for line in str(err).splitlines() if "Unsupported" in line), "not plain tensors")
+        reason = reason.removeprefix("WeightsUnpickler error: ").split(" was not an allowed global")[0]
+        raise ModelDirError(
+            f"refused to load the weights {files or '(pickle)'} in {path}: the pickle holds objects other than "
+            f"tensors, which would run code when loaded ({reason}). Fix: use a safetensors copy of the weights "
+            "from a trusted source (save_pretrained writes model.safetensors)."
+        ) from None
     gen = model.generation_config
     if gen.pad_token_id is None and gen.eos_token_id is not None:
         eos = gen.eos_token_id

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from chatrlhf.algorithms.masking import gather_last, position_ids_from_mask
-from chatrlhf.models.loading import enable_checkpointing, resolve_dtype, resolve_model
+from chatrlhf.models.loading import check_model_dir, enable_checkpointing, resolve_dtype, resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +108,7 @@ def _head_from_causal_lm(path, num_labels, dtype, trust_remote_code, head_init_s
     """A ``...ForSequenceClassification`` with the causal LM's trunk and a fresh, small head."""
     from transformers import AutoModelForSequenceClassification
 
+    check_model_dir(path, trust_remote_code)
     model = AutoModelForSequenceClassification.from_pretrained(
         resolve_model(path),
         num_labels=num_labels,
@@ -133,6 +134,7 @@ def _load_seq_cls(path, kind, dtype, trust_remote_code):
     """Loads a saved dir, checking ``chatrlhf_reward.json`` (if present) names the expected kind."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
+    check_model_dir(path, trust_remote_code)
     local = resolve_model(path)
     meta_path = Path(local) / META_FILE
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}

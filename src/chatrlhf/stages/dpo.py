@@ -211,8 +211,8 @@ def train_dpo(cfg: DPOConfig) -> dict[str, float]:
     if cfg.disable_dropout:
         disable_dropout(model)  # otherwise the policy's log-probs are noisy and h != 0 at step 0
     engine = Engine(model, cfg.engine, total_steps=n_steps)
-    start = resume_or_start(out, engine, cfg.run)
-    logger = MetricsLogger(out, enabled=engine.is_rank_0)
+    start = resume_or_start(out, engine, cfg.run, plan)
+    logger = MetricsLogger(out, enabled=engine.is_rank_0, start=start)
     if engine.is_rank_0:
         write_resolved_config(out, cfg)
         logger.log(start, {"records": len(train), "eval_records": len(evals), "total_steps": n_steps}, "data")
@@ -240,7 +240,8 @@ def train_dpo(cfg: DPOConfig) -> dict[str, float]:
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracy']:.2f}")
         if done % cfg.run.log_every == 0 or done == n_steps:
-            logger.log(done, {**row, "grad_norm": engine.grad_norm, "lr": engine.lr, "epoch": epoch})
+            logger.log(done, {**row, "grad_norm": engine.grad_norm, "lr": engine.lr, "epoch": epoch,
+                              "skipped_steps": engine.skipped_steps})
         if cfg.run.eval_every and done % cfg.run.eval_every == 0 and done < n_steps:
             logger.log(done, evaluate(engine, reference, evals, collate, batch_size, cfg), "eval")
         if cfg.run.save_every and done % cfg.run.save_every == 0 and done < n_steps:

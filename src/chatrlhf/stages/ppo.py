@@ -118,8 +118,8 @@ def train_ppo(cfg: PPOConfig) -> dict[str, float]:
     stateful = {"kl_ctl": kl_ctl, "moments": moments, **_reward_state(reward, actor)}
     ema = EMA(actor, cfg.ema_beta) if cfg.ema_beta > 0 else None
     gold = reward if isinstance(reward, RaterSource) else (RaterSource() if cfg.gold_every else None)
-    start = resume(out, actor, critic, cfg, stateful, ema)
-    logger = MetricsLogger(out, enabled=actor.is_rank_0)
+    start = resume(out, actor, critic, cfg, stateful, ema, mini)
+    logger = MetricsLogger(out, enabled=actor.is_rank_0, start=start)
     if actor.is_rank_0:
         write_resolved_config(out, cfg)
         logger.log(start, {"prompts": len(prompts), "iterations": n_iters, "reward": reward.name,
@@ -189,6 +189,7 @@ def train_ppo(cfg: PPOConfig) -> dict[str, float]:
             **{f"reward/{name}": mean_all(v) for name, v in getattr(reward, "last_parts", {}).items()},
             **stats,
             "lr/actor": actor.lr,
+            "skipped_steps/actor": actor.skipped_steps,
             "time/generate": t_gen,
             "time/score": t_score,
             "time/iteration": time.time() - t0,
@@ -205,7 +206,7 @@ def train_ppo(cfg: PPOConfig) -> dict[str, float]:
         if done % cfg.run.log_every == 0 or done == n_iters:
             logger.log(done, row)
         if cfg.run.save_every and done % cfg.run.save_every == 0 and done < n_iters:
-            save_checkpoint(out, actor, critic, done, cfg, stateful, ema)
+            save_checkpoint(out, actor, critic, done, cfg, stateful, ema, mini)
     bar.close()
 
     # ---- save -------------------------------------------------------------------------------------------
@@ -226,7 +227,8 @@ def _critic_metrics(actor: Engine, critic: Engine | None, values: torch.Tensor, 
     if critic is None:
         return {}
     tokens = max(actor.all_reduce(mask.sum().double()).item(), 1.0)
-    return {"value/mean": actor.all_reduce(masked_sum(values, mask).double()).item() / tokens, "lr/critic": critic.lr}
+    return {"value/mean": actor.all_reduce(masked_sum(values, mask).double()).item() / tokens, "lr/critic": critic.lr,
+            "skipped_steps/critic": critic.skipped_steps}
 
 
 def _update(cfg: PPOConfig, actor: Engine, critic: Engine | None, exp: Experience, ptx, it: int, world: int,

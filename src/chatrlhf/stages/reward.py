@@ -107,8 +107,8 @@ def train_reward_model(cfg: RMConfig) -> dict[str, float]:
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     engine = Engine(model, cfg.engine, total_steps=n_steps)
-    start = resume_or_start(out, engine, cfg.run)
-    logger = MetricsLogger(out, enabled=engine.is_rank_0)
+    start = resume_or_start(out, engine, cfg.run, plan)
+    logger = MetricsLogger(out, enabled=engine.is_rank_0, start=start)
     if engine.is_rank_0:
         write_resolved_config(out, cfg)
         logger.log(start, {"records": len(train), "eval_records": len(evals), "total_steps": n_steps}, "data")
@@ -140,7 +140,8 @@ def train_reward_model(cfg: RMConfig) -> dict[str, float]:
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.2f}")
         if done % cfg.run.log_every == 0 or done == n_steps:
-            logger.log(done, {"loss": loss, "accuracy": acc, "grad_norm": engine.grad_norm, "lr": engine.lr})
+            logger.log(done, {"loss": loss, "accuracy": acc, "grad_norm": engine.grad_norm, "lr": engine.lr,
+                              "skipped_steps": engine.skipped_steps})
         if cfg.run.eval_every and done % cfg.run.eval_every == 0 and done < n_steps:
             logger.log(done, evaluate(engine, evals, collate, cfg.engine.micro_batch_size, cfg.objective), "eval")
         if cfg.run.save_every and done % cfg.run.save_every == 0 and done < n_steps:

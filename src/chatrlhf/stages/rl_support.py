@@ -7,10 +7,12 @@ from pathlib import Path
 
 import torch
 
+from chatrlhf import engine as engine_lib
 from chatrlhf.algorithms import position_ids_from_mask, token_nll
 from chatrlhf.checkpoint import (
+    CheckpointError,
     TrainerState,
-    complete_checkpoints,
+    latest_checkpoint,
     load_weights,
     save_weights,
     write_json_atomic,
@@ -21,7 +23,14 @@ from chatrlhf.engine import Engine
 from chatrlhf.models import RewardModel, disable_dropout, load_causal_lm, load_reward_model
 from chatrlhf.models.loading import resolve_model
 from chatrlhf.rewards.sources import RewardModelSource, build_reward_source
-from chatrlhf.training import CHECKPOINTS_SUBDIR, MODEL_SUBDIR, BatchPlan, total_steps
+from chatrlhf.training import (
+    CHECKPOINTS_SUBDIR,
+    MODEL_SUBDIR,
+    BatchPlan,
+    check_resume_layout,
+    nothing_to_resume,
+    total_steps,
+)
 
 
 class EMA:
@@ -136,40 +145,46 @@ def save_final(out, actor: Engine, critic: Engine | None, ema, tokenizer, histor
     return summary
 
 
+def _engines(actor: Engine, critic: Engine | None) -> dict[str, Engine]:
+    return {"actor": actor} if critic is None else {"actor": actor, "critic": critic}
+
+
 def save_checkpoint(out, actor: Engine, critic: Engine | None, step: int, cfg: PPOConfig, stateful: dict,
-                    ema) -> None:
-    """Actor and critic each in their own crash-safe dir; ``stateful`` (name -> object with ``state_dict``:
-    the KL controller, reward normalisers) rides with the actor's trainer state, the EMA in its own file."""
-    root = out / CHECKPOINTS_SUBDIR
-    if ema is not None and actor.is_rank_0:
-        (root / "ema").mkdir(parents=True, exist_ok=True)
-        tmp = root / "ema" / f".step-{step}.tmp"
-        save_weights(ema.shadow, tmp)
-        tmp.replace(root / "ema" / f"step-{step}.safetensors")
-    if critic is not None:
-        critic.save_checkpoint(root / "critic", step, keep_last=cfg.run.keep_last)
+                    ema, mini: int) -> None:
+    """One crash-safe checkpoint per iteration: ``actor/`` and ``critic/`` engine state, the EMA weights
+    (``ema.safetensors``) and ``stateful`` (name -> object with ``state_dict``: the KL controller, reward
+    normalisers) in the trainer state, all committed together."""
     extra = {name: obj.state_dict() for name, obj in stateful.items()}
-    actor.save_checkpoint(root / "actor", step, TrainerState(step=step, extra=extra), keep_last=cfg.run.keep_last)
+    state = TrainerState(step=step, extra=extra, world_size=actor.world_size, global_batch=mini * actor.world_size)
+
+    def write_ema(directory: Path) -> None:
+        if ema is not None:
+            save_weights(ema.shadow, directory / "ema.safetensors")
+
+    engine_lib.save_checkpoint(out / CHECKPOINTS_SUBDIR, step, _engines(actor, critic), state, cfg.run.keep_last,
+                               write_extra=write_ema)
 
 
-def resume(out, actor: Engine, critic: Engine | None, cfg: PPOConfig, stateful: dict, ema) -> int:
-    """The iteration to start from: the latest step with complete actor (and critic) checkpoints."""
+def resume(out, actor: Engine, critic: Engine | None, cfg: PPOConfig, stateful: dict, ema, mini: int) -> int:
+    """The iteration to start from: 0, or that of the latest complete checkpoint on ``--run.resume``."""
     if not cfg.run.resume:
         return 0
     root = out / CHECKPOINTS_SUBDIR
-    steps = {s for s, _ in complete_checkpoints(root / "actor")}
-    if critic is not None:
-        steps &= {s for s, _ in complete_checkpoints(root / "critic")}
-    if not steps:
-        print(f"[chatrlhf] --run.resume: no complete checkpoint under {root}; starting at iteration 0")
+    path = latest_checkpoint(root)
+    if path is None:
+        nothing_to_resume(out, cfg.run)
         return 0
-    step = max(steps)
-    if critic is not None:
-        critic.load_checkpoint(root / "critic" / f"step-{step}")
-    state = actor.load_checkpoint(root / "actor" / f"step-{step}")
+    check_resume_layout(path, actor.world_size, mini * actor.world_size)
+    state = engine_lib.load_checkpoint(path, _engines(actor, critic))
     for name, obj in stateful.items():
+        if name not in state.extra:
+            raise CheckpointError(f"{path / 'trainer_state.json'} has no {name!r} state; it was written by "
+                                  "a run with other settings (reward, KL controller); resume with the same ones")
         obj.load_state_dict(state.extra[name])
     if ema is not None:
-        ema.shadow = load_weights(root / "ema" / f"step-{step}.safetensors")
-    print(f"[chatrlhf] resumed RL from {root} at iteration {step}")
-    return step
+        if not (path / "ema.safetensors").is_file():
+            raise CheckpointError(f"{path} has no ema.safetensors: it was written without --ema_beta; resume "
+                                  "with the same --ema_beta as the run that wrote it")
+        ema.shadow = load_weights(path / "ema.safetensors", device=actor.device)
+    print(f"[chatrlhf] resumed RL from {path} at iteration {state.step}")
+    return state.step

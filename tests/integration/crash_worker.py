@@ -1,0 +1,159 @@
+"""Runs the ``chatrlhf`` CLI and SIGKILLs itself at one phase of one checkpoint save.
+
+    python tests/integration/crash_worker.py PHASE STEP -- sft --model.name_or_path DIR ...
+
+Started by tests/integration/test_crash_safety.py. Saves of other steps complete normally; the save of
+checkpoint ``STEP`` is cut at ``PHASE`` (``final_model`` ignores ``STEP``: it cuts the final model save).
+SIGKILL is used because it cannot be caught: no ``finally`` block, ``atexit`` hook or buffered write
+runs, which is what a power cut, the OOM killer or a preempted node does to a training job.
+
+The hooks wrap the functions of ``chatrlhf.checkpoint`` that ``Engine.save_checkpoint`` and
+``Engine.save_hf`` call through the module (``ckpt.<name>``), plus ``os.rename``/``os.replace``, so the
+code under test runs unchanged. If the phase is never reached the worker exits with status 3, so a hook
+that stops matching the save protocol fails the test instead of passing it vacuously.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+# Save order of Engine.save_checkpoint (begin .. rotate), then the final Engine.save_hf.
+PHASES = {
+    "begin": "tmp-<step>-<pid> created, still empty",
+    "weights": "model.safetensors cut to half its size, nothing after it written",
+    "optimizer": "weights written; optimizer.safetensors cut to half, optimizer.json not written",
+    "rng": "engine state (weights, optimizer, scheduler, counters) written; RNG and trainer state not",
+    "manifest": "manifest.json written, tmp dir not yet renamed to step-<step>",
+    "pointer_tmp": "step-<step> renamed in; pointer tmp file written and fsynced, not yet os.replace'd",
+    "rotate": "pointer committed; the old checkpoint renamed to trash-<step>-<pid>, not yet deleted",
+    "final_model": "training done; model/ written under its tmp name with model.safetensors cut to half",
+}
+NOT_REACHED = 3
+
+
+def _die() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _cut_in_half(path: Path) -> None:
+    # A file a killed writer left behind: the right name, a plausible header, the tail missing.
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+
+
+class Trap:
+    """Wrappers around the save protocol that kill the process at ``phase`` of the save of ``step``."""
+
+    def __init__(self, phase: str, step: int):
+        from chatrlhf import checkpoint as ckpt
+
+        if phase not in PHASES:
+            raise SystemExit(f"crash_worker: unknown PHASE {phase!r}; choose one of {', '.join(PHASES)}")
+        self.ckpt, self.phase, self.step = ckpt, phase, step
+        self.saving: int | None = None  # the step whose checkpoint is being written
+        self.rotating = False  # inside checkpoint.rotate()
+        self.real = {
+            "begin_checkpoint": ckpt.begin_checkpoint,
+            "save_weights": ckpt.save_weights,
+            "save_tensor_tree": ckpt.save_tensor_tree,
+            "save_rng_state": ckpt.save_rng_state,
+            "publish_dir": ckpt.publish_dir,
+            "rotate": ckpt.rotate,
+            "replace": os.replace,
+            "rename": os.rename,
+        }
+
+    def at(self, phase: str) -> bool:
+        return self.phase == phase and self.saving == self.step
+
+    def install(self) -> None:
+        # Engine calls these as ckpt.<name> and commit_checkpoint() looks its helpers up in the module's
+        # globals, so replacing the module attributes reaches every call.
+        for name in (
+            "begin_checkpoint",
+            "save_weights",
+            "save_tensor_tree",
+            "save_rng_state",
+            "publish_dir",
+            "rotate",
+        ):
+            setattr(self.ckpt, name, getattr(self, name))
+        os.replace, os.rename = self.replace, self.rename
+
+    def begin_checkpoint(self, root, step):
+        self.saving = step
+        tmp = self.real["begin_checkpoint"](root, step)
+        if self.at("begin"):
+            _die()
+        return tmp
+
+    def save_weights(self, state, path):
+        self.real["save_weights"](state, path)
+        if self.at("weights"):
+            _cut_in_half(Path(path))
+            _die()
+
+    def save_tensor_tree(self, tree, directory, name):
+        self.real["save_tensor_tree"](tree, directory, name)
+        if self.at("optimizer") and name.startswith("optimizer"):
+            _cut_in_half(Path(directory) / f"{name}.safetensors")
+            (Path(directory) / f"{name}.json").unlink()  # written after the tensors: not there yet
+            _die()
+
+    def save_rng_state(self, directory, rank=0):
+        if self.at("rng"):
+            _die()
+        self.real["save_rng_state"](directory, rank)
+
+    def publish_dir(self, tmp, final):
+        if self.at("manifest") and Path(final).name == f"step-{self.step}":
+            assert (Path(tmp) / self.ckpt.MANIFEST).is_file(), (
+                "publish_dir called before the manifest was written"
+            )
+            _die()
+        if self.phase == "final_model" and Path(final).name == "model":
+            _cut_in_half(Path(tmp) / "model.safetensors")
+            _die()
+        self.real["publish_dir"](tmp, final)
+
+    def rotate(self, root, keep_last):
+        self.rotating = True
+        try:
+            return self.real["rotate"](root, keep_last)
+        finally:
+            self.rotating = False
+
+    def replace(self, src, dst, *args, **kwargs):
+        if self.at("pointer_tmp") and Path(dst).name == self.ckpt.POINTER:
+            assert Path(src).is_file(), f"pointer tmp file {src} missing"
+            _die()
+        return self.real["replace"](src, dst, *args, **kwargs)
+
+    def rename(self, src, dst, *args, **kwargs):
+        self.real["rename"](src, dst, *args, **kwargs)
+        if self.at("rotate") and self.rotating:
+            _die()
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 3 or argv[2] != "--":
+        print("usage: crash_worker.py PHASE STEP -- <chatrlhf arguments>", file=sys.stderr)
+        return 2
+    phase, step = argv[0], int(argv[1])
+    Trap(phase, step).install()
+    from chatrlhf.cli import main as cli_main
+
+    rc = cli_main(argv[3:])
+    if rc != 0:
+        return rc
+    print(f"crash_worker: phase {phase!r} of the save of step {step} was never reached", file=sys.stderr)
+    return NOT_REACHED
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
