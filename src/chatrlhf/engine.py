@@ -53,12 +53,6 @@ def lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
     raise ValueError(f"engine.lr_scheduler must be one of {_LR_KINDS}, got {kind!r}")
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _skip_shm_comm_build() -> None:
     # DeepSpeed's CPU backend JIT-compiles a shared-memory allreduce op on first init (~80 s with a C++
     # toolchain on 2 cores). gloo is plenty for CPU runs, so skip it unless CHATRLHF_DS_SHM_COMM=1.
@@ -70,21 +64,23 @@ def _skip_shm_comm_build() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+def _loopback_interface() -> str | None:
+    names = [name for _, name in socket.if_nameindex()]
+    return next((n for n in names if n == "lo" or n.startswith("lo")), None)
+
+
 def init_distributed() -> tuple[int, int]:
     """Joins (or, alone, creates) the process group; returns ``(rank, world_size)``. Idempotent.
 
-    Without a launcher it sets up a 1-process group (RANK=0, WORLD_SIZE=1, LOCAL_RANK=0, 127.0.0.1 and
-    a free port). Under ``deepspeed``/``torchrun`` it uses their variables. Backend: gloo on CPU,
-    DeepSpeed's default (nccl) on GPUs.
+    One process (no launcher, or a launcher with one process) gets an in-memory store and its collective
+    backend bound to the loopback interface: a single-process run opens no port reachable from the
+    network. Under ``deepspeed``/``torchrun`` with several processes it joins their rendezvous. Backend:
+    gloo on CPU, DeepSpeed's default (nccl) on GPUs.
     """
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
-    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(key, value)
-    if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(_free_port())
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -98,8 +94,17 @@ def init_distributed() -> tuple[int, int]:
         if local_procs > 1 and "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_procs))
     else:
-        accel.set_device(int(os.environ["LOCAL_RANK"]))
+        accel.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         backend = None
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        for key in ("RANK", "LOCAL_RANK"):  # DeepSpeed reads these
+            os.environ.setdefault(key, "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        loopback = _loopback_interface()
+        if loopback is not None:
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback)
+            os.environ.setdefault("NCCL_SOCKET_IFNAME", loopback)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
     return dist.get_rank(), dist.get_world_size()
 

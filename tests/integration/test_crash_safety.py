@@ -36,23 +36,11 @@ LATEST_AFTER_KILL = {
     "begin": 2, "weights": 2, "optimizer": 2, "rng": 2, "manifest": 2, "pointer_tmp": 2,
     "rotate": 4, "final_model": 4,
 }  # fmt: skip
-# The launcher-style variables init_distributed() puts into this process's environment; a child that
-# inherited MASTER_PORT would try to bind the port this process's 1-rank group still holds.
-DIST_VARS = (
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "LOCAL_SIZE",
-    "LOCAL_WORLD_SIZE",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-)
 SUBPROCESS_TIMEOUT_S = 300
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
-    return {**env, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
 def _run(cmd: list[str]) -> subprocess.CompletedProcess:

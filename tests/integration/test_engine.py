@@ -82,6 +82,35 @@ def flat_params(engine: Engine) -> torch.Tensor:
         return torch.cat([p.detach().flatten().clone() for p in engine.module.parameters()])
 
 
+def listening_addresses() -> list[str]:
+    """Local addresses (hex, as /proc/net/tcp* writes them) of the TCP sockets this process listens on."""
+    inodes = set()
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            cols = line.split()
+            if cols[3] == "0A" and cols[9] in inodes:  # 0A = LISTEN
+                found.append(cols[1].split(":")[0])
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads Linux's /proc/net/tcp")
+def test_one_process_listens_on_loopback_only(tiny_dir):
+    """A single-process run opens no port reachable from the network: the process group has an in-memory
+    store (no TCP store on all interfaces) and gloo is bound to the loopback interface."""
+    make_engine(tiny_dir)
+    loopback = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}
+    addresses = listening_addresses()
+    assert addresses and set(addresses) <= loopback, addresses
+
+
 @pytest.mark.slow
 def test_single_process_training_lowers_loss(tiny_dir):
     steps = 12

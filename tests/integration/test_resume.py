@@ -104,9 +104,7 @@ def run_cli(argv: list[str], world: int, fresh_process: bool) -> None:
         return
     prefix = [str(LAUNCHER), "--num_gpus", str(world), "--no_local_rank", "--module"] if world > 1 else [
         sys.executable, "-m"]
-    # Without this process's rendezvous variables (set by in-process runs): the child makes its own group.
-    dist_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in dist_vars} | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([*prefix, "chatrlhf.cli", *argv], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
