@@ -2,7 +2,8 @@
 
 Every option of a stage's typed config is a flag (``--engine.learning_rate 1e-5``); ``--config FILE.yaml``
 loads any of them from YAML first, and flags given after it override it. ``--preset NAME`` loads a
-shipped YAML preset (see ``chatrlhf/presets/``) the same way.
+shipped YAML preset (see ``chatrlhf/presets/``) the same way. ``chatrlhf launch [options] -- <command> ...``
+runs a command on several processes, GPUs or nodes through DeepSpeed's launcher (``chatrlhf.launch``).
 
 A mistake in the flags, a YAML file, the data, a model dir or a checkpoint ends the command with one line
 on stderr (``chatrlhf <command>: error: ...``) that names what is wrong and how to fix it, and exit
@@ -109,6 +110,10 @@ def build_parser() -> ArgumentParser:
             sub.add_argument("--preset", type=str, help=f"Shipped config preset: {', '.join(sorted(_presets()))}.")
         sub.add_class_arguments(cls, as_group=False)
         subcommands.add_subcommand(name, sub, help=(cls.__doc__ or "").strip().splitlines()[0])
+    # Listed for --help only: main() hands `chatrlhf launch ...` to chatrlhf.launch before parsing.
+    from chatrlhf import launch
+
+    subcommands.add_subcommand("launch", launch.build_parser(), help=launch.LaunchConfig.__doc__.split(":")[0] + ".")
     return parser
 
 
@@ -267,6 +272,17 @@ def _one_line(err: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     prefix = f"chatrlhf {_command_of(argv) or ''}".rstrip()
+    if argv[:1] == ["launch"]:
+        # `chatrlhf launch [options] -- <command> ...`: the part after `--` goes to the launched processes
+        # unparsed, so launch has its own small parser (chatrlhf.launch).
+        from chatrlhf.launch import run as run_launch
+
+        try:
+            run_launch(argv[1:])
+        except (ConfigError, OSError) as err:
+            print(f"chatrlhf launch: error: {_one_line(err)}", file=sys.stderr)
+            return EXIT_INPUT_ERROR
+        return 0
     try:
         command, cfg = parse(argv)
         prefix = f"chatrlhf {command}"

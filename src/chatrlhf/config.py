@@ -30,6 +30,30 @@ class ModelConfig:
     """Weight dtype. float32 on CPU; bfloat16 on GPUs that support it (safer than float16)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
+    lora_r: int = 0
+    """LoRA rank (docs/models.md, "LoRA"): train rank-r adapters on frozen weights instead of every weight
+    (0: full fine-tuning). Saved models have the adapters merged in: plain Hugging Face dirs."""
+    lora_alpha: float = 16
+    """LoRA scale numerator: the adapter's update B @ A is multiplied by lora_alpha / lora_r."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapters' input, in [0, 1). PPO, GRPO and DPO set it to 0 like all other dropout while
+    their ``disable_dropout`` is on (the default)."""
+    lora_target_modules: list[str] | None = None
+    """Names of the linear layers that get adapters (e.g. ``[q_proj,v_proj]``). None: every linear layer of the
+    attention and MLP blocks (PEFT's ``all-linear``); the LM head and value/score heads never do."""
+
+    def validate(self) -> None:
+        if self.lora_r < 0:
+            raise ConfigError(f"--model.lora_r must be >= 0 (0: full fine-tuning; 8 or 16 for LoRA), got {self.lora_r}")
+        if not (self.lora_alpha > 0 and math.isfinite(self.lora_alpha)):
+            raise ConfigError(f"--model.lora_alpha must be a finite number > 0 (e.g. 16), got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"--model.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.lora_target_modules is not None and not (self.lora_target_modules and all(self.lora_target_modules)):
+            raise ConfigError(
+                f"--model.lora_target_modules {self.lora_target_modules} holds an empty name or is empty; name "
+                "linear layers (e.g. [q_proj,v_proj]) or leave it unset (null) for all of them"
+            )
 
 
 @dataclass
@@ -89,6 +113,11 @@ class EngineConfig:
     """Global gradient-norm clip; 0 disables clipping."""
     seed: int = 42
     """Seed for model init (heads), dropout and data order."""
+    offload_optimizer: bool = False
+    """ZeRO-Offload: keep the fp32 master weights and Adam moments in CPU memory and run the optimizer step
+    there (ZeRO stage 1-3). Frees most of the training memory of the GPU at the cost of step time."""
+    offload_params: bool = False
+    """ZeRO-Infinity parameter offload: keep the (sharded) weights in CPU memory between uses (stage 3 only)."""
     max_consecutive_nonfinite: int = 3
     """A NaN/inf loss or gradient skips that optimizer step (weights and optimizer state unchanged; counted
     and logged as ``skipped_steps``); after this many skips in a row the run stops (0: never stop)."""
@@ -98,6 +127,12 @@ class EngineConfig:
             raise ConfigError(
                 f"engine.max_consecutive_nonfinite must be >= 0 (0: never stop), got {self.max_consecutive_nonfinite}"
             )
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ConfigError("engine.offload_optimizer needs engine.zero_stage 1, 2 or 3 (ZeRO owns the offloaded "
+                              "optimizer state); set --engine.zero_stage 2")
+        if self.offload_params and self.zero_stage != 3:
+            raise ConfigError("engine.offload_params needs engine.zero_stage 3 (only ZeRO-3 partitions the weights); "
+                              "set --engine.zero_stage 3")
         if self.micro_batch_size < 1:
             raise ConfigError(f"engine.micro_batch_size must be >= 1, got {self.micro_batch_size}")
         if self.gradient_accumulation_steps < 1:
@@ -159,6 +194,7 @@ class SFTConfig:
     """Which part of ``data.data_split`` this stage trains on (DeepSpeed-Chat: 1 = SFT)."""
 
     def validate(self) -> None:
+        self.model.validate()
         self.engine.validate()
         self.run.validate()
         if self.epochs < 1 and self.max_steps < 1:
@@ -186,6 +222,7 @@ class RMConfig:
     """Which part of ``data.data_split`` this stage trains on (DeepSpeed-Chat: 2 = reward model)."""
 
     def validate(self) -> None:
+        self.model.validate()
         self.engine.validate()
         self.run.validate()
         if self.num_levels < 2:
@@ -260,6 +297,12 @@ class PPOConfig:
     (DSC), else the actor's trunk with a fresh value head."""
     reference: str | None = None
     """Reference model for the KL penalty (None: the actor's starting model)."""
+    reference_placement: Literal["device", "cpu", "zero3"] = "device"
+    """Where the frozen reference lives: ``device`` (a copy on each process's device), ``cpu`` (CPU memory,
+    moved to the device for each forward: DeepSpeed-Chat's ``--offload_reference_model``) or ``zero3``
+    (sharded over the processes, 1/N each, gathered layer by layer)."""
+    reward_placement: Literal["device", "cpu", "zero3"] = "device"
+    """The same for a reward-model reward source (``reward`` a model dir)."""
     data: DataConfig = field(default_factory=_prompt_data)
     """Prompts; the demo default is the shipped prompt set, all of it for this phase."""
     generation: GenerationConfig = field(default_factory=GenerationConfig)
@@ -328,6 +371,7 @@ class PPOConfig:
     over-optimisation plot. Not used for training."""
 
     def validate(self) -> None:
+        self.model.validate()
         self.actor_engine.validate()
         self.critic_engine.validate()
         self.run.validate()
@@ -431,6 +475,7 @@ class DPOConfig:
     """Set dropout to 0 in policy and reference, so both see the same deterministic forward."""
 
     def validate(self) -> None:
+        self.model.validate()
         self.engine.validate()
         self.run.validate()
         if self.loss not in ("sigmoid", "ipo"):

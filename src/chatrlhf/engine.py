@@ -120,6 +120,15 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     return [g for g in groups if g["params"]]
 
 
+def _zero_section(cfg: EngineConfig) -> dict[str, Any]:
+    zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if cfg.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    return zero
+
+
 def _model_dtype(model: torch.nn.Module) -> str:
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     names = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -191,8 +200,10 @@ class Engine:
             "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
             "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
             "gradient_clipping": 0.0 if self._own_clip else cfg.max_grad_norm,
-            "zero_optimization": {"stage": cfg.zero_stage},
+            "zero_optimization": _zero_section(cfg),
             "zero_allow_untested_optimizer": True,
+            # Offload runs our torch AdamW on the CPU copies: DeepSpeedCPUAdam would need a compiled op.
+            "zero_force_ds_cpu_optimizer": False,
             "bf16": {"enabled": dtype == "bfloat16"},
             "fp16": {"enabled": dtype == "float16"},
             "steps_per_print": 2**62,  # we log ourselves; DeepSpeed's progress prints are noise
@@ -431,7 +442,12 @@ class Engine:
     # ---- saving -------------------------------------------------------------------------------------------
     def save_hf(self, directory: str | os.PathLike, tokenizer=None) -> None:
         """Consolidated Hugging Face save (safetensors) on rank 0; all ranks must call. Atomic: the dir
-        is written under a temporary name and renamed, replacing an old one only once complete."""
+        is written under a temporary name and renamed, replacing an old one only once complete.
+
+        LoRA adapters are merged into the saved weights (W + s * B @ A, computed from the state dict, the live
+        module untouched), so the dir is a plain model that transformers loads without PEFT."""
+        from chatrlhf.models.lora import merged_for_save
+
         out = Path(directory)
         state = self._ds._zero3_consolidated_16bit_state_dict() if self.cfg.zero_stage == 3 else None
         if self.is_rank_0:
@@ -443,7 +459,8 @@ class Engine:
                 import shutil
 
                 shutil.rmtree(tmp)
-            self.module.save_pretrained(tmp, state_dict=state)
+            model, state = merged_for_save(self.module, state)
+            model.save_pretrained(tmp, state_dict=state)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
             ckpt.publish_dir(tmp, out)
@@ -572,6 +589,57 @@ class Engine:
     def load_checkpoint(self, path: str | os.PathLike) -> ckpt.TrainerState | None:
         """Inverse of :meth:`save_checkpoint`; see :func:`load_checkpoint`."""
         return load_checkpoint(path, {"": self})
+
+
+PLACEMENTS = ("device", "cpu", "zero3")
+
+
+class FrozenModel:
+    """A model that is only evaluated (PPO's reference, a reward model), placed as asked:
+
+    * ``device``: a full copy on this process's device (colocated with the trained models; fastest).
+    * ``cpu``: kept in CPU memory and moved to the device for each forward, then back (DeepSpeed-Chat's
+      reference offload, trading transfer time for device memory).
+    * ``zero3``: sharded over the processes by a ZeRO-3 inference engine and gathered layer by layer in
+      each forward: every process holds 1/N of it. All processes must call it equally often.
+
+    Tensor arguments are moved to the model's device; the output stays there.
+    """
+
+    def __init__(self, model: torch.nn.Module, placement: str, device: torch.device):
+        if placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+        self.placement, self.device = placement, torch.device(device)
+        model.eval().requires_grad_(False)
+        if placement == "zero3":
+            import deepspeed
+
+            init_distributed()
+            dtype = _model_dtype(model)
+            config = {
+                "train_micro_batch_size_per_gpu": 1,
+                "zero_optimization": {"stage": 3},
+                "bf16": {"enabled": dtype == "bfloat16"},
+                "fp16": {"enabled": dtype == "float16"},
+                "steps_per_print": 2**62,
+            }
+            self._run, *_ = deepspeed.initialize(model=model, config=config)
+            self._run.eval()
+            self.module = self._run.module
+        else:
+            self.module = model.to(self.device if placement == "device" else "cpu")
+            self._run = self.module
+
+    def __call__(self, *args, **kwargs):
+        move = lambda x: x.to(self.device) if isinstance(x, torch.Tensor) else x  # noqa: E731
+        args, kwargs = [move(a) for a in args], {k: move(v) for k, v in kwargs.items()}
+        if self.placement != "cpu":
+            return self._run(*args, **kwargs)
+        self.module.to(self.device)
+        try:
+            return self._run(*args, **kwargs)
+        finally:
+            self.module.to("cpu")
 
 
 def save_checkpoint(

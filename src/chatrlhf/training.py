@@ -152,6 +152,18 @@ class BatchPlan:
         return [mine[i : i + self.micro_batch_size] for i in range(0, per_rank, self.micro_batch_size)]
 
 
+def rank_batches(n: int, rank: int, world: int, batch_size: int) -> list[tuple[list[int], int]]:
+    """This rank's share of items ``0..n-1`` (every ``world``-th, from ``rank``) in batches, as (indices, real
+    count). Every rank gets the same number of batches, the last padded by repeating an index, because under
+    ZeRO-3 each forward is a collective that all ranks must join. Example: n 5, world 2, batch 2 -> rank 0:
+    ([0, 2], 2), ([4], 1); rank 1: ([1, 3], 2), ([3], 0).
+    """
+    mine = list(range(rank, n, world))
+    per_rank = -(-n // world)
+    padded = mine + [mine[-1] if mine else 0] * (per_rank - len(mine))
+    return [(padded[i : i + batch_size], max(0, min(batch_size, len(mine) - i))) for i in range(0, per_rank, batch_size)]
+
+
 def total_steps(plan: BatchPlan, epochs: int, max_steps: int) -> int:
     """Exactly ``max_steps`` when set (cycling through epochs as needed), else whole epochs."""
     return max_steps if max_steps > 0 else plan.steps_per_epoch * epochs

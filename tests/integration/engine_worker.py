@@ -121,6 +121,17 @@ def main() -> None:
         plain.load_checkpoint(args.load_stage0)
         result["stage0_checksum"] = param_checksum(plain)
         result["stage0_optimizer_steps"] = plain.optimizer_steps
+    # The consolidated HF save (ZeRO-3 gathers the shards) loads in plain transformers with the same logits.
+    probe = batches[0]
+    engine.eval()
+    with torch.no_grad():
+        logits = engine(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits
+    engine.save_hf(out / "hf")
+    if engine.is_rank_0:
+        reloaded = AutoModelForCausalLM.from_pretrained(out / "hf", dtype=torch.float32).eval()
+        with torch.no_grad():
+            again = reloaded(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits
+        result["hf_logits_max_diff"] = float((again - logits).abs().max())
     if engine.is_rank_0:
         (out / "result.json").write_text(json.dumps(result))
     engine.barrier()

@@ -14,7 +14,8 @@ from chatrlhf.config import ConfigError, DPOConfig
 from chatrlhf.data import PairCollator, encode_records
 from chatrlhf.models import load_causal_lm, load_tokenizer
 from chatrlhf.models.tiny import build_tiny_llama
-from chatrlhf.stages.dpo import answer_log_probs, rank_batches
+from chatrlhf.stages.dpo import answer_log_probs
+from chatrlhf.training import rank_batches
 
 pytestmark = pytest.mark.slow
 WORDS = "the quick brown fox jumps over lazy dog".split()

@@ -230,21 +230,23 @@ def test_consecutive_nonfinite_steps_stop_the_run(tiny_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage,dtype", [(0, "float32"), (2, "float32"), (3, "float32"), (0, "bfloat16")])
-def test_resume_is_bit_exact(tiny_dir, tmp_path, stage, dtype):
+@pytest.mark.parametrize("stage,dtype,offload", [(0, "float32", False), (2, "float32", False), (3, "float32", False),
+                                                (0, "bfloat16", False), (2, "float32", True), (3, "float32", True)])
+def test_resume_is_bit_exact(tiny_dir, tmp_path, stage, dtype, offload):
     n = 3
-    reference = make_engine(tiny_dir, total_steps=2 * n, zero_stage=stage, dtype=dtype)
+    offload_flags = {"offload_optimizer": offload, "offload_params": offload and stage == 3}
+    reference = make_engine(tiny_dir, total_steps=2 * n, zero_stage=stage, dtype=dtype, **offload_flags)
     batches = worker.make_batches(reference.module.config.vocab_size)
     ref_losses, _ = worker.train_steps(reference, batches, 2 * n, 4)
 
-    first = make_engine(tiny_dir, total_steps=2 * n, zero_stage=stage, dtype=dtype)
+    first = make_engine(tiny_dir, total_steps=2 * n, zero_stage=stage, dtype=dtype, **offload_flags)
     losses, _ = worker.train_steps(first, batches, n, 4)
     path = first.save_checkpoint(
         tmp_path, n, ckpt.TrainerState(step=n, samples_seen=4 * n, extra={"kl": 0.1})
     )
     after_save = torch.rand(3)  # the RNG stream a resumed run must continue
 
-    resumed = make_engine(tiny_dir, total_steps=2 * n, zero_stage=stage, dtype=dtype)
+    resumed = make_engine(tiny_dir, total_steps=2 * n, zero_stage=stage, dtype=dtype, **offload_flags)
     state = resumed.load_checkpoint(ckpt.latest_checkpoint(tmp_path))
     assert torch.equal(torch.rand(3), after_save)
     assert (state.step, state.samples_seen, state.extra) == (n, 4 * n, {"kl": 0.1})
@@ -256,7 +258,8 @@ def test_resume_is_bit_exact(tiny_dir, tmp_path, stage, dtype):
 
 
 @pytest.mark.slow
-def test_two_processes_zero2_match_one_process(tiny_dir, tmp_path):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_processes_zero_match_one_process(tiny_dir, tmp_path, stage):
     out = tmp_path / "out"
     out.mkdir()
     stage0 = make_engine(tiny_dir, total_steps=4)  # a 1-process stage-0 checkpoint for the 2 ranks to load
@@ -264,7 +267,7 @@ def test_two_processes_zero2_match_one_process(tiny_dir, tmp_path):
     stage0_dir = stage0.save_checkpoint(tmp_path / "stage0", 2)
     launcher = Path(sys.executable).with_name("deepspeed")
     cmd = [str(launcher), "--num_gpus", "2", str(REPO / "tests/integration/engine_worker.py")]
-    cmd += ["--model", str(tiny_dir), "--out", str(out), "--stage", "2", "--steps", "4"]
+    cmd += ["--model", str(tiny_dir), "--out", str(out), "--stage", str(stage), "--steps", "4"]
     cmd += ["--load-stage0", str(stage0_dir)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
@@ -279,13 +282,14 @@ def test_two_processes_zero2_match_one_process(tiny_dir, tmp_path):
     assert result["grad_norms"] == pytest.approx(norms, rel=1e-4)
     assert result["stage0_optimizer_steps"] == 2
     assert result["stage0_checksum"] == worker.param_checksum(stage0)
+    assert result["hf_logits_max_diff"] == 0.0  # the saved model is the trained one, exactly
 
     saved = ckpt.latest_checkpoint(out / "ckpt")
     assert {p.name for p in saved.glob("optimizer.*.safetensors")} == {
         "optimizer.rank0-of-2.safetensors",
         "optimizer.rank1-of-2.safetensors",
     }
-    one_proc = make_engine(tiny_dir, total_steps=4, zero_stage=2)
+    one_proc = make_engine(tiny_dir, total_steps=4, zero_stage=stage)
     with pytest.raises(ckpt.CheckpointError, match=r"partitioned over 2 processes, but this run has 1"):
         one_proc.load_checkpoint(saved)
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from chatrlhf.cli import main
 from chatrlhf.models.tiny import build_tiny_llama
@@ -122,3 +123,46 @@ def test_ppo_options_ptx_ema_adaptive_kl_and_kl_stop(tiny_model, prompts, tmp_pa
     betas = [r["train/kl_coef"] for r in rows]
     assert betas[0] == pytest.approx(0.01) and betas[1] != betas[0]
     assert (out / "model_ema" / "config.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def reward_model(tiny_model, tmp_path_factory) -> str:
+    """A reward-model dir with the actor's tokenizer: the tiny trunk and a fresh seeded head."""
+    from chatrlhf.models import RewardModel, load_tokenizer
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("rm") / "model"
+    RewardModel.from_causal_lm(tiny_model).save_pretrained(out, tokenizer=load_tokenizer(tiny_model))
+    return str(out)
+
+
+def placed_flags(tiny_model, prompts, reward_model, out: Path, placement: str) -> list[str]:
+    return ppo_flags(tiny_model, prompts, reward_model, out)[1:] + [
+        "--max_iterations", "2", "--critic", tiny_model, "--reference_placement", placement,
+        "--reward_placement", placement]  # fmt: skip
+
+
+def test_reference_and_reward_offloaded_to_cpu_give_the_same_run(tiny_model, prompts, reward_model, tmp_path):
+    for placement in ("device", "cpu"):
+        assert main(["ppo", *placed_flags(tiny_model, prompts, reward_model, tmp_path / placement, placement)]) == 0
+    a, b = read_metrics(tmp_path / "device"), read_metrics(tmp_path / "cpu")
+    for key in ("train/reward/score", "train/kl", "train/loss/policy"):
+        assert [r[key] for r in a] == [r[key] for r in b], key
+
+
+@pytest.mark.skipif(shutil.which("deepspeed", path=os.path.dirname(sys.executable)) is None,
+                    reason="needs the deepspeed launcher")
+def test_reference_and_reward_sharded_zero3_match_replicated(tiny_model, prompts, reward_model, tmp_path):
+    """2 processes: the frozen reference and reward model sharded by ZeRO-3 inference engines (1/2 each)
+    score exactly what full copies score: same rewards and KL, up to float summation order."""
+    launcher = str(Path(sys.executable).parent / "deepspeed")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for placement in ("device", "zero3"):
+        flags = placed_flags(tiny_model, prompts, reward_model, tmp_path / placement, placement)
+        cmd = [launcher, "--num_gpus", "2", "--no_local_rank", "--module", "chatrlhf.cli", "ppo", *flags]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    a, b = read_metrics(tmp_path / "device"), read_metrics(tmp_path / "zero3")
+    assert len(a) == len(b) == 2
+    for key in ("train/reward/score", "train/kl"):
+        assert [r[key] for r in b] == pytest.approx([r[key] for r in a], rel=1e-5, abs=1e-7), key

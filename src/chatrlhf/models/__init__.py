@@ -1,4 +1,4 @@
-"""Models: loading causal LMs (HF dirs, hub ids, built-in names), reward/rating/value models, encoders.
+"""Models: loading causal LMs (HF dirs, hub ids, built-in names), reward/rating/value models, encoders, LoRA.
 
 transformers is imported inside functions, so importing this package costs only torch.
 """
@@ -18,6 +18,7 @@ from chatrlhf.models.loading import (
     load_tokenizer,
     resolve_model,
 )
+from chatrlhf.models.lora import apply_lora
 from chatrlhf.models.reward import RatingModel, RewardModel, load_rating_model, load_reward_model
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "MiniLMEmbedder",
     "RatingModel",
     "RewardModel",
+    "apply_lora",
     "builtin_names",
     "cache_dir",
     "count_parameters",

@@ -88,6 +88,8 @@ def ensure_builtin(name: str) -> Path:
         raise
     if _is_complete(target, expected):
         return target
+    if _other_rank():
+        return _wait_for(target, expected)
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_tmp(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=target.parent))
@@ -104,6 +106,23 @@ def ensure_builtin(name: str) -> Path:
         logger.info("built %s in %.1fs -> %s", name, info["built_s"], target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _other_rank() -> bool:
+    """True on a process that is not rank 0 of an initialised process group. transformers' save_pretrained
+    writes nothing there, so only rank 0 builds and the others wait for its dir."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_rank() != 0
+
+
+def _wait_for(target: Path, expected: dict, timeout_s: float = 1800.0) -> Path:
+    deadline = time.monotonic() + timeout_s
+    while not _is_complete(target, expected):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank 0 did not finish building {target} within {timeout_s:.0f} s")
+        time.sleep(0.5)
     return target
 
 

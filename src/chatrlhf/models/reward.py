@@ -25,6 +25,7 @@ from torch import nn
 
 from chatrlhf.algorithms.masking import gather_last, position_ids_from_mask
 from chatrlhf.models.loading import check_model_dir, enable_checkpointing, resolve_dtype, resolve_model
+from chatrlhf.models.lora import merged_for_save
 
 logger = logging.getLogger(__name__)
 
@@ -81,9 +82,11 @@ class _TrunkWithHead(nn.Module):
         """Writes a plain HF sequence-classification dir plus ``chatrlhf_reward.json``.
 
         ``state_dict``: this wrapper's full state (keys ``model.*``), e.g. consolidated from ZeRO-3 shards.
+        LoRA adapters on the trunk (``chatrlhf.models.lora.apply_lora``) are merged into the saved weights.
         """
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
+        _, state_dict = merged_for_save(self, state_dict)
         if state_dict is not None:
             state_dict = {k.removeprefix("model."): v for k, v in state_dict.items()}
         self.model.save_pretrained(out, state_dict=state_dict)

@@ -25,12 +25,13 @@ from chatrlhf.checkpoint import write_json_atomic
 from chatrlhf.config import DPOConfig
 from chatrlhf.data import PairCollator, encode_records, prepare_records
 from chatrlhf.engine import Engine, init_distributed
-from chatrlhf.models import disable_dropout, load_causal_lm, load_tokenizer
+from chatrlhf.models import apply_lora, disable_dropout, load_causal_lm, load_tokenizer
 from chatrlhf.training import (
     MODEL_SUBDIR,
     BatchPlan,
     MetricsLogger,
     prepare_output_dir,
+    rank_batches,
     resume_or_start,
     save_training_checkpoint,
     set_seed,
@@ -109,18 +110,6 @@ def _summary(sums: torch.Tensor) -> dict[str, float]:
     return {"loss": loss / n, "rewards/chosen": r_w / n, "rewards/rejected": r_l / n,
             "rewards/margin": (r_w - r_l) / n, "rewards/accuracy": hits / n,
             "logps/chosen": lp_w / n, "logps/rejected": lp_l / n}
-
-
-def rank_batches(n: int, rank: int, world: int, batch_size: int) -> list[tuple[list[int], int]]:
-    """This rank's share of items ``0..n-1`` (every ``world``-th, from ``rank``) in batches, as (indices, real
-    count). Every rank gets the same number of batches, the last padded by repeating an index, because under
-    ZeRO-3 each forward is a collective that all ranks must join. Example: n 5, world 2, batch 2 -> rank 0:
-    ([0, 2], 2), ([4], 1); rank 1: ([1, 3], 2), ([3], 0).
-    """
-    mine = list(range(rank, n, world))
-    per_rank = -(-n // world)
-    padded = mine + [mine[-1] if mine else 0] * (per_rank - len(mine))
-    return [(padded[i : i + batch_size], max(0, min(batch_size, len(mine) - i))) for i in range(0, per_rank, batch_size)]
 
 
 @torch.no_grad()
@@ -206,8 +195,8 @@ def train_dpo(cfg: DPOConfig) -> dict[str, float]:
     plan.check("dpo")
     n_steps = total_steps(plan, cfg.epochs, cfg.max_steps)
     m = cfg.model
-    model = load_causal_lm(m.name_or_path, dtype=m.dtype, trust_remote_code=m.trust_remote_code,
-                           gradient_checkpointing=m.gradient_checkpointing)
+    model = apply_lora(load_causal_lm(m.name_or_path, dtype=m.dtype, trust_remote_code=m.trust_remote_code,
+                                      gradient_checkpointing=m.gradient_checkpointing), m)
     if cfg.disable_dropout:
         disable_dropout(model)  # otherwise the policy's log-probs are noisy and h != 0 at step 0
     engine = Engine(model, cfg.engine, total_steps=n_steps)

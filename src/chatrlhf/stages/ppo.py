@@ -30,6 +30,7 @@ from chatrlhf.stages.rl_support import (
     EMA,
     PtxData,
     load_models,
+    place_frozen,
     plan_iterations,
     resume,
     save_checkpoint,
@@ -112,6 +113,7 @@ def train_ppo(cfg: PPOConfig) -> dict[str, float]:
     n_updates = n_iters * cfg.ppo_epochs * (local_samples // mini)
     actor = Engine(actor_model, cfg.actor_engine, total_steps=n_updates)
     critic = Engine(critic_model, cfg.critic_engine, total_steps=n_updates) if estimator.critic else None
+    reference = place_frozen(cfg, reference, reward, actor.device)
     kl_ctl = (rl.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target
               else rl.FixedKLController(cfg.kl_coef))
     moments = rl.RunningMoments()
@@ -136,7 +138,7 @@ def train_ppo(cfg: PPOConfig) -> dict[str, float]:
         epoch, in_epoch = divmod(it, plan.steps_per_epoch)
         (local_idx,) = plan.local_micro_batches(plan.batch(epoch, in_epoch), rank)
         items = [prompts[i] for i in local_idx for _ in range(cfg.samples_per_prompt)]
-        batch = collate(items)
+        batch = {k: v.to(actor.device) if torch.is_tensor(v) else v for k, v in collate(items).items()}
         # Sampling randomness is a pure function of (seed, iteration, rank): a resumed run draws the same.
         gen = torch.Generator().manual_seed(seed * 1_000_003 + it * world + rank)
         with actor.generation_mode() as model:

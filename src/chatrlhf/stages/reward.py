@@ -17,12 +17,13 @@ from chatrlhf.checkpoint import write_json_atomic
 from chatrlhf.config import RMConfig
 from chatrlhf.data import PairCollator, RatingCollator, check_rating_levels, encode_records, prepare_records
 from chatrlhf.engine import Engine, init_distributed
-from chatrlhf.models import RatingModel, RewardModel, load_tokenizer
+from chatrlhf.models import RatingModel, RewardModel, apply_lora, load_tokenizer
 from chatrlhf.training import (
     MODEL_SUBDIR,
     BatchPlan,
     MetricsLogger,
     prepare_output_dir,
+    rank_batches,
     resume_or_start,
     save_training_checkpoint,
     set_seed,
@@ -47,18 +48,18 @@ def evaluate(engine: Engine, data: list[dict], collate, batch_size: int, objecti
     """Exact sums over the eval split, sharded across ranks."""
     engine.eval()
     sums = torch.zeros(5, dtype=torch.float64)  # loss, count, hits, chosen|abs-err, rejected
-    mine = data[engine.rank :: engine.world_size]
-    for i in range(0, len(mine), batch_size):
-        batch = collate(mine[i : i + batch_size])
+    # Equal batch counts on every rank (the last padded): under ZeRO-3 each forward is a collective.
+    for idx, real in rank_batches(len(data), engine.rank, engine.world_size, batch_size):
+        batch = collate([data[i] for i in idx])
         if objective == "pairwise":
-            loss, chosen, rejected = _pair_losses(engine, batch)
+            loss, chosen, rejected = (t[:real] for t in _pair_losses(engine, batch))
             hits, first, second = (chosen > rejected).sum(), chosen.sum(), rejected.sum()
         else:
-            loss, logits = _rating_losses(engine, batch)
+            loss, logits = (t[:real] for t in _rating_losses(engine, batch))
             probs = logits.softmax(-1)
             expected = (probs * torch.arange(probs.size(-1))).sum(-1)  # (B,) in level units
-            hits = (logits.argmax(-1) == batch["levels"]).sum()
-            first, second = (expected - batch["levels"]).abs().sum(), torch.zeros(())
+            hits = (logits.argmax(-1) == batch["levels"][:real]).sum()
+            first, second = (expected - batch["levels"][:real]).abs().sum(), torch.zeros(())
         sums += torch.stack([loss.sum(), torch.tensor(float(loss.numel())), hits, first, second]).double()
     loss, n, hits, first, second = engine.all_reduce(sums).tolist()
     engine.train()
@@ -106,6 +107,7 @@ def train_reward_model(cfg: RMConfig) -> dict[str, float]:
     )  # the new head is drawn from the torch RNG seeded above
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    model = apply_lora(model, cfg.model)  # adapters on the trunk only; the new head trains in full
     engine = Engine(model, cfg.engine, total_steps=n_steps)
     start = resume_or_start(out, engine, cfg.run, plan)
     logger = MetricsLogger(out, enabled=engine.is_rank_0, start=start)

@@ -20,8 +20,9 @@ from chatrlhf.checkpoint import (
 from chatrlhf.config import DataConfig, PPOConfig
 from chatrlhf.data import SFTCollator, encode_records, prepare_records
 from chatrlhf.engine import Engine
-from chatrlhf.models import RewardModel, disable_dropout, load_causal_lm, load_reward_model
+from chatrlhf.models import RewardModel, apply_lora, disable_dropout, load_causal_lm, load_reward_model
 from chatrlhf.models.loading import resolve_model
+from chatrlhf.models.lora import merged_for_save
 from chatrlhf.rewards.sources import RewardModelSource, build_reward_source
 from chatrlhf.training import (
     CHECKPOINTS_SUBDIR,
@@ -86,8 +87,8 @@ def _is_reward_dir(path: str) -> bool:
 def load_models(cfg: PPOConfig, tokenizer, with_critic: bool):
     """(actor, reference, critic or None, reward source): plain modules; the actor and critic get engines later."""
     m = cfg.model
-    actor = load_causal_lm(m.name_or_path, dtype=m.dtype, trust_remote_code=m.trust_remote_code,
-                           gradient_checkpointing=m.gradient_checkpointing)
+    actor = apply_lora(load_causal_lm(m.name_or_path, dtype=m.dtype, trust_remote_code=m.trust_remote_code,
+                                      gradient_checkpointing=m.gradient_checkpointing), m)
     reference = load_causal_lm(cfg.reference or m.name_or_path, dtype=m.dtype,
                                trust_remote_code=m.trust_remote_code).eval().requires_grad_(False)
     reward = build_reward_source(cfg.reward, tokenizer, m.dtype, m.trust_remote_code,
@@ -104,10 +105,21 @@ def load_models(cfg: PPOConfig, tokenizer, with_critic: bool):
     else:  # no RM in the actor's vocabulary: the actor's trunk with a fresh value head
         critic = RewardModel.from_causal_lm(critic_from or m.name_or_path, dtype=m.dtype,
                                             trust_remote_code=m.trust_remote_code)
+    if m.gradient_checkpointing:
+        critic.gradient_checkpointing_enable()
+    critic = apply_lora(critic, m)  # like the actor's: adapters on the trunk, the value head in full
     if cfg.disable_dropout:
         disable_dropout(critic)
     critic.train()
     return actor, reference, critic, reward
+
+
+def place_frozen(cfg: PPOConfig, reference, reward, device):
+    """The reference, and the model of every reward-model source, placed as ``cfg`` asks (see FrozenModel)."""
+    for source in getattr(reward, "sources", [reward]):
+        if isinstance(source, RewardModelSource):
+            source.model = engine_lib.FrozenModel(source.model, cfg.reward_placement, device)
+    return engine_lib.FrozenModel(reference, cfg.reference_placement, device)
 
 
 def plan_iterations(cfg: PPOConfig, n_prompts: int, world: int, seed: int):
@@ -134,7 +146,8 @@ def save_final(out, actor: Engine, critic: Engine | None, ema, tokenizer, histor
     if critic is not None:
         critic.save_hf(out / "critic", tokenizer)
     if ema is not None and actor.is_rank_0:
-        actor.module.save_pretrained(out / "model_ema", state_dict=ema.shadow)
+        model, state = merged_for_save(actor.module, ema.shadow)  # LoRA: the averaged adapters merged in
+        model.save_pretrained(out / "model_ema", state_dict=state)
         tokenizer.save_pretrained(out / "model_ema")
     last = history[-max(1, len(history) // 4):]  # the last quarter of the run
     summary = {k: sum(h[k] for h in last) / len(last) for k in ("reward/score", "kl", "response_length", "gold/overall")

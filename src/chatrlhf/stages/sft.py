@@ -17,12 +17,13 @@ from chatrlhf.checkpoint import write_json_atomic
 from chatrlhf.config import SFTConfig
 from chatrlhf.data import SFTCollator, encode_records, prepare_records
 from chatrlhf.engine import Engine, init_distributed
-from chatrlhf.models import load_causal_lm, load_tokenizer
+from chatrlhf.models import apply_lora, load_causal_lm, load_tokenizer
 from chatrlhf.training import (
     MODEL_SUBDIR,
     BatchPlan,
     MetricsLogger,
     prepare_output_dir,
+    rank_batches,
     resume_or_start,
     save_training_checkpoint,
     set_seed,
@@ -50,11 +51,11 @@ def evaluate(engine: Engine, data: list[dict], collate, batch_size: int) -> dict
     engine.eval()
     nll_sum = torch.zeros((), dtype=torch.float64)
     tokens = torch.zeros((), dtype=torch.float64)
-    mine = data[engine.rank :: engine.world_size]
-    for i in range(0, len(mine), batch_size):
-        nll, mask = _forward_nll(engine, collate(mine[i : i + batch_size]))
-        nll_sum += nll.sum().double()
-        tokens += mask.sum().double()
+    # Equal batch counts on every rank (the last padded): under ZeRO-3 each forward is a collective.
+    for idx, real in rank_batches(len(data), engine.rank, engine.world_size, batch_size):
+        nll, mask = _forward_nll(engine, collate([data[i] for i in idx]))
+        nll_sum += nll[:real].sum().double()
+        tokens += mask[:real].sum().double()
     nll_sum, tokens = engine.all_reduce(nll_sum), engine.all_reduce(tokens)
     engine.train()
     loss = (nll_sum / tokens.clamp(min=1)).item()
@@ -84,6 +85,7 @@ def train_sft(cfg: SFTConfig) -> dict[str, float]:
         trust_remote_code=cfg.model.trust_remote_code,
         gradient_checkpointing=cfg.model.gradient_checkpointing,
     )
+    model = apply_lora(model, cfg.model)  # --model.lora_r 0 (the default): full fine-tuning, model unchanged
     engine = Engine(model, cfg.engine, total_steps=n_steps)
     start = resume_or_start(out, engine, cfg.run, plan)
     logger = MetricsLogger(out, enabled=engine.is_rank_0, start=start)
