@@ -123,3 +123,42 @@ def test_zero3_evaluation_with_an_uneven_split_completes(stage, inputs, tmp_path
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [r["data/eval_records"] for r in rows if "data/eval_records" in r] == [1]
+
+
+REWARD_FN = "def short(prompt, response, metadata):\n    return -0.02 * len(response)\n"
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm", "dpo", "ppo", "grpo"])
+def test_every_stage_runs_with_every_scale_option_at_once(stage, inputs, tmp_path):
+    """2 processes, ZeRO-3 with optimizer and parameter offload, bf16, gradient checkpointing and LoRA, on a
+    model wide enough for ZeRO-3 to partition: 2 steps complete and save a merged model plain transformers
+    loads. (PPO: also the critic under the same settings and a ZeRO-3-sharded reference.)"""
+    wide = str(build_tiny_llama(tmp_path / "wide", hidden_size=256, intermediate_size=512))
+    scale = ["--model.dtype", "bfloat16", "--model.gradient_checkpointing", "true", "--model.lora_r", "4"]
+    out = tmp_path / "out"
+    if stage in ("ppo", "grpo"):
+        (tmp_path / "reward.py").write_text(REWARD_FN)
+        engines = ["actor_engine", "critic_engine"] if stage == "ppo" else ["actor_engine"]
+        flags = [stage, "--model.name_or_path", wide, "--reward", f"{tmp_path / 'reward.py'}:short",
+                 "--data.datasets", f"[{inputs['copy']}]", "--data.data_split", "0,0,1", "--run.output_dir", str(out),
+                 "--run.progress", "false", "--gold_every", "0", "--generation.max_new_tokens", "6",
+                 "--max_iterations", "2", "--rollout_batch_size", "4", "--reference_placement", "zero3",
+                 *(["--samples_per_prompt", "2"] if stage == "grpo" else [])]
+        for e in engines:
+            flags += [f"--{e}.micro_batch_size", "2" if stage == "ppo" else "4", f"--{e}.zero_stage", "3",
+                      f"--{e}.offload_optimizer", "true", f"--{e}.offload_params", "true"]
+    else:
+        flags = stage_flags(stage, {**inputs, "model": wide}, out, micro=2) + [
+            "--max_steps", "2", "--engine.zero_stage", "3", "--engine.offload_optimizer", "true",
+            "--engine.offload_params", "true"]
+    launch = [sys.executable, "-m", "chatrlhf.cli", "launch", "--num_gpus", "2", "--master_port", str(free_port()), "--"]
+    proc = subprocess.run([*launch, *flags, *scale], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    loader = AutoModelForSequenceClassification if stage == "rm" else AutoModelForCausalLM
+    saved = loader.from_pretrained(out / "model")
+    assert not any("lora" in name for name in saved.state_dict())
+    if stage == "ppo":
+        AutoModelForSequenceClassification.from_pretrained(out / "critic")

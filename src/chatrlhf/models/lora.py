@@ -155,7 +155,9 @@ def apply_lora(model: nn.Module, cfg) -> nn.Module:
         head.requires_grad_(True)
         return model
     _check_targets(model, cfg)
-    return get_peft_model(model, lora_config(cfg, "CAUSAL_LM"))
+    # Adapters in the base model's dtype (PEFT would upcast bf16 ones to fp32): DeepSpeed's bf16/fp16 engines
+    # train parameters of one dtype and keep their own fp32 master copies.
+    return get_peft_model(model, lora_config(cfg, "CAUSAL_LM"), autocast_adapter_dtype=False)
 
 
 def _matches(target: str, key: str) -> bool:
