@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import re
 import sys
 import typing
@@ -256,6 +257,12 @@ def parse(argv: list[str]):
     return command, cfg
 
 
+def _under_launcher() -> bool:
+    # Several processes: each must leave the process group together, or one can abort at exit. A single
+    # in-process run (tests, notebooks) keeps its group for the next call.
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def _resume_flag(command: str | None) -> str:
     return "--resume" if command == "train" else "--run.resume"
 
@@ -297,6 +304,10 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             run(cfg)
+            if _under_launcher():
+                from chatrlhf.engine import shutdown_distributed
+
+                shutdown_distributed()
         except CheckpointError as err:
             # The checkpoint module names the file and the problem (and a setting to change where one would
             # fix it); what to do with a damaged checkpoint is the same for every file, so it is said here.

@@ -109,6 +109,16 @@ def init_distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def shutdown_distributed() -> None:
+    """Waits for every process, then tears the process group down. A process that exits with the group
+    still alive can abort in its C++ destructors (``terminate called without an active exception``)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     # Biases and norm gains (every tensor with < 2 dims) get no weight decay (nanoGPT/DSC convention).
     params = [p for p in model.parameters() if p.requires_grad]

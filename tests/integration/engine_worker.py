@@ -85,7 +85,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from chatrlhf.config import EngineConfig
-    from chatrlhf.engine import Engine, init_distributed
+    from chatrlhf.engine import Engine, init_distributed, shutdown_distributed
 
     rank, world = init_distributed()
     cfg = EngineConfig(
@@ -134,7 +134,7 @@ def main() -> None:
         result["hf_logits_max_diff"] = float((again - logits).abs().max())
     if engine.is_rank_0:
         (out / "result.json").write_text(json.dumps(result))
-    engine.barrier()
+    shutdown_distributed()
 
 
 if __name__ == "__main__":
