@@ -299,7 +299,7 @@ class PPOConfig:
     """Reference model for the KL penalty (None: the actor's starting model)."""
     reference_placement: Literal["device", "cpu", "zero3"] = "device"
     """Where the frozen reference lives: ``device`` (a copy on each process's device), ``cpu`` (CPU memory,
-    moved to the device for each forward: DeepSpeed-Chat's ``--offload_reference_model``) or ``zero3``
+    brought to the device once per scoring pass: DeepSpeed-Chat's ``--offload_reference_model``) or ``zero3``
     (sharded over the processes, 1/N each, gathered layer by layer)."""
     reward_placement: Literal["device", "cpu", "zero3"] = "device"
     """The same for a reward-model reward source (``reward`` a model dir)."""

@@ -608,8 +608,8 @@ class FrozenModel:
     """A model that is only evaluated (PPO's reference, a reward model), placed as asked:
 
     * ``device``: a full copy on this process's device (colocated with the trained models; fastest).
-    * ``cpu``: kept in CPU memory and moved to the device for each forward, then back (DeepSpeed-Chat's
-      reference offload, trading transfer time for device memory).
+    * ``cpu``: kept in CPU memory and moved to the device for each forward, or for a whole ``resident()``
+      block, then back (DeepSpeed-Chat's reference offload, trading transfer time for device memory).
     * ``zero3``: sharded over the processes by a ZeRO-3 inference engine and gathered layer by layer in
       each forward: every process holds 1/N of it. All processes must call it equally often.
 
@@ -619,7 +619,7 @@ class FrozenModel:
     def __init__(self, model: torch.nn.Module, placement: str, device: torch.device):
         if placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
-        self.placement, self.device = placement, torch.device(device)
+        self.placement, self.device, self._resident = placement, torch.device(device), False
         model.eval().requires_grad_(False)
         if placement == "zero3":
             import deepspeed
@@ -640,16 +640,26 @@ class FrozenModel:
             self.module = model.to(self.device if placement == "device" else "cpu")
             self._run = self.module
 
+    @contextlib.contextmanager
+    def resident(self):
+        """A ``cpu``-placed model stays on the device for the whole block (one round trip for many forwards,
+        e.g. every micro-batch of a scoring pass); a no-op for the other placements."""
+        if self.placement != "cpu" or self._resident:
+            yield
+            return
+        self.module.to(self.device)
+        self._resident = True
+        try:
+            yield
+        finally:
+            self.module.to("cpu")
+            self._resident = False
+
     def __call__(self, *args, **kwargs):
         move = lambda x: x.to(self.device) if isinstance(x, torch.Tensor) else x  # noqa: E731
         args, kwargs = [move(a) for a in args], {k: move(v) for k, v in kwargs.items()}
-        if self.placement != "cpu":
+        with self.resident():
             return self._run(*args, **kwargs)
-        self.module.to(self.device)
-        try:
-            return self._run(*args, **kwargs)
-        finally:
-            self.module.to("cpu")
 
 
 def save_checkpoint(

@@ -67,11 +67,12 @@ def _score(cfg: PPOConfig, actor: Engine, reference, critic: Engine | None, rewa
     for m in models:
         m.eval()
     old, ref, values = [], [], []
-    for i in range(0, n, chunk):
-        s, a, answer = seq[i : i + chunk], attn[i : i + chunk], seq[i : i + chunk, -r_len:]
-        old.append(gather_log_probs(answer_logits(actor, s, a, r_len, temperature), answer))
-        ref.append(gather_log_probs(answer_logits(reference, s, a, r_len, temperature), answer))
-        values.append(_critic_values(critic, s, a, r_len) if critic is not None else torch.zeros_like(old[-1]))
+    with reference.resident():  # an offloaded reference comes to the device once per scoring pass
+        for i in range(0, n, chunk):
+            s, a, answer = seq[i : i + chunk], attn[i : i + chunk], seq[i : i + chunk, -r_len:]
+            old.append(gather_log_probs(answer_logits(actor, s, a, r_len, temperature), answer))
+            ref.append(gather_log_probs(answer_logits(reference, s, a, r_len, temperature), answer))
+            values.append(_critic_values(critic, s, a, r_len) if critic is not None else torch.zeros_like(old[-1]))
     for m in models:
         m.train()
     return torch.cat(old), torch.cat(ref), torch.cat(values), reward(rb).float()
