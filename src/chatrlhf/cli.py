@@ -27,6 +27,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from chatrlhf.config import (
     ConfigError,
     DPOConfig,
+    ExportConfig,
     GRPOConfig,
     PairsConfig,
     PipelineConfig,
@@ -78,6 +79,12 @@ def _chat_config():
     return ChatConfig
 
 
+def _serve_config():
+    from chatrlhf.feedback.serve import ServeConfig
+
+    return ServeConfig
+
+
 COMMANDS = {
     "sft": (SFTConfig, "chatrlhf.stages.sft:train_sft"),
     "rm": (RMConfig, "chatrlhf.stages.reward:train_reward_model"),
@@ -85,9 +92,11 @@ COMMANDS = {
     "grpo": (GRPOConfig, "chatrlhf.stages.ppo:train_ppo"),
     "dpo": (DPOConfig, "chatrlhf.stages.dpo:train_dpo"),
     "pairs": (PairsConfig, "chatrlhf.data.feedback:make_pairs"),
+    "export": (ExportConfig, "chatrlhf.feedback.export:run_export"),
     "train": (PipelineConfig, "chatrlhf.pipeline:run_pipeline"),
     "eval": (_eval_config, "chatrlhf.evaluation.run:run_eval"),
     "chat": (_chat_config, "chatrlhf.chat:run_chat"),
+    "serve": (_serve_config, "chatrlhf.feedback.serve:run_serve"),
 }
 
 
@@ -240,9 +249,39 @@ def _parse_error_message(err: ArgumentError, argv: list[str], command: str | Non
     return f"{msg.rstrip('.')}. Fix: correct the command line ({help_hint})."
 
 
+REPEATABLE = {"serve": ("--model", "--prompts")}
+"""List flags that may be given once per value (``--model A --model B``) as well as as a list (``'[A, B]'``)."""
+
+
+def _collect_repeated(argv: list[str], flags: tuple[str, ...]) -> list[str]:
+    """``--model A --model B`` -> ``--model ["A", "B"]`` (at the first one's place); a value written as a
+    list (``[A, B]``) is left as it is."""
+    import json
+
+    values: dict[str, list[str]] = {}
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        flag, _, inline = argv[i].partition("=")
+        if flag in flags and (inline or i + 1 < len(argv)):
+            value = inline if "=" in argv[i] else argv[i + 1]
+            i += 1 if "=" in argv[i] else 2
+            if value.lstrip().startswith("["):
+                out += [flag, value]
+                continue
+            if flag not in values:
+                out += [flag, None]  # filled below with every value of the flag
+            values.setdefault(flag, []).append(value)
+            continue
+        out.append(argv[i])
+        i += 1
+    return [json.dumps(values[out[k - 1]]) if a is None else a for k, a in enumerate(out)]
+
+
 def parse(argv: list[str]):
     """Returns (command name, the stage's config dataclass). Raises ConfigError with a one-line message."""
     argv = _expand_preset(_strip_local_rank(argv))
+    argv = _collect_repeated(argv, REPEATABLE.get(_command_of(argv), ()))
     for value in _config_files(argv):
         _check_config_file(value)
     parser = build_parser()

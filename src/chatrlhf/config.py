@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 
@@ -569,6 +570,36 @@ class PipelineConfig:
     """Sampling for the evaluation answers (the same seed for every model)."""
     eval_batch_size: int = 32
     """Prompts per generation batch in the evaluation."""
+    feedback: str | None = None
+    """Train the reward model (or DPO with ``--algo dpo``) on the pairs exported from this feedback database
+    (the file ``chatrlhf serve --db`` wrote) instead of ``data``'s; SFT and the RL prompts still come from
+    ``data.datasets``. The export goes to ``output_dir/feedback/`` (docs/feedback.md, "Export and training")."""
+    feedback_min_margin: float = 1.0
+    """``--feedback`` ratings: drop pairs of answers whose mean overall scores differ by less than this."""
+    feedback_min_agreement: float = 1.0
+    """``--feedback``: the share of votes (comparisons) or of annotators (ratings) that must agree with a
+    pair's direction for it to be kept (1.0: any dissent or tie vote drops it)."""
+
+    def validate(self) -> None:
+        if self.feedback is not None:
+            path = Path(self.feedback)
+            if not path.is_file():
+                what = "is a directory" if path.is_dir() else "does not exist"
+                raise ConfigError(f"--feedback {self.feedback} {what}. Fix: name the database file `chatrlhf serve "
+                                  "--db` wrote, or leave --feedback unset to train the reward model on data.datasets.")
+        if not (self.feedback_min_margin >= 0 and math.isfinite(self.feedback_min_margin)):
+            raise ConfigError(f"--feedback_min_margin must be a finite number >= 0, got {self.feedback_min_margin}")
+        if not 0 <= self.feedback_min_agreement <= 1:
+            raise ConfigError(f"--feedback_min_agreement must be in [0, 1], got {self.feedback_min_agreement}")
+
+    def feedback_data(self) -> DataConfig | None:
+        """The preference data of the RM (or DPO) stage under ``--feedback``: all of the exported pairs.jsonl
+        (split ``0,1,0``, read as preference rows, eval held out from it by ``data.eval_fraction``); None
+        without ``--feedback``. ``data``'s weights, format and eval sources describe the SFT data, not this file."""
+        if self.feedback is None:
+            return None
+        return dataclasses.replace(self.data, datasets=[f"{self.output_dir.rstrip('/')}/feedback/pairs.jsonl"],
+                                   data_split="0,1,0", weights=None, format="preference", eval_datasets=[])
 
     def stage_configs(self) -> tuple[SFTConfig, RMConfig]:
         """The per-stage configs this pipeline runs (also written beside each stage's outputs)."""
@@ -596,7 +627,7 @@ class PipelineConfig:
             rm_model.name_or_path = f"{root}/sft/model"
         rm = RMConfig(
             model=rm_model,
-            data=self.data,
+            data=self.feedback_data() or self.data,
             engine=self.rm_engine,
             run=run("rm"),
             epochs=self.rm_epochs,
@@ -618,7 +649,7 @@ class PipelineConfig:
             from chatrlhf.data.split import parse_split
 
             sft, rm, rl = parse_split(self.data.data_split)
-            data = dataclasses.replace(self.data, data_split=f"{sft},{rm + rl},0")
+            data = self.feedback_data() or dataclasses.replace(self.data, data_split=f"{sft},{rm + rl},0")
             return dataclasses.replace(self.dpo, model=model, data=data, run=run)
         estimator = "gae" if self.algo == "ppo" else self.algo  # --algo names the advantage estimator
         return dataclasses.replace(base, model=model, reward=f"{root}/rm/model", run=run,
@@ -655,6 +686,33 @@ class PairsConfig:
             raise ConfigError("--input is empty: name one or more rating files (prompt, response, score rows)")
         if not self.output:
             raise ConfigError("--output is empty: name the JSONL file the pairs go to")
+        if not (self.min_margin >= 0 and math.isfinite(self.min_margin)):
+            raise ConfigError(f"--min_margin must be a finite number >= 0, got {self.min_margin}")
+        if not 0 <= self.min_agreement <= 1:
+            raise ConfigError(f"--min_agreement must be in [0, 1], got {self.min_agreement}")
+
+
+@dataclass
+class ExportConfig:
+    """Export the feedback collected by ``chatrlhf serve`` (its SQLite file) as training data: filtered
+    preference pairs for ``chatrlhf rm`` / ``chatrlhf dpo``, and every rating and comparison as JSON lines."""
+
+    db: str = "feedback.db"
+    """The feedback database ``chatrlhf serve --db`` wrote."""
+    output_dir: str = "outputs/feedback"
+    """Where pairs.jsonl, ratings.jsonl, comparisons.jsonl and export.json (the filter counts) go."""
+    overwrite: bool = False
+    """Replace files of an earlier export in ``output_dir``. Off: stop instead of overwriting."""
+    min_margin: float = 1.0
+    """Ratings: drop pairs of answers whose mean overall scores differ by less than this (as ``chatrlhf pairs``)."""
+    min_agreement: float = 1.0
+    """Comparisons: the share of a pair's votes that must go to the winning answer (a tie vote counts
+    against); ratings: the share of annotators who rated both answers that must order them like the means
+    (as ``chatrlhf pairs``). 1.0: any dissent or tie vote drops the pair."""
+
+    def validate(self) -> None:
+        if not self.db:
+            raise ConfigError("--db is empty: name the feedback database chatrlhf serve wrote")
         if not (self.min_margin >= 0 and math.isfinite(self.min_margin)):
             raise ConfigError(f"--min_margin must be a finite number >= 0, got {self.min_margin}")
         if not 0 <= self.min_agreement <= 1:

@@ -44,15 +44,52 @@ def _stages(cfg: PipelineConfig):
     return [("sft", sft_cfg, train_sft), ("rm", rm_cfg, train_reward_model), (cfg.algo, cfg.rl_config(), train_ppo)]
 
 
+def _export_feedback(cfg: PipelineConfig, root: Path) -> dict | None:
+    """``--feedback``: the database -> ``root/feedback/`` (pairs.jsonl is the RM / DPO stage's data).
+
+    Every process exports, before any stage starts: the files are derived data, written atomically, and
+    identical on every rank for the same database, so no rank waits for another (no process group exists
+    yet). Each rank finishes its export before it reaches the first stage's process-group set-up, so no
+    rank reads pairs.jsonl while another is still writing it. ``--resume`` reuses an earlier complete export
+    (export.json present, same database and thresholds, pairs > 0), so an interrupted RM or DPO stage
+    resumes on the pairs it started with even if feedback arrived since; otherwise it is exported again.
+    """
+    if cfg.feedback is None:
+        return None
+    from chatrlhf.feedback.export import export_feedback
+
+    out = root / "feedback"
+    flags = {"db": "--feedback", "min_margin": "--feedback_min_margin", "min_agreement": "--feedback_min_agreement",
+             "overwrite": "--overwrite", "output_dir": "--output_dir"}
+    settings = {"min_margin": cfg.feedback_min_margin, "min_agreement": cfg.feedback_min_agreement}
+    done = out / "export.json"
+    if cfg.resume and done.is_file():
+        earlier = json.loads(done.read_text(encoding="utf-8"))
+        if (earlier.get("db") == str(Path(cfg.feedback).resolve()) and earlier.get("settings") == settings
+                and earlier.get("counts", {}).get("pairs", 0) > 0):
+            print(f"[chatrlhf] feedback: {out} exported before, reused (resume)")
+            return earlier
+    summary = export_feedback(cfg.feedback, out, cfg.feedback_min_margin, cfg.feedback_min_agreement,
+                              overwrite=True, flags=flags)
+    counts = summary["counts"]
+    print(f"[chatrlhf] feedback: {counts['comparisons']} comparisons, {counts['ratings']} ratings -> "
+          f"{counts['pairs']} pairs -> {out}")
+    return summary
+
+
 def run_pipeline(cfg: PipelineConfig) -> dict:
+    cfg.validate()
     stages = _stages(cfg)
     for _, stage_cfg, _ in stages:
         stage_cfg.validate()  # all config errors before the first hour of training, not after it
     _refuse_finished(cfg, stages)
     root = Path(cfg.output_dir)
+    feedback = _export_feedback(cfg, root)  # no surviving pair stops here, before any stage runs
     root.mkdir(parents=True, exist_ok=True)
     write_resolved_config(root, cfg)
     summary: dict = {"seconds": {}}
+    if feedback is not None:
+        summary["feedback"] = feedback["counts"]
     for name, stage_cfg, fn in stages:
         done = _finished(stage_cfg.run.output_dir) if cfg.resume else None
         if done is not None:

@@ -1,0 +1,141 @@
+"""The models behind ``chatrlhf serve``: answers for the chat page and the queue's answer pairs.
+
+Models load once at start-up. Generation is one call at a time (a lock): on a CPU two concurrent calls only
+share the cores, and on a GPU they would share its memory. A queued prompt's pair is two answers:
+
+    two or more models   slot a and b from the first two models, their order shuffled per prompt
+                         (seeded by the prompt id) so position tells the annotator nothing
+    one model            two samples of it with different seeds (``seed + 2 * prompt_id`` and ``+ 1``)
+
+The same prompt id and settings give the same pair, so a restarted server writes the same answers.
+``PairWorker`` fills pairs in queue order in a background thread, ahead of the annotators.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from dataclasses import asdict, dataclass
+
+import torch
+
+from chatrlhf.feedback.store import FeedbackStore
+
+
+@dataclass
+class Answer:
+    text: str
+    finished: bool  # False: cut at max_new_tokens
+    model: str
+    settings: dict  # sampling settings and seed, stored with the answer
+
+
+class Answerer:
+    """Loaded models and their sampling settings; ``answer`` is thread-safe."""
+
+    def __init__(self, models: list[str], *, max_new_tokens: int = 256, temperature: float = 0.7, top_p: float = 0.9,
+                 seed: int = 0, system: str | None = None, max_history_tokens: int = 1536, backend: str = "native"):
+        from chatrlhf.chat import _load
+        from chatrlhf.evaluation.answers import eos_token_ids
+        from chatrlhf.rollout import SamplingConfig
+
+        if not models:
+            raise ValueError("--model: name at least one model dir or built-in model")
+        self.names = list(models)
+        self.system, self.seed, self.backend, self.max_history_tokens = system, seed, backend, max_history_tokens
+        self.sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature or 1.0, top_p=top_p,
+                                       do_sample=temperature > 0)
+        self._loaded = []
+        for ref in self.names:
+            model, tokenizer, device = _load(ref)
+            eos = eos_token_ids(tokenizer, model)
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+            self._loaded.append((model, tokenizer, device, eos, pad))
+        self._lock = threading.Lock()
+
+    def answer(self, model_index: int, messages: list[dict], seed: int) -> Answer:
+        """One sampled answer of model ``model_index`` to the conversation ``messages`` (ends with a user turn)."""
+        from chatrlhf.chat import fit_history
+        from chatrlhf.rollout import decode_responses, generate
+
+        if not 0 <= model_index < len(self.names):
+            raise IndexError(f"model must be 0..{len(self.names) - 1}, got {model_index}")
+        model, tokenizer, device, eos, pad = self._loaded[model_index]
+        ids, _ = fit_history(tokenizer, self.system, messages, self.max_history_tokens)
+        input_ids = torch.tensor([ids], dtype=torch.long, device=device)  # (1, P)
+        with self._lock, torch.no_grad():
+            generator = torch.Generator(device=device).manual_seed(seed)
+            rollout = generate(model, input_ids, torch.ones_like(input_ids), self.sampling, eos_token_ids=eos,
+                               pad_token_id=pad, backend=self.backend, generator=generator)
+        settings = {**asdict(self.sampling), "seed": seed, "system": self.system}
+        return Answer(decode_responses(tokenizer, rollout)[0], bool(rollout.finished[0]), self.names[model_index],
+                      settings)
+
+    def pair(self, prompt_id: int, messages: list[dict]) -> tuple[Answer, Answer]:
+        """Answers a and b of a queued prompt (see the module docstring)."""
+        seed = self.seed + 2 * prompt_id
+        if len(self.names) == 1:
+            return self.answer(0, messages, seed), self.answer(0, messages, seed + 1)
+        order = [0, 1]
+        random.Random(prompt_id).shuffle(order)
+        return self.answer(order[0], messages, seed), self.answer(order[1], messages, seed)
+
+
+class PairWorker:
+    """Generates the answer pairs of queued prompts, in queue order, in one background thread.
+
+    ``fill(n)`` does the work synchronously (tests call it); ``start()`` runs it forever, waking when
+    ``wake()`` is called (prompts imported, a page waiting) or every ``poll_s`` seconds.
+    """
+
+    def __init__(self, store: FeedbackStore, answerer: Answerer, poll_s: float = 5.0):
+        self.store, self.answerer, self.poll_s = store, answerer, poll_s
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self.error: str | None = None  # the last generation failure, shown on the pages
+        self.busy_with: int | None = None  # the prompt id being answered now
+
+    def fill(self, limit: int | None = None) -> int:
+        """Generates up to ``limit`` missing pairs (None: all); returns how many it generated."""
+        done = 0
+        while limit is None or done < limit:
+            missing = self.store.prompts_missing_answers(limit=1)
+            if not missing:
+                break
+            self.answer_prompt(missing[0])
+            done += 1
+        return done
+
+    def answer_prompt(self, prompt_id: int) -> None:
+        """Generates and stores the pair of one prompt (a slot filled meanwhile keeps its first answer)."""
+        self.busy_with = prompt_id
+        try:
+            a, b = self.answerer.pair(prompt_id, self.store.prompt(prompt_id)["messages"])
+        finally:
+            self.busy_with = None
+        for slot, ans in (("a", a), ("b", b)):
+            self.store.add_answer(prompt_id, ans.model, ans.text, ans.finished, ans.settings, slot=slot)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def start(self) -> threading.Thread:
+        thread = threading.Thread(target=self._run, name="chatrlhf-pairs", daemon=True)
+        thread.start()
+        return thread
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.fill(limit=1)
+                self.error = None
+            except Exception as err:  # noqa: BLE001 - a bad prompt must not stop the server; shown on the pages
+                self.error = f"{type(err).__name__}: {err}"
+                self._wake.wait(self.poll_s)
+            if not self.store.prompts_missing_answers(limit=1):
+                self._wake.wait(self.poll_s)
+            self._wake.clear()

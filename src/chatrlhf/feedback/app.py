@@ -1,0 +1,438 @@
+"""The feedback web app (``chatrlhf serve``): chat, compare, rate, the prompt queue and the export.
+
+Pages are rendered on the server (Jinja2, autoescaped) with one small script for busy states and the chat.
+Every write route takes a form (the pages; answered with a redirect) or JSON (scripts; answered with JSON):
+
+    GET  /                 progress counters, annotator name
+    POST /annotator        set the annotator name (a cookie)
+    GET  /chat             chat page             POST /api/chat         {model, messages} -> answer
+    GET  /compare          next pair to compare  POST /compare          request_id, prompt_id, answer_a, answer_b,
+                                                                        choice a|b|tie, comment
+    GET  /rate             next answer to rate   POST /rate             request_id, answer_id, overall and the four
+                                                                        dimensions 1-5, comment
+    GET  /queue            the prompt queue      POST /queue            a prompt file (upload) or JSON {prompts}
+    GET  /export           filter counts         GET  /export/{pairs,ratings,comparisons}.jsonl
+    GET  /api/progress     the counters as JSON
+
+Security (docs/feedback.md): with a token, every route but /healthz needs it (``Authorization: Bearer``, or
+the cookie set by opening ``/?token=...`` once), else 401. Without one (loopback only) the Host header must
+name the loopback address, which stops DNS rebinding. A cross-site POST (an ``Origin`` other than the app's
+own) is refused. Request bodies are capped; responses carry a strict Content-Security-Policy, so even a
+model answer that contained markup could not run a script (and Jinja2 escapes it anyway).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import secrets
+import tempfile
+from pathlib import Path
+from urllib.parse import quote, unquote, urlsplit
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from starlette.concurrency import run_in_threadpool
+
+from chatrlhf.feedback.store import (
+    DIMENSIONS,
+    FeedbackError,
+    FeedbackStore,
+    NotFound,
+    check_messages,
+    check_name,
+)
+
+HERE = Path(__file__).resolve().parent
+TOKEN_COOKIE = "chatrlhf_token"
+NAME_COOKIE = "chatrlhf_annotator"
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; object-src 'none'; "
+       "base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
+MAX_CHAT_MESSAGES = 64
+MAX_MESSAGE_CHARS = 8000
+
+
+class TooLarge(Exception):
+    pass
+
+
+class _BodyLimit:
+    """ASGI middleware: 413 for a body over ``max_bytes``, by its Content-Length or while it streams in."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            return await _too_large(self.max_bytes)(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise TooLarge
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except TooLarge:
+            await _too_large(self.max_bytes)(scope, receive, send)
+
+
+def _too_large(max_bytes: int) -> Response:
+    return JSONResponse({"error": f"request body over {max_bytes} bytes (--max_request_bytes)"}, status_code=413)
+
+
+def create_app(store: FeedbackStore, answerer, worker=None, *, token: str | None = None,
+               allowed_hosts: tuple[str, ...] | None = LOOPBACK_HOSTS, max_request_bytes: int = 2 << 20) -> FastAPI:
+    """The app over ``store``. ``answerer`` (``Answerer``) answers chats; ``worker`` (``PairWorker``) fills the
+    queue's pairs (None: pairs are generated in the request that needs them). ``allowed_hosts``: Host header
+    names accepted without a token (None: any)."""
+    app = FastAPI(title="chatrlhf feedback", docs_url=None, redoc_url=None, openapi_url=None)
+    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    app.state.store, app.state.answerer, app.state.worker = store, answerer, worker
+    app.state.token, app.state.allowed_hosts = token, allowed_hosts
+    app.middleware("http")(_guard)
+    app.add_middleware(_BodyLimit, max_bytes=max_request_bytes)
+    app.add_exception_handler(FeedbackError, _refused)
+    app.include_router(router)
+    return app
+
+
+# ---------------------------------------------------------------------------------- guards
+async def _guard(request: Request, call_next):
+    """Host check (no token), cross-site POST check, token check, then security headers on the response."""
+    state = request.app.state
+    if request.url.path == "/healthz":
+        return await call_next(request)
+    host = _host_name(request.headers.get("host", ""))
+    if state.token is None and state.allowed_hosts is not None and host not in state.allowed_hosts:
+        return PlainTextResponse(f"Host {host!r} is not served: open http://127.0.0.1 instead", status_code=400)
+    if request.method not in ("GET", "HEAD") and (origin := request.headers.get("origin")):
+        if urlsplit(origin).netloc != request.headers.get("host"):
+            return PlainTextResponse("cross-site request refused", status_code=403)
+    if state.token is not None:
+        if denied := _check_token(request, state.token):
+            return denied
+    response = await call_next(request)
+    response.headers["Content-Security-Policy"] = CSP
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Referrer-Policy"] = "same-origin"  # "no-referrer" would make forms send Origin: null
+    response.headers["X-Frame-Options"] = "DENY"
+    return response
+
+
+def _check_token(request: Request, token: str) -> Response | None:
+    """401 without the token; a GET carrying ``?token=`` trades it for a cookie (redirect); None: let it pass."""
+    given = request.query_params.get("token") or request.cookies.get(TOKEN_COOKIE) or ""
+    auth = request.headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        given = auth[7:].strip()
+    if not hmac.compare_digest(given.encode(), token.encode()):
+        return PlainTextResponse("missing or wrong access token: open the URL chatrlhf serve printed (it ends "
+                                 "with ?token=...) or send 'Authorization: Bearer <token>'",
+                                 status_code=401, headers={"WWW-Authenticate": "Bearer"})
+    if "token" in request.query_params and request.method == "GET":
+        # The token leaves the address bar (and history) for a cookie this site alone sends.
+        response = RedirectResponse(str(request.url.remove_query_params("token")), status_code=303)
+        response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict")
+        return response
+    return None
+
+
+async def _refused(request: Request, err: FeedbackError):
+    status = 404 if isinstance(err, NotFound) else 400
+    if _wants_json(request):
+        return JSONResponse({"error": str(err)}, status_code=status)
+    return _page(request, "error.html", status_code=status, message=str(err))
+
+
+# ---------------------------------------------------------------------------------- pages and routes
+templates = Jinja2Templates(directory=HERE / "templates")
+router = APIRouter()
+
+
+def _page(request: Request, template: str, status_code: int = 200, **extra) -> HTMLResponse:
+    state = request.app.state
+    name = _annotator(request)
+    ctx = {"annotator": name, "progress": state.store.progress(name), "models": state.answerer.names,
+           "worker_error": getattr(state.worker, "error", None), "dimensions": DIMENSIONS, **extra}
+    return templates.TemplateResponse(request, template, ctx, status_code=status_code)
+
+
+def _pair_or_none(request: Request, prompt_id: int):
+    """The prompt's pair; without a background worker it is generated now, with one the worker is woken."""
+    state = request.app.state
+    pair = state.store.pair(prompt_id)
+    if pair is None and state.worker is None:
+        from chatrlhf.feedback.answerer import PairWorker
+
+        PairWorker(state.store, state.answerer).answer_prompt(prompt_id)
+        pair = state.store.pair(prompt_id)
+    elif pair is None:
+        state.worker.wake()
+    return pair
+
+
+def _need_name(request: Request, page: str) -> Response | None:
+    if _annotator(request) is None:
+        return RedirectResponse(f"/?next={quote(page)}", status_code=303)
+    return None
+
+
+def _saved(request: Request, saved, page: str) -> Response:
+    if _wants_json(request):
+        return JSONResponse({"id": saved.id, "created": saved.created}, status_code=201 if saved.created else 200)
+    return RedirectResponse(f"{page}?saved=1", status_code=303)
+
+
+@router.get("/healthz")
+def healthz():
+    return {"ok": True}
+
+
+@router.get("/", response_class=HTMLResponse)
+def home(request: Request, next: str = ""):
+    return _page(request, "home.html", next=_local_path(next))
+
+
+@router.post("/annotator")
+async def set_annotator(request: Request):
+    data = await _payload(request)
+    name = check_name(data.get("annotator"))
+    response = RedirectResponse(_local_path(data.get("next") or "/"), status_code=303)
+    response.set_cookie(NAME_COOKIE, quote(name), samesite="strict", max_age=365 * 24 * 3600)
+    return response
+
+
+@router.get("/api/progress")
+def progress(request: Request):
+    return request.app.state.store.progress(_annotator(request))
+
+
+@router.get("/chat", response_class=HTMLResponse)
+def chat_page(request: Request):
+    return _page(request, "chat.html")
+
+
+@router.post("/api/chat")
+async def chat(request: Request):
+    store, answerer = request.app.state.store, request.app.state.answerer
+    data = await _payload(request)
+    model = data.get("model", 0)
+    if isinstance(model, bool) or not isinstance(model, int) or not 0 <= model < len(answerer.names):
+        raise FeedbackError(f"model must be an index 0..{len(answerer.names) - 1}, got {model!r}")
+    messages = check_messages(data.get("messages"))
+    if len(messages) > MAX_CHAT_MESSAGES or any(len(m["content"]) > MAX_MESSAGE_CHARS for m in messages):
+        raise FeedbackError(f"a chat keeps at most {MAX_CHAT_MESSAGES} messages of {MAX_MESSAGE_CHARS} characters")
+    seed = data.get("seed", secrets.randbelow(2**31))
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise FeedbackError(f"seed must be an integer, got {seed!r}")
+    ans = await run_in_threadpool(answerer.answer, model, messages, seed)
+    store.add_prompts([messages], source="chat", queued=False)
+    prompt_id = store.prompt_id_for(messages)
+    answer_id = store.add_answer(prompt_id, ans.model, ans.text, ans.finished, ans.settings)
+    return {"answer_id": answer_id, "prompt_id": prompt_id, "text": ans.text, "finished": ans.finished,
+            "model": ans.model}
+
+
+@router.get("/compare", response_class=HTMLResponse)
+def compare_page(request: Request, prompt_id: int | None = None, saved: int = 0):
+    if redirect := _need_name(request, "/compare"):
+        return redirect
+    store = request.app.state.store
+    if prompt_id is None:
+        prompt_id = store.next_to_compare(_annotator(request))
+    if prompt_id is None:
+        waiting = store.prompts_missing_answers(limit=1)
+        prompt_id = waiting[0] if waiting else None
+    if prompt_id is None:
+        return _page(request, "done.html", task="compare", saved=saved)
+    prompt = store.prompt(prompt_id)
+    pair = _pair_or_none(request, prompt_id)
+    if pair is None:
+        return _page(request, "waiting.html", prompt=prompt, task="compare")
+    return _page(request, "compare.html", prompt=prompt, a=pair[0], b=pair[1], request_id=secrets.token_hex(16),
+                 saved=saved)
+
+
+@router.post("/compare")
+async def compare(request: Request):
+    data = await _payload(request)
+    saved = request.app.state.store.add_comparison(
+        data.get("request_id"), _int(data, "prompt_id"), _int(data, "answer_a"), _int(data, "answer_b"),
+        data.get("choice"), _who(request, data), data.get("comment", ""))
+    return _saved(request, saved, "/compare")
+
+
+@router.get("/rate", response_class=HTMLResponse)
+def rate_page(request: Request, answer_id: int | None = None, saved: int = 0):
+    if redirect := _need_name(request, "/rate"):
+        return redirect
+    store = request.app.state.store
+    if answer_id is None:
+        answer_id = store.next_to_rate(_annotator(request))
+    if answer_id is None and (waiting := store.prompts_missing_answers(limit=1)):
+        if _pair_or_none(request, waiting[0]) is None:
+            return _page(request, "waiting.html", prompt=store.prompt(waiting[0]), task="rate")
+        answer_id = store.next_to_rate(_annotator(request))
+    if answer_id is None:
+        return _page(request, "done.html", task="rate", saved=saved)
+    answer = store.answer(answer_id)
+    return _page(request, "rate.html", answer=answer, prompt=store.prompt(answer["prompt_id"]),
+                 request_id=secrets.token_hex(16), saved=saved)
+
+
+@router.post("/rate")
+async def rate(request: Request):
+    data = await _payload(request)
+    scores = {k: data.get(k) for k in ("overall", *DIMENSIONS)}
+    saved = request.app.state.store.add_rating(data.get("request_id"), _int(data, "answer_id"), scores,
+                                               _who(request, data), data.get("comment", ""))
+    return _saved(request, saved, "/rate")
+
+
+@router.get("/queue", response_class=HTMLResponse)
+def queue_page(request: Request, imported: str = ""):
+    return _page(request, "queue.html", queue=request.app.state.store.queue(), imported=imported)
+
+
+@router.post("/queue")
+async def import_prompts(request: Request):
+    state = request.app.state
+    if _is_json(request):
+        data = await _payload(request)
+        prompts = data.get("prompts")
+        if not isinstance(prompts, list) or not prompts:
+            raise FeedbackError("prompts must be a non-empty list of prompts (text, or message lists)")
+        source = "api"
+        prompts = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts]
+    else:
+        form = await request.form()
+        upload = form.get("file")
+        if upload is None or not getattr(upload, "filename", ""):
+            raise FeedbackError("file: choose a prompt file (.jsonl, .json, .csv or .parquet with a 'prompt' column)")
+        source = Path(upload.filename).name
+        prompts = _read_prompt_file(source, await upload.read())
+    added, present = state.store.add_prompts(prompts, source=source)
+    if state.worker is not None:
+        state.worker.wake()
+    if _wants_json(request):
+        return JSONResponse({"added": added, "already_present": present}, status_code=201)
+    return RedirectResponse(f"/queue?imported={added},{present}", status_code=303)
+
+
+@router.get("/export", response_class=HTMLResponse)
+def export_page(request: Request, min_margin: float = 1.0, min_agreement: float = 1.0):
+    from chatrlhf.feedback.export import feedback_to_pairs
+
+    _check_filters(min_margin, min_agreement)
+    store = request.app.state.store
+    pairs, stats = feedback_to_pairs(store.comparison_rows(), store.rating_rows(), min_margin, min_agreement)
+    return _page(request, "export.html", stats=stats, n_pairs=len(pairs), min_margin=min_margin,
+                 min_agreement=min_agreement)
+
+
+@router.get("/export/{name}.jsonl")
+def export_file(request: Request, name: str, min_margin: float = 1.0, min_agreement: float = 1.0):
+    from chatrlhf.feedback.export import export_rows
+
+    _check_filters(min_margin, min_agreement)
+    if name not in ("pairs", "ratings", "comparisons"):
+        raise NotFound(f"no export named {name!r}: use pairs, ratings or comparisons")
+    rows = export_rows(request.app.state.store, min_margin, min_agreement)[0][name]
+    body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    return Response(body, media_type="application/x-ndjson",
+                    headers={"Content-Disposition": f'attachment; filename="{name}.jsonl"'})
+
+
+# ---------------------------------------------------------------------------------- request helpers
+def _is_json(request: Request) -> bool:
+    return request.headers.get("content-type", "").split(";")[0].strip() == "application/json"
+
+
+def _wants_json(request: Request) -> bool:
+    return _is_json(request) or request.url.path.startswith("/api/") or \
+        "application/json" in request.headers.get("accept", "")
+
+
+async def _payload(request: Request) -> dict:
+    if _is_json(request):
+        try:
+            data = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise FeedbackError(f"the request body is not valid JSON ({err})") from None
+        if not isinstance(data, dict):
+            raise FeedbackError("the request body must be a JSON object")
+        return data
+    return dict(await request.form())
+
+
+def _int(data: dict, field: str) -> int:
+    value = data.get(field)
+    try:
+        if isinstance(value, (bool, float)) or value is None:  # int(1.9) would quietly be id 1
+            raise ValueError
+        return int(value)
+    except (TypeError, ValueError):
+        raise FeedbackError(f"{field} must be an integer id, got {value!r}") from None
+
+
+def _annotator(request: Request) -> str | None:
+    raw = request.cookies.get(NAME_COOKIE)
+    return unquote(raw) if raw else None
+
+
+def _who(request: Request, data: dict) -> str:
+    name = data.get("annotator") or _annotator(request)
+    if not name:
+        raise FeedbackError("annotator: give your name (the home page sets it, or send 'annotator')")
+    return name
+
+
+def _host_name(host: str) -> str:
+    """``127.0.0.1:8000`` -> ``127.0.0.1``; ``[::1]:8000`` -> ``[::1]``."""
+    return host.split("]")[0] + "]" if host.startswith("[") else host.rsplit(":", 1)[0]
+
+
+def _local_path(path: str) -> str:
+    """Only same-site paths after a redirect (no open redirect to another site)."""
+    ok = isinstance(path, str) and path.startswith("/") and not path.startswith("//") and "\\" not in path
+    return path if ok else "/"  # not text (a JSON 'next': 5): home, not a crash
+
+
+def _check_filters(min_margin: float, min_agreement: float) -> None:
+    if not min_margin >= 0:
+        raise FeedbackError(f"min_margin must be >= 0, got {min_margin}")
+    if not 0 <= min_agreement <= 1:
+        raise FeedbackError(f"min_agreement must be in [0, 1], got {min_agreement}")
+
+
+def _read_prompt_file(name: str, content: bytes) -> list[list[dict]]:
+    """Prompts of an uploaded file, read as ``chatrlhf`` reads prompt data (docs/data.md)."""
+    from chatrlhf.data.formats import DataError
+    from chatrlhf.data.sources import load_records
+
+    suffix = Path(name).suffix.lower()
+    if suffix not in (".jsonl", ".json", ".ndjson", ".csv", ".parquet", ".pq"):
+        raise FeedbackError(f"file {name}: use a .jsonl, .json, .csv or .parquet file with a 'prompt' column")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"upload{suffix}"
+        path.write_bytes(content)
+        try:
+            records, _ = load_records(str(path), fmt="prompt")
+        except DataError as err:
+            raise FeedbackError(str(err).replace(str(path), name)) from None
+        except Exception as err:  # noqa: BLE001 - any reader failure (a damaged Parquet file, ...) is the file's fault
+            raise FeedbackError(f"file {name} could not be read as prompts ({type(err).__name__}: {err})") from None
+    if not records:
+        raise FeedbackError(f"file {name} holds no prompts")
+    return [r["prompt"] for r in records]

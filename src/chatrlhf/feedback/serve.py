@@ -1,0 +1,128 @@
+"""``chatrlhf serve``: the feedback web app on one or two models and an SQLite file (docs/feedback.md)."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import secrets
+from dataclasses import dataclass, field
+
+from chatrlhf.config import ConfigError
+
+TOKEN_ENV = "CHATRLHF_TOKEN"
+
+
+@dataclass
+class ServeConfig:
+    """Web app to chat with models, compare and rate their answers; the feedback goes to an SQLite file
+    that ``chatrlhf export`` and ``chatrlhf train --feedback`` turn into training data."""
+
+    model: list[str] = field(default_factory=lambda: ["smollm2-135m-instruct"])
+    """Models to serve: local HF model dirs or built-in names. Two (``--model A --model B``): the compare page
+    pits one against the other; one: two samples of it."""
+    db: str = "feedback.db"
+    """The SQLite file the feedback goes to (created if missing; an existing one is added to)."""
+    prompts: list[str] = field(default_factory=list)
+    """Prompt files to add to the queue at start-up (same syntax as ``data.datasets``, e.g. ``demo:prompts_eval``
+    or ``prompts.jsonl``); prompts already in the database are not added twice."""
+    host: str = "127.0.0.1"
+    """Address to listen on. Loopback by default; any other address needs an access token."""
+    port: int = 8000
+    """TCP port (0: any free port; the address is printed)."""
+    token: str | None = None
+    """Access token every request must carry. Default: the CHATRLHF_TOKEN environment variable; on a
+    non-loopback ``host`` with neither, a random token is made and printed with the URL."""
+    max_new_tokens: int = 256
+    """Longest answer in tokens; a longer one is cut and shown as cut."""
+    temperature: float = 0.7
+    """Sampling temperature; 0 means greedy decoding (then one model's two samples are equal)."""
+    top_p: float = 0.9
+    """Nucleus sampling threshold (1.0: off)."""
+    seed: int = 0
+    """Seed of the queue's answers: prompt i is answered with seeds seed + 2i and seed + 2i + 1."""
+    system: str | None = None
+    """System message placed before every conversation (None: the chat template's default, if any)."""
+    max_request_bytes: int = 2 << 20
+    """Largest request body accepted (bytes); larger ones get 413. Bounds prompt-file uploads too."""
+    pregenerate: bool = True
+    """Generate the queue's answer pairs in the background, ahead of the annotators (off: when a page needs them)."""
+
+    def validate(self) -> None:
+        if not self.model:
+            raise ConfigError("--model: name at least one model dir or built-in model")
+        if len(self.model) > 2:
+            raise ConfigError(f"--model: at most two models (the compare page shows two answers), got {len(self.model)}")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"--port must be in 0..65535, got {self.port}")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"--max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ConfigError(f"--temperature must be >= 0 (0: greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"--top_p must be in (0, 1], got {self.top_p}")
+        if self.max_request_bytes < 1024:
+            raise ConfigError(f"--max_request_bytes must be >= 1024, got {self.max_request_bytes}")
+        if self.token is not None and len(self.token) < 16:
+            raise ConfigError("--token must be at least 16 characters (make one with: python -c "
+                              "'import secrets; print(secrets.token_urlsafe())')")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any interface
+
+
+def resolve_token(cfg: ServeConfig) -> str | None:
+    """The token requests must carry: --token, else $CHATRLHF_TOKEN, else on a non-loopback host a new one."""
+    token = cfg.token or os.environ.get(TOKEN_ENV) or None
+    if token is not None and len(token) < 16:  # --token was checked by validate(); the variable was not
+        raise ConfigError(f"{TOKEN_ENV} must be at least 16 characters, got {len(token)} (make one with: python -c "
+                          "'import secrets; print(secrets.token_urlsafe())')")
+    if token is None and not is_loopback(cfg.host):
+        token = secrets.token_urlsafe(24)
+    return token
+
+
+def run_serve(cfg: ServeConfig) -> None:
+    import uvicorn
+
+    from chatrlhf.data.sources import load_records
+    from chatrlhf.feedback.answerer import Answerer, PairWorker
+    from chatrlhf.feedback.app import create_app
+    from chatrlhf.feedback.store import FeedbackStore
+
+    cfg.validate()
+    token = resolve_token(cfg)
+    store = FeedbackStore(cfg.db)
+    for source in cfg.prompts:
+        records, _ = load_records(source, fmt="prompt")
+        added, present = store.add_prompts([r["prompt"] for r in records], source=source)
+        print(f"[chatrlhf] serve: {source}: {added} prompts queued, {present} already in {cfg.db}")
+    print(f"[chatrlhf] serve: loading {', '.join(cfg.model)}")
+    answerer = Answerer(cfg.model, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                        seed=cfg.seed, system=cfg.system)
+    worker = PairWorker(store, answerer) if cfg.pregenerate else None
+    app = create_app(store, answerer, worker, token=token, max_request_bytes=cfg.max_request_bytes,
+                     allowed_hosts=None if token else ("127.0.0.1", "localhost", "[::1]", cfg.host))
+    if worker is not None:
+        worker.start()
+
+    server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning",
+                                           timeout_graceful_shutdown=5))
+    original_startup = server.startup
+
+    async def startup(sockets=None):
+        await original_startup(sockets=sockets)
+        port = server.servers[0].sockets[0].getsockname()[1] if server.servers else cfg.port
+        host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+        url = f"http://{host}:{port}/" + (f"?token={token}" if token else "")
+        print(f"[chatrlhf] serve: feedback app at {url} (database {cfg.db}); Ctrl-C stops it", flush=True)
+
+    server.startup = startup
+    server.run()
+    if worker is not None:
+        worker.stop()

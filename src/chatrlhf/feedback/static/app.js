@@ -1,0 +1,122 @@
+// Busy states for the forms, keyboard shortcuts for comparing, and the chat page.
+// Model text is only ever inserted with textContent: it is never parsed as HTML.
+"use strict";
+
+function setBusy(form, text) {
+  form.querySelectorAll("button").forEach((b) => { b.disabled = true; });
+  let note = form.querySelector(".busy");
+  if (!note) {
+    note = document.createElement("span");
+    note.className = "busy";
+    form.appendChild(note);
+  }
+  note.textContent = text;
+  note.hidden = false;
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  document.querySelectorAll("form[data-busy]").forEach((form) => {
+    form.addEventListener("submit", (event) => {
+      // The clicked button's name/value must still be sent: copy it before the buttons are disabled.
+      const button = event.submitter;
+      if (button && button.name) {
+        const hidden = document.createElement("input");
+        hidden.type = "hidden";
+        hidden.name = button.name;
+        hidden.value = button.value;
+        form.appendChild(hidden);
+      }
+      setBusy(form, form.dataset.busy);
+    });
+  });
+
+  const judge = document.querySelector("form.judge");
+  if (judge && judge.querySelector("[name=choice]")) {
+    document.addEventListener("keydown", (event) => {
+      if (event.target.tagName === "TEXTAREA" || event.target.tagName === "INPUT") return;
+      const id = { "1": "choose-a", "2": "choose-tie", "3": "choose-b" }[event.key];
+      if (id) document.getElementById(id).click();
+    });
+  }
+
+  const chat = document.getElementById("chat-form");
+  if (chat) setUpChat(chat);
+});
+
+function setUpChat(form) {
+  const log = document.getElementById("chat-log");
+  const input = document.getElementById("chat-input");
+  const busy = document.getElementById("chat-busy");
+  const error = document.getElementById("chat-error");
+  const send = document.getElementById("chat-send");
+  let messages = [];
+
+  function show(role, text, answerId, finished) {
+    const row = document.createElement("div");
+    row.className = "msg " + role;
+    const who = document.createElement("span");
+    who.className = "role";
+    who.textContent = role;
+    const body = document.createElement("div");
+    body.className = "text";
+    body.textContent = text;
+    row.append(who, body);
+    if (finished === false) {
+      const cut = document.createElement("p");
+      cut.className = "cut";
+      cut.textContent = "(cut at the length limit)";
+      row.appendChild(cut);
+    }
+    if (answerId !== undefined) {
+      const rate = document.createElement("a");
+      rate.href = "/rate?answer_id=" + encodeURIComponent(answerId);
+      rate.className = "rate-link";
+      rate.textContent = "Rate this answer";
+      row.appendChild(rate);
+    }
+    log.appendChild(row);
+    row.scrollIntoView({ block: "end" });
+  }
+
+  document.getElementById("chat-reset").addEventListener("click", () => {
+    messages = [];
+    log.replaceChildren();
+    input.focus();
+  });
+  input.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && !event.shiftKey) {
+      event.preventDefault();
+      form.requestSubmit();
+    }
+  });
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const text = input.value.trim();
+    if (!text || send.disabled) return;
+    error.hidden = true;
+    const pending = messages.concat([{ role: "user", content: text }]);
+    show("user", text);
+    input.value = "";
+    send.disabled = true;
+    busy.hidden = false;
+    try {
+      const response = await fetch("/api/chat", {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ model: Number(document.getElementById("chat-model").value), messages: pending }),
+      });
+      const data = await response.json();
+      if (!response.ok) throw new Error(data.error || response.statusText);
+      messages = pending.concat([{ role: "assistant", content: data.text }]);
+      show("assistant", data.text, data.answer_id, data.finished);
+    } catch (err) {
+      log.lastChild.remove();
+      input.value = text;
+      error.textContent = "Not sent: " + err.message;
+      error.hidden = false;
+    } finally {
+      send.disabled = false;
+      busy.hidden = true;
+    }
+  });
+}

@@ -1,0 +1,445 @@
+"""The feedback database: prompts, generated answers, comparisons and ratings in one SQLite file.
+
+Schema (docs/feedback.md explains every column; ``SCHEMA`` below is the source of truth):
+
+    prompts      a conversation to answer (JSON messages ending with a user turn); the queue is the
+                 prompts with ``queued = 1`` in id order; chat turns are stored with ``queued = 0``
+    answers      one model answer to one prompt; queued prompts get two, ``slot`` 'a' and 'b'
+    annotators   the people rating, by name
+    comparisons  prompt + answers a and b -> choice 'a' | 'b' | 'tie', optional comment
+    ratings      one answer -> overall and seed 000's four dimensions, each 1-5, optional comment
+
+Durability: WAL journal with ``synchronous=FULL``, every write one ``BEGIN IMMEDIATE`` transaction, and
+a rating or comparison is acknowledged only after its COMMIT returned, so a killed server (or machine)
+loses nothing it acknowledged. Several annotators (threads or processes) write at once: writers queue on
+SQLite's lock (``busy_timeout``) while readers keep reading the last committed state. A client-made
+``request_id`` (unique) makes a resubmitted form a no-op instead of a second vote.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+DIMENSIONS = ("consistency", "engagingness", "safety", "relevance")
+"""Seed 000's dialogue-quality dimensions, each scored 1-5 beside the overall score."""
+CHOICES = ("a", "b", "tie")
+MAX_NAME = 64
+MAX_COMMENT = 4000
+
+SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS prompts (
+    id         INTEGER PRIMARY KEY,
+    messages   TEXT NOT NULL,              -- JSON [{{"role", "content"}}, ...], last role 'user'
+    key        TEXT NOT NULL UNIQUE,       -- canonical JSON of messages: one row per distinct prompt
+    source     TEXT NOT NULL,              -- file it was imported from, or 'chat'
+    queued     INTEGER NOT NULL CHECK (queued IN (0, 1)),
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS answers (
+    id         INTEGER PRIMARY KEY,
+    prompt_id  INTEGER NOT NULL REFERENCES prompts(id),
+    slot       TEXT CHECK (slot IN ('a', 'b')),   -- the queue's pair; NULL for a chat answer
+    model      TEXT NOT NULL,              -- model dir or built-in name that wrote it
+    text       TEXT NOT NULL,
+    finished   INTEGER NOT NULL CHECK (finished IN (0, 1)),  -- 0: cut at max_new_tokens
+    settings   TEXT NOT NULL,              -- JSON: sampling settings and seed
+    created_at REAL NOT NULL,
+    UNIQUE (prompt_id, slot)
+);
+CREATE TABLE IF NOT EXISTS annotators (
+    id         INTEGER PRIMARY KEY,
+    name       TEXT NOT NULL UNIQUE CHECK (length(name) BETWEEN 1 AND {MAX_NAME}),
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS comparisons (
+    id           INTEGER PRIMARY KEY,
+    request_id   TEXT NOT NULL UNIQUE,
+    prompt_id    INTEGER NOT NULL REFERENCES prompts(id),
+    answer_a     INTEGER NOT NULL REFERENCES answers(id),
+    answer_b     INTEGER NOT NULL REFERENCES answers(id),
+    choice       TEXT NOT NULL CHECK (choice IN ('a', 'b', 'tie')),
+    comment      TEXT NOT NULL DEFAULT '' CHECK (length(comment) <= {MAX_COMMENT}),
+    annotator_id INTEGER NOT NULL REFERENCES annotators(id),
+    created_at   REAL NOT NULL,
+    CHECK (answer_a != answer_b)
+);
+CREATE TABLE IF NOT EXISTS ratings (
+    id           INTEGER PRIMARY KEY,
+    request_id   TEXT NOT NULL UNIQUE,
+    answer_id    INTEGER NOT NULL REFERENCES answers(id),
+    overall      INTEGER NOT NULL CHECK (overall BETWEEN 1 AND 5),
+    {", ".join(f"{d} INTEGER NOT NULL CHECK ({d} BETWEEN 1 AND 5)" for d in DIMENSIONS)},
+    comment      TEXT NOT NULL DEFAULT '' CHECK (length(comment) <= {MAX_COMMENT}),
+    annotator_id INTEGER NOT NULL REFERENCES annotators(id),
+    created_at   REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS answers_prompt ON answers(prompt_id);
+CREATE INDEX IF NOT EXISTS comparisons_annotator ON comparisons(annotator_id, prompt_id);
+CREATE INDEX IF NOT EXISTS ratings_annotator ON ratings(annotator_id, answer_id);
+"""
+
+
+class FeedbackError(ValueError):
+    """A request the store refuses (unknown id, value out of range, ...); the message names the field."""
+
+
+class NotFound(FeedbackError):
+    """An id that is not in the database."""
+
+
+@dataclass(frozen=True)
+class Saved:
+    """What a save returns: the row id and whether this call wrote it (False: the request_id was saved
+    before, so a resubmitted form changed nothing)."""
+
+    id: int
+    created: bool
+
+
+def canonical(messages: list[dict]) -> str:
+    """The identity of a prompt: canonical JSON of its messages (the same rule as ``chatrlhf pairs``)."""
+    return json.dumps(messages, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+def check_messages(messages, what: str = "messages") -> list[dict]:
+    """A non-empty list of {role, content} with roles system/user/assistant, ending with a user turn."""
+    if not isinstance(messages, list) or not messages:
+        raise FeedbackError(f"{what} must be a non-empty list of {{role, content}} messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or set(m) != {"role", "content"}:
+            raise FeedbackError(f"{what}[{i}] must be an object with exactly 'role' and 'content'")
+        if m["role"] not in ("system", "user", "assistant"):
+            raise FeedbackError(f"{what}[{i}].role must be system, user or assistant, got {m['role']!r}")
+        if not isinstance(m["content"], str) or not m["content"].strip():
+            raise FeedbackError(f"{what}[{i}].content must be non-empty text")
+    if messages[-1]["role"] != "user":
+        raise FeedbackError(f"{what} must end with a user message (the turn to answer)")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def check_name(name) -> str:
+    """An annotator name: 1-64 printable characters after trimming."""
+    name = name.strip() if isinstance(name, str) else ""
+    if not name or len(name) > MAX_NAME or not name.isprintable():
+        raise FeedbackError(f"annotator must be a name of 1-{MAX_NAME} printable characters")
+    return name
+
+
+def check_score(value, field: str) -> int:
+    """An integer score 1-5 (``"4"`` from a form is accepted, ``4.5`` or ``6`` are not)."""
+    try:
+        score = int(value)
+    except (TypeError, ValueError):
+        score = None
+    if score is None or isinstance(value, bool) or str(value).strip() != str(score) or not 1 <= score <= 5:
+        raise FeedbackError(f"{field} must be an integer from 1 to 5, got {value!r}")
+    return score
+
+
+def check_comment(comment) -> str:
+    comment = "" if comment is None else comment
+    if not isinstance(comment, str) or len(comment) > MAX_COMMENT:
+        raise FeedbackError(f"comment must be text of at most {MAX_COMMENT} characters")
+    return comment.strip()
+
+
+def check_request_id(request_id) -> str:
+    if not isinstance(request_id, str) or not 8 <= len(request_id) <= 64 or not request_id.isprintable():
+        raise FeedbackError("request_id must be a client-made id of 8-64 printable characters")
+    return request_id
+
+
+class FeedbackStore:
+    """All reads and writes of one feedback database. Safe to share across threads and processes: every
+    call opens its own connection (cheap for SQLite) and writes in one transaction."""
+
+    def __init__(self, path: str | Path, busy_timeout_s: float = 30.0):
+        self.path = Path(path)
+        self.busy_timeout_s = busy_timeout_s
+        if self.path.is_dir():
+            raise FeedbackError(f"--db {self.path} is a directory; name a file such as {self.path / 'feedback.db'}")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as con:
+            con.execute("PRAGMA journal_mode=WAL")  # persistent: stored in the file
+            self._migrate(con)
+
+    # ------------------------------------------------------------------------------------ connections
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            con = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None)
+            con.execute("PRAGMA synchronous=FULL")
+            con.execute("PRAGMA foreign_keys=ON")
+            con.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_s * 1000)}")
+        except sqlite3.DatabaseError as err:
+            raise FeedbackError(f"--db {self.path} is not a chatrlhf feedback database ({err}); "
+                                "name a new file or a database this app wrote") from None
+        con.row_factory = sqlite3.Row
+        return con
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        con = self._connect()
+        try:
+            yield con
+        finally:
+            con.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One transaction: BEGIN IMMEDIATE takes the write lock up front (no upgrade deadlock between two
+        writers); COMMIT has returned, so the data is on disk, before the caller acknowledges anything."""
+        con = self._connect()
+        try:
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                yield con
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            con.execute("COMMIT")
+        finally:
+            con.close()
+
+    def _migrate(self, con: sqlite3.Connection) -> None:
+        try:
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        except sqlite3.DatabaseError as err:
+            raise FeedbackError(f"--db {self.path} is not a chatrlhf feedback database ({err}); "
+                                "name a new file or a database this app wrote") from None
+        if tables and "meta" not in tables:
+            raise FeedbackError(f"--db {self.path} is an SQLite database of something else (tables: "
+                                f"{', '.join(sorted(tables))}); name a new file for the feedback")
+        # One transaction, so two servers starting on a new file at once create the tables once.
+        con.executescript(f"BEGIN IMMEDIATE; {SCHEMA} INSERT OR IGNORE INTO meta VALUES "
+                          f"('schema_version', '{SCHEMA_VERSION}'); COMMIT;")
+        row = con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        if int(row[0]) > SCHEMA_VERSION:
+            raise FeedbackError(f"--db {self.path} has schema version {row[0]}, newer than this chatrlhf "
+                                f"({SCHEMA_VERSION}); upgrade chatrlhf to open it")
+
+    # ------------------------------------------------------------------------------------ prompts
+    def add_prompts(self, prompts: list[list[dict]], source: str, queued: bool = True) -> tuple[int, int]:
+        """Adds prompts (message lists) in order; returns (added, already present). A prompt already in the
+        database (same messages) is not added again; importing a chat turn's prompt later queues it."""
+        prompts = [check_messages(m, f"prompt {i + 1}") for i, m in enumerate(prompts)]
+        added = 0
+        with self._write() as con:
+            for messages in prompts:
+                key = canonical(messages)
+                if con.execute("SELECT 1 FROM prompts WHERE key = ?", (key,)).fetchone() is not None:
+                    if queued:
+                        con.execute("UPDATE prompts SET queued = 1 WHERE key = ?", (key,))
+                    continue
+                con.execute("INSERT INTO prompts (messages, key, source, queued, created_at) VALUES (?, ?, ?, ?, ?)",
+                            (json.dumps(messages, ensure_ascii=False), key, source, int(queued), time.time()))
+                added += 1
+        return added, len(prompts) - added
+
+    def prompt(self, prompt_id: int) -> dict:
+        with self._read() as con:
+            row = con.execute("SELECT * FROM prompts WHERE id = ?", (prompt_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"prompt_id {prompt_id} does not exist")
+        return _prompt_dict(row)
+
+    def prompt_id_for(self, messages: list[dict]) -> int | None:
+        with self._read() as con:
+            row = con.execute("SELECT id FROM prompts WHERE key = ?", (canonical(messages),)).fetchone()
+        return None if row is None else row[0]
+
+    def queue(self, limit: int = 1000, offset: int = 0) -> list[dict]:
+        """Queued prompts in order, each with how many answers, comparisons and ratings it has."""
+        with self._read() as con:
+            rows = con.execute(
+                "SELECT p.*, (SELECT count(*) FROM answers a WHERE a.prompt_id = p.id AND a.slot IS NOT NULL) AS n_answers,"
+                " (SELECT count(*) FROM comparisons c WHERE c.prompt_id = p.id) AS n_comparisons,"
+                " (SELECT count(*) FROM ratings r JOIN answers a ON a.id = r.answer_id WHERE a.prompt_id = p.id)"
+                " AS n_ratings FROM prompts p WHERE p.queued = 1 ORDER BY p.id LIMIT ? OFFSET ?",
+                (limit, offset)).fetchall()
+        return [{**_prompt_dict(r), "n_answers": r["n_answers"], "n_comparisons": r["n_comparisons"],
+                 "n_ratings": r["n_ratings"]} for r in rows]
+
+    def prompts_missing_answers(self, limit: int = 1) -> list[int]:
+        """Queued prompts, in queue order, that do not have both answers of their pair yet."""
+        with self._read() as con:
+            rows = con.execute(
+                "SELECT id FROM prompts p WHERE queued = 1 AND "
+                "(SELECT count(*) FROM answers a WHERE a.prompt_id = p.id AND a.slot IS NOT NULL) < 2 "
+                "ORDER BY id LIMIT ?", (limit,)).fetchall()
+        return [r[0] for r in rows]
+
+    # ------------------------------------------------------------------------------------ answers
+    def add_answer(self, prompt_id: int, model: str, text: str, finished: bool, settings: dict,
+                   slot: str | None = None) -> int:
+        """Stores an answer; for a pair slot already filled (another worker was first) returns that one."""
+        if slot not in (None, "a", "b"):
+            raise FeedbackError(f"slot must be 'a', 'b' or None, got {slot!r}")
+        with self._write() as con:
+            if con.execute("SELECT 1 FROM prompts WHERE id = ?", (prompt_id,)).fetchone() is None:
+                raise NotFound(f"prompt_id {prompt_id} does not exist")
+            if slot is not None:
+                row = con.execute("SELECT id FROM answers WHERE prompt_id = ? AND slot = ?", (prompt_id, slot)).fetchone()
+                if row is not None:
+                    return row[0]
+            cur = con.execute(
+                "INSERT INTO answers (prompt_id, slot, model, text, finished, settings, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (prompt_id, slot, model, text, int(finished), json.dumps(settings, sort_keys=True), time.time()))
+            return cur.lastrowid
+
+    def answer(self, answer_id: int) -> dict:
+        with self._read() as con:
+            row = con.execute("SELECT * FROM answers WHERE id = ?", (answer_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"answer_id {answer_id} does not exist")
+        return dict(row)
+
+    def pair(self, prompt_id: int) -> tuple[dict, dict] | None:
+        """The (a, b) answers of a queued prompt, or None while they are not both generated."""
+        with self._read() as con:
+            rows = con.execute("SELECT * FROM answers WHERE prompt_id = ? AND slot IS NOT NULL ORDER BY slot",
+                               (prompt_id,)).fetchall()
+        return (dict(rows[0]), dict(rows[1])) if len(rows) == 2 else None
+
+    # ------------------------------------------------------------------------------------ annotators
+    def annotator_id(self, name: str, con: sqlite3.Connection | None = None) -> int:
+        """The id of ``name``, added on first use."""
+        name = check_name(name)
+        if con is None:
+            with self._write() as con:
+                return self.annotator_id(name, con)
+        con.execute("INSERT OR IGNORE INTO annotators (name, created_at) VALUES (?, ?)", (name, time.time()))
+        return con.execute("SELECT id FROM annotators WHERE name = ?", (name,)).fetchone()[0]
+
+    # ------------------------------------------------------------------------------------ judgements
+    def add_comparison(self, request_id: str, prompt_id: int, answer_a: int, answer_b: int, choice: str,
+                       annotator: str, comment: str = "") -> Saved:
+        """Saves "answer_a vs answer_b for prompt_id: choice" by ``annotator``; durable when it returns."""
+        request_id, comment = check_request_id(request_id), check_comment(comment)
+        if choice not in CHOICES:
+            raise FeedbackError(f"choice must be one of {', '.join(CHOICES)}, got {choice!r}")
+        if answer_a == answer_b:
+            raise FeedbackError("answer_a and answer_b must be two different answers")
+        with self._write() as con:
+            if (row := _existing(con, "comparisons", request_id)) is not None:
+                return Saved(row, False)
+            if con.execute("SELECT 1 FROM prompts WHERE id = ?", (prompt_id,)).fetchone() is None:
+                raise NotFound(f"prompt_id {prompt_id} does not exist")
+            for field, answer_id in (("answer_a", answer_a), ("answer_b", answer_b)):
+                row = con.execute("SELECT prompt_id FROM answers WHERE id = ?", (answer_id,)).fetchone()
+                if row is None:
+                    raise NotFound(f"{field} {answer_id} does not exist")
+                if row[0] != prompt_id:
+                    raise FeedbackError(f"{field} {answer_id} answers prompt {row[0]}, not prompt_id {prompt_id}")
+            who = self.annotator_id(annotator, con)
+            cur = con.execute(
+                "INSERT INTO comparisons (request_id, prompt_id, answer_a, answer_b, choice, comment, annotator_id,"
+                " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (request_id, prompt_id, answer_a, answer_b, choice, comment, who, time.time()))
+            return Saved(cur.lastrowid, True)
+
+    def add_rating(self, request_id: str, answer_id: int, scores: dict, annotator: str, comment: str = "") -> Saved:
+        """Saves a 1-5 rating (``scores``: overall and every one of ``DIMENSIONS``); durable when it returns."""
+        request_id, comment = check_request_id(request_id), check_comment(comment)
+        values = [check_score(scores.get(k), k) for k in ("overall", *DIMENSIONS)]
+        with self._write() as con:
+            if (row := _existing(con, "ratings", request_id)) is not None:
+                return Saved(row, False)
+            if con.execute("SELECT 1 FROM answers WHERE id = ?", (answer_id,)).fetchone() is None:
+                raise NotFound(f"answer_id {answer_id} does not exist")
+            who = self.annotator_id(annotator, con)
+            cur = con.execute(
+                f"INSERT INTO ratings (request_id, answer_id, overall, {', '.join(DIMENSIONS)}, comment, annotator_id,"
+                f" created_at) VALUES (?, ?, ?, {', '.join('?' * len(DIMENSIONS))}, ?, ?, ?)",
+                (request_id, answer_id, *values, comment, who, time.time()))
+            return Saved(cur.lastrowid, True)
+
+    # ------------------------------------------------------------------------------------ the next task
+    def next_to_compare(self, annotator: str) -> int | None:
+        """The first queued prompt whose pair is ready and that ``annotator`` has not compared."""
+        with self._read() as con:
+            row = con.execute(
+                "SELECT p.id FROM prompts p WHERE p.queued = 1"
+                " AND (SELECT count(*) FROM answers a WHERE a.prompt_id = p.id AND a.slot IS NOT NULL) = 2"
+                " AND NOT EXISTS (SELECT 1 FROM comparisons c JOIN annotators n ON n.id = c.annotator_id"
+                "                 WHERE c.prompt_id = p.id AND n.name = ?) ORDER BY p.id LIMIT 1",
+                (check_name(annotator),)).fetchone()
+        return None if row is None else row[0]
+
+    def next_to_rate(self, annotator: str) -> int | None:
+        """The first answer of the queue's pairs (queue order, then slot) ``annotator`` has not rated."""
+        with self._read() as con:
+            row = con.execute(
+                "SELECT a.id FROM answers a JOIN prompts p ON p.id = a.prompt_id WHERE p.queued = 1"
+                " AND a.slot IS NOT NULL AND NOT EXISTS (SELECT 1 FROM ratings r JOIN annotators n"
+                " ON n.id = r.annotator_id WHERE r.answer_id = a.id AND n.name = ?) ORDER BY p.id, a.slot LIMIT 1",
+                (check_name(annotator),)).fetchone()
+        return None if row is None else row[0]
+
+    # ------------------------------------------------------------------------------------ progress
+    def progress(self, annotator: str | None = None) -> dict:
+        """Counters for the pages: queue size, pairs ready, comparisons and ratings in all and per person."""
+        with self._read() as con:
+            one = lambda sql, *args: con.execute(sql, args).fetchone()[0]  # noqa: E731
+            out = {
+                "prompts": one("SELECT count(*) FROM prompts WHERE queued = 1"),
+                "pairs_ready": one("SELECT count(*) FROM (SELECT a.prompt_id FROM answers a JOIN prompts p ON"
+                                   " p.id = a.prompt_id WHERE p.queued = 1 AND a.slot IS NOT NULL"
+                                   " GROUP BY a.prompt_id HAVING count(*) = 2)"),
+                "comparisons": one("SELECT count(*) FROM comparisons"),
+                "ratings": one("SELECT count(*) FROM ratings"),
+                "chat_answers": one("SELECT count(*) FROM answers WHERE slot IS NULL"),
+                "annotators": [dict(r) for r in con.execute(
+                    "SELECT n.name, (SELECT count(*) FROM comparisons c WHERE c.annotator_id = n.id) AS comparisons,"
+                    " (SELECT count(*) FROM ratings r WHERE r.annotator_id = n.id) AS ratings"
+                    " FROM annotators n ORDER BY n.name")],
+            }
+        out["answers_to_rate"] = 2 * out["pairs_ready"]
+        if annotator:
+            mine = next((a for a in out["annotators"] if a["name"] == annotator), None) or {}
+            out["you"] = {"name": annotator, "comparisons": mine.get("comparisons", 0), "ratings": mine.get("ratings", 0)}
+        return out
+
+    # ------------------------------------------------------------------------------------ export rows
+    def comparison_rows(self) -> list[dict]:
+        """Every comparison with its prompt, answer texts, models and annotator, in the order saved."""
+        with self._read() as con:
+            rows = con.execute(
+                "SELECT c.id, c.choice, c.comment, c.created_at, n.name AS annotator, p.messages,"
+                " a.text AS answer_a, a.model AS model_a, b.text AS answer_b, b.model AS model_b"
+                " FROM comparisons c JOIN prompts p ON p.id = c.prompt_id JOIN answers a ON a.id = c.answer_a"
+                " JOIN answers b ON b.id = c.answer_b JOIN annotators n ON n.id = c.annotator_id ORDER BY c.id"
+            ).fetchall()
+        return [{**{k: r[k] for k in r.keys() if k != "messages"}, "prompt": json.loads(r["messages"])} for r in rows]
+
+    def rating_rows(self) -> list[dict]:
+        """Every rating with its prompt, answer text, model and annotator, in the order saved."""
+        with self._read() as con:
+            rows = con.execute(
+                f"SELECT r.id, r.overall, {', '.join('r.' + d for d in DIMENSIONS)}, r.comment, r.created_at,"
+                " n.name AS annotator, p.messages, a.text AS response, a.model, a.finished"
+                " FROM ratings r JOIN answers a ON a.id = r.answer_id JOIN prompts p ON p.id = a.prompt_id"
+                " JOIN annotators n ON n.id = r.annotator_id ORDER BY r.id").fetchall()
+        return [{**{k: r[k] for k in r.keys() if k != "messages"}, "prompt": json.loads(r["messages"])} for r in rows]
+
+    def integrity_check(self) -> str:
+        with self._read() as con:
+            return con.execute("PRAGMA integrity_check").fetchone()[0]
+
+
+def _existing(con: sqlite3.Connection, table: str, request_id: str) -> int | None:
+    row = con.execute(f"SELECT id FROM {table} WHERE request_id = ?", (request_id,)).fetchone()
+    return None if row is None else row[0]
+
+
+def _prompt_dict(row: sqlite3.Row) -> dict:
+    return {"id": row["id"], "messages": json.loads(row["messages"]), "source": row["source"],
+            "queued": bool(row["queued"]), "created_at": row["created_at"]}
