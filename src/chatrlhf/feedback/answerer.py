@@ -3,9 +3,11 @@
 Models load once at start-up. Generation is one call at a time (a lock): on a CPU two concurrent calls only
 share the cores, and on a GPU they would share its memory. A queued prompt's pair is two answers:
 
-    two or more models   slot a and b from the first two models, their order shuffled per prompt
+    two models           slot a and b from the two models, their order shuffled per prompt
                          (seeded by the prompt id) so position tells the annotator nothing
-    one model            two samples of it with different seeds (``seed + 2 * prompt_id`` and ``+ 1``)
+    one model            two samples of it, drawn as one batch of two (about the time of one answer)
+
+Both are seeded with ``seed + prompt_id``.
 
 The same prompt id and settings give the same pair, so a restarted server writes the same answers.
 ``PairWorker`` fills pairs in queue order in a background thread, ahead of the annotators.
@@ -55,6 +57,10 @@ class Answerer:
 
     def answer(self, model_index: int, messages: list[dict], seed: int) -> Answer:
         """One sampled answer of model ``model_index`` to the conversation ``messages`` (ends with a user turn)."""
+        return self._sample(model_index, messages, seed, 1)[0]
+
+    def _sample(self, model_index: int, messages: list[dict], seed: int, n: int) -> list[Answer]:
+        """``n`` answers to ``messages`` sampled as one batch (one generator seeded with ``seed``)."""
         from chatrlhf.chat import fit_history
         from chatrlhf.rollout import decode_responses, generate
 
@@ -62,20 +68,21 @@ class Answerer:
             raise IndexError(f"model must be 0..{len(self.names) - 1}, got {model_index}")
         model, tokenizer, device, eos, pad = self._loaded[model_index]
         ids, _ = fit_history(tokenizer, self.system, messages, self.max_history_tokens)
-        input_ids = torch.tensor([ids], dtype=torch.long, device=device)  # (1, P)
+        input_ids = torch.tensor([ids] * n, dtype=torch.long, device=device)  # (n, P)
         with self._lock, torch.no_grad():
             generator = torch.Generator(device=device).manual_seed(seed)
             rollout = generate(model, input_ids, torch.ones_like(input_ids), self.sampling, eos_token_ids=eos,
                                pad_token_id=pad, backend=self.backend, generator=generator)
         settings = {**asdict(self.sampling), "seed": seed, "system": self.system}
-        return Answer(decode_responses(tokenizer, rollout)[0], bool(rollout.finished[0]), self.names[model_index],
-                      settings)
+        return [Answer(text, bool(done), self.names[model_index], {**settings, "sample": i})
+                for i, (text, done) in enumerate(zip(decode_responses(tokenizer, rollout), rollout.finished.tolist()))]
 
     def pair(self, prompt_id: int, messages: list[dict]) -> tuple[Answer, Answer]:
         """Answers a and b of a queued prompt (see the module docstring)."""
-        seed = self.seed + 2 * prompt_id
+        seed = self.seed + prompt_id
         if len(self.names) == 1:
-            return self.answer(0, messages, seed), self.answer(0, messages, seed + 1)
+            a, b = self._sample(0, messages, seed, 2)  # one batch of two: about the time of one answer
+            return a, b
         order = [0, 1]
         random.Random(prompt_id).shuffle(order)
         return self.answer(order[0], messages, seed), self.answer(order[1], messages, seed)

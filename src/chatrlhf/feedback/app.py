@@ -83,8 +83,17 @@ class _BodyLimit:
 
         try:
             await self.app(scope, limited, send)
-        except TooLarge:
+        except Exception as err:  # noqa: BLE001 - re-raised unless it is TooLarge
+            # BaseHTTPMiddleware (the guard) reads the body in a task group, so TooLarge arrives wrapped in
+            # an ExceptionGroup; unhandled, that would be a 500 instead of the 413.
+            if not _only_too_large(err):
+                raise
             await _too_large(self.max_bytes)(scope, receive, send)
+
+
+def _only_too_large(err: BaseException) -> bool:
+    inner = getattr(err, "exceptions", None)  # an ExceptionGroup's members
+    return isinstance(err, TooLarge) or (bool(inner) and all(_only_too_large(e) for e in inner))
 
 
 def _too_large(max_bytes: int) -> Response:

@@ -39,7 +39,7 @@ class ServeConfig:
     top_p: float = 0.9
     """Nucleus sampling threshold (1.0: off)."""
     seed: int = 0
-    """Seed of the queue's answers: prompt i is answered with seeds seed + 2i and seed + 2i + 1."""
+    """Seed of the queue's answers: prompt i's pair is sampled with seed + i, so a restart writes the same pair."""
     system: str | None = None
     """System message placed before every conversation (None: the chat template's default, if any)."""
     max_request_bytes: int = 2 << 20

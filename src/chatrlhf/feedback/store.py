@@ -75,8 +75,7 @@ CREATE TABLE IF NOT EXISTS ratings (
     id           INTEGER PRIMARY KEY,
     request_id   TEXT NOT NULL UNIQUE,
     answer_id    INTEGER NOT NULL REFERENCES answers(id),
-    overall      INTEGER NOT NULL CHECK (overall BETWEEN 1 AND 5),
-    {", ".join(f"{d} INTEGER NOT NULL CHECK ({d} BETWEEN 1 AND 5)" for d in DIMENSIONS)},
+    {", ".join(f"{d} INTEGER NOT NULL CHECK ({d} IN (1, 2, 3, 4, 5))" for d in ("overall", *DIMENSIONS))},
     comment      TEXT NOT NULL DEFAULT '' CHECK (length(comment) <= {MAX_COMMENT}),
     annotator_id INTEGER NOT NULL REFERENCES annotators(id),
     created_at   REAL NOT NULL
