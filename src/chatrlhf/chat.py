@@ -44,14 +44,19 @@ class ChatConfig:
     """Prompt budget in tokens: the oldest turns are dropped beyond it."""
 
     def validate(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"--max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ConfigError(f"--temperature must be >= 0 (0: greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"--top_p must be in (0, 1], got {self.top_p}")
+        check_sampling_flags(self.max_new_tokens, self.temperature, self.top_p)
         if self.max_history_tokens < 1:
             raise ConfigError(f"--max_history_tokens must be >= 1, got {self.max_history_tokens}")
+
+
+def check_sampling_flags(max_new_tokens: int, temperature: float, top_p: float) -> None:
+    """The sampling flags of ``chatrlhf chat`` and ``chatrlhf serve``."""
+    if max_new_tokens < 1:
+        raise ConfigError(f"--max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ConfigError(f"--temperature must be >= 0 (0: greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ConfigError(f"--top_p must be in (0, 1], got {top_p}")
 
 
 def fit_history(

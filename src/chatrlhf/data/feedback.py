@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import combinations
@@ -190,15 +191,16 @@ def summarise(stats: dict[str, int]) -> str:
     return " ".join(f"{k}={stats[k]}" for k in STAT_KEYS)
 
 
-def _write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
     """Temp sibling -> fsync -> rename: readers see the old file or the whole new one, never half of it.
+    The temp name carries the pid and a random part: every process of a multi-node ``chatrlhf train
+    --feedback`` run writes the same files, and two hosts can share a pid on a shared file system.
     (``chatrlhf.checkpoint.write_json_atomic`` does the same for one JSON object; importing it would load
     torch for a text file.)"""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         with open(tmp, "w", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -209,6 +211,11 @@ def _write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def jsonl_text(rows: list[dict]) -> str:
+    """One JSON object per line, non-ASCII kept as is."""
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
 def make_pairs(cfg: PairsConfig) -> dict[str, int]:
@@ -232,6 +239,6 @@ def make_pairs(cfg: PairsConfig) -> dict[str, int]:
                         "lower --min_margin or --min_agreement, or add ratings of several answers per prompt.",
                         source=", ".join(cfg.input))
     out.parent.mkdir(parents=True, exist_ok=True)
-    _write_jsonl_atomic(out, pairs)
+    write_text_atomic(out, jsonl_text(pairs))
     print(f"[chatrlhf] pairs: {summarise(stats)} -> {out}")
     return stats

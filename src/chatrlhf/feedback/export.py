@@ -19,8 +19,6 @@ imported inside the functions that need it, so the feedback app can import this 
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -217,30 +215,6 @@ def summarise_export(stats: dict) -> str:
     return f"comparisons({comparisons}) ratings({summarise(stats['ratings'])}) {merge}"
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    """Temp sibling -> fsync -> rename: a reader sees the old file or the whole new one. The temp name
-    carries the pid and a random part because every process of a (multi-node) ``chatrlhf train --feedback``
-    run writes the same files, and two hosts can share a pid on a shared file system."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _jsonl(rows: list[dict]) -> str:
-    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-
-
 def _check_paths(db: Path, out: Path, overwrite: bool, flags: Mapping[str, str]) -> dict[str, Path]:
     """Refuses, before anything is read or written, a missing database and an earlier export in the way.
     The database must already exist: ``FeedbackStore`` would create an empty one at a mistyped path."""
@@ -283,11 +257,13 @@ def export_feedback(db: str | Path, output_dir: str | Path, min_margin: float, m
     summary = {"db": str(db.resolve()), "settings": {"min_margin": min_margin, "min_agreement": min_agreement},
                "counts": {"comparisons": len(comparisons), "ratings": len(ratings), "pairs": len(pairs)},
                "stats": stats, "files": {name: str(p) for name, p in paths.items()}}
+    from chatrlhf.data.feedback import jsonl_text, write_text_atomic
+
     out.mkdir(parents=True, exist_ok=True)
-    _write_text_atomic(paths["pairs.jsonl"], _jsonl(pairs))
-    _write_text_atomic(paths["ratings.jsonl"], _jsonl(ratings))
-    _write_text_atomic(paths["comparisons.jsonl"], _jsonl(comparisons))
-    _write_text_atomic(paths["export.json"], json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(paths["pairs.jsonl"], jsonl_text(pairs))
+    write_text_atomic(paths["ratings.jsonl"], jsonl_text(ratings))
+    write_text_atomic(paths["comparisons.jsonl"], jsonl_text(comparisons))
+    write_text_atomic(paths["export.json"], json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     if not pairs:
         from chatrlhf.data.formats import DataError
 

@@ -7,6 +7,7 @@ import os
 import secrets
 from dataclasses import dataclass, field
 
+from chatrlhf.chat import check_sampling_flags
 from chatrlhf.config import ConfigError
 
 TOKEN_ENV = "CHATRLHF_TOKEN"
@@ -54,12 +55,7 @@ class ServeConfig:
             raise ConfigError(f"--model: at most two models (the compare page shows two answers), got {len(self.model)}")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"--port must be in 0..65535, got {self.port}")
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"--max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ConfigError(f"--temperature must be >= 0 (0: greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"--top_p must be in (0, 1], got {self.top_p}")
+        check_sampling_flags(self.max_new_tokens, self.temperature, self.top_p)
         if self.max_request_bytes < 1024:
             raise ConfigError(f"--max_request_bytes must be >= 1024, got {self.max_request_bytes}")
         if self.token is not None and len(self.token) < 16:
