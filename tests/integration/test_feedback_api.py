@@ -674,3 +674,40 @@ def test_waiting_page_while_the_worker_generates(store, answerer):
         assert store.pair(store.prompt_id_for(user("not answered yet"))) is None
         worker.fill()
         assert 'name="prompt_id"' in c.get("/compare").text
+
+
+class _FailsOnPrompt(PairWorker):
+    """A real worker whose generation fails for one prompt (as a model error would)."""
+
+    def __init__(self, store, answerer, bad: int):
+        super().__init__(store, answerer)
+        self.bad = bad
+
+    def answer_prompt(self, prompt_id: int) -> None:
+        if prompt_id == self.bad:
+            raise RuntimeError("out of memory")
+        super().answer_prompt(prompt_id)
+
+
+def test_worker_passes_over_a_prompt_that_fails(store, answerer):
+    store.add_prompts([user("one"), user("two"), user("three")], source="x")
+    worker = _FailsOnPrompt(store, answerer, bad=1)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        worker.fill()
+    assert worker.failed == {1} and store.pair(2) is None
+    assert worker.fill() == 2  # prompts 2 and 3: the failed prompt no longer holds up the queue
+    assert store.pair(1) is None and store.pair(2) is not None and store.pair(3) is not None
+
+    worker = _FailsOnPrompt(store, answerer, bad=4)  # the background loop records the failure for the pages
+    store.add_prompts([user("four")], source="x")
+    thread = worker.start()
+    try:
+        for _ in range(100):
+            if worker.error:
+                break
+            thread.join(0.1)
+    finally:
+        worker.stop()
+    assert worker.error == "prompts [4] not answered: RuntimeError: out of memory"
+    with make_client(store, answerer, worker) as c:
+        assert "answer generation failed: prompts [4] not answered" in c.get("/").text

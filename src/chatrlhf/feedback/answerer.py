@@ -100,18 +100,25 @@ class PairWorker:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self.error: str | None = None  # the last generation failure, shown on the pages
+        self.failed: set[int] = set()  # prompt ids whose generation failed; passed over until a restart
         self.busy_with: int | None = None  # the prompt id being answered now
 
     def fill(self, limit: int | None = None) -> int:
-        """Generates up to ``limit`` missing pairs (None: all); returns how many it generated."""
+        """Generates up to ``limit`` missing pairs (None: all) in queue order, passing over prompts that
+        failed before; returns how many it generated."""
         done = 0
-        while limit is None or done < limit:
-            missing = self.store.prompts_missing_answers(limit=1)
-            if not missing:
-                break
-            self.answer_prompt(missing[0])
+        while (limit is None or done < limit) and (prompt_id := self._next()) is not None:
+            try:
+                self.answer_prompt(prompt_id)
+            except Exception:
+                self.failed.add(prompt_id)  # one bad prompt must not hold up the rest of the queue
+                raise
             done += 1
         return done
+
+    def _next(self) -> int | None:
+        missing = self.store.prompts_missing_answers(limit=len(self.failed) + 1)
+        return next((p for p in missing if p not in self.failed), None)
 
     def answer_prompt(self, prompt_id: int) -> None:
         """Generates and stores the pair of one prompt (a slot filled meanwhile keeps its first answer)."""
@@ -138,11 +145,9 @@ class PairWorker:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                self.fill(limit=1)
-                self.error = None
+                if self.fill(limit=1):
+                    continue
             except Exception as err:  # noqa: BLE001 - a bad prompt must not stop the server; shown on the pages
-                self.error = f"{type(err).__name__}: {err}"
-                self._wake.wait(self.poll_s)
-            if not self.store.prompts_missing_answers(limit=1):
-                self._wake.wait(self.poll_s)
+                self.error = f"prompts {sorted(self.failed)} not answered: {type(err).__name__}: {err}"
+            self._wake.wait(self.poll_s)  # nothing to do (or a failure): until woken or poll_s
             self._wake.clear()

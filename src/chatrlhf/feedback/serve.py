@@ -98,6 +98,9 @@ def run_serve(cfg: ServeConfig) -> None:
         records, _ = load_records(source, fmt="prompt")
         added, present = store.add_prompts([r["prompt"] for r in records], source=source)
         print(f"[chatrlhf] serve: {source}: {added} prompts queued, {present} already in {cfg.db}")
+    if not store.progress()["prompts"]:
+        print("[chatrlhf] serve: the prompt queue is empty: import a prompt file on the Queue page, or start with "
+              "--prompts FILE (e.g. --prompts demo:prompts_eval); chat works without one")
     print(f"[chatrlhf] serve: loading {', '.join(cfg.model)}")
     answerer = Answerer(cfg.model, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                         seed=cfg.seed, system=cfg.system)
