@@ -496,6 +496,14 @@ class DPOConfig:
             raise ConfigError(f"set epochs >= 1 or max_steps >= 1 (got epochs={self.epochs}, max_steps={self.max_steps})")
 
 
+def check_filter_flags(min_margin: float, min_agreement: float, prefix: str = "--") -> None:
+    """The feedback-filter thresholds of ``chatrlhf pairs``, ``chatrlhf export`` and ``chatrlhf train --feedback``."""
+    if not (min_margin >= 0 and math.isfinite(min_margin)):
+        raise ConfigError(f"{prefix}min_margin must be a finite number >= 0, got {min_margin}")
+    if not 0 <= min_agreement <= 1:
+        raise ConfigError(f"{prefix}min_agreement must be in [0, 1], got {min_agreement}")
+
+
 @dataclass
 class PipelineConfig:
     """One command, DeepSpeed-Chat's e2e: SFT -> reward model -> PPO on one base model, then evaluation.
@@ -587,10 +595,7 @@ class PipelineConfig:
                 what = "is a directory" if path.is_dir() else "does not exist"
                 raise ConfigError(f"--feedback {self.feedback} {what}. Fix: name the database file `chatrlhf serve "
                                   "--db` wrote, or leave --feedback unset to train the reward model on data.datasets.")
-        if not (self.feedback_min_margin >= 0 and math.isfinite(self.feedback_min_margin)):
-            raise ConfigError(f"--feedback_min_margin must be a finite number >= 0, got {self.feedback_min_margin}")
-        if not 0 <= self.feedback_min_agreement <= 1:
-            raise ConfigError(f"--feedback_min_agreement must be in [0, 1], got {self.feedback_min_agreement}")
+        check_filter_flags(self.feedback_min_margin, self.feedback_min_agreement, "--feedback_")
 
     def feedback_data(self) -> DataConfig | None:
         """The preference data of the RM (or DPO) stage under ``--feedback``: all of the exported pairs.jsonl
@@ -686,10 +691,7 @@ class PairsConfig:
             raise ConfigError("--input is empty: name one or more rating files (prompt, response, score rows)")
         if not self.output:
             raise ConfigError("--output is empty: name the JSONL file the pairs go to")
-        if not (self.min_margin >= 0 and math.isfinite(self.min_margin)):
-            raise ConfigError(f"--min_margin must be a finite number >= 0, got {self.min_margin}")
-        if not 0 <= self.min_agreement <= 1:
-            raise ConfigError(f"--min_agreement must be in [0, 1], got {self.min_agreement}")
+        check_filter_flags(self.min_margin, self.min_agreement)
 
 
 @dataclass
@@ -713,7 +715,4 @@ class ExportConfig:
     def validate(self) -> None:
         if not self.db:
             raise ConfigError("--db is empty: name the feedback database chatrlhf serve wrote")
-        if not (self.min_margin >= 0 and math.isfinite(self.min_margin)):
-            raise ConfigError(f"--min_margin must be a finite number >= 0, got {self.min_margin}")
-        if not 0 <= self.min_agreement <= 1:
-            raise ConfigError(f"--min_agreement must be in [0, 1], got {self.min_agreement}")
+        check_filter_flags(self.min_margin, self.min_agreement)
