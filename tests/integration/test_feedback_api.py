@@ -168,9 +168,9 @@ def test_chat_answers_and_stores_a_chat_prompt(client, store):
     ({"model": True}, r"model must be an index 0..0, got True"),
     ({"model": "0"}, r"model must be an index 0..0, got '0'"),
     ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
-     "messages must end with a user message"),
-    ({"messages": None}, "messages must be a non-empty list"),
-    ({"messages": [{"role": "user", "content": "q", "extra": 1}]}, "messages[0] must be an object with exactly"),
+     "field 'messages': the prompt's last message is from 'assistant', not 'user'"),
+    ({"messages": None}, "field 'messages': expected a non-empty list of messages"),
+    ({"messages": [{"role": "robot", "content": "q"}]}, "field 'messages': message 0 has unknown role 'robot'"),
     ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}] * 32 + user("q")},
      "a chat keeps at most 64 messages of 8000 characters"),
     ({"messages": user("x" * 8001)}, "a chat keeps at most 64 messages of 8000 characters"),
@@ -380,8 +380,9 @@ def test_queue_import_json(client, store):
     ({"prompts": []}, "prompts must be a non-empty list of prompts"),
     ({"prompts": "one"}, "prompts must be a non-empty list of prompts"),
     ({}, "prompts must be a non-empty list of prompts"),
-    ({"prompts": ["fine", 5]}, "prompt 2 must be a non-empty list"),
-    ({"prompts": [[{"role": "assistant", "content": "a"}]]}, "prompt 1 must end with a user message"),
+    ({"prompts": ["fine", 5]}, "field 'prompt 2': expected a non-empty list of messages, got int"),
+    ({"prompts": [[{"role": "assistant", "content": "a"}]]},
+     "field 'prompt 1': the prompt's last message is from 'assistant', not 'user'"),
 ])
 def test_queue_json_refusals(client, store, body, message):
     assert message in error(client.post("/queue", json=body), 400)
@@ -444,8 +445,9 @@ def test_export_page(client, judged):
 @pytest.mark.parametrize(("query", "message"), [
     ("min_agreement=2", "min_agreement must be in [0, 1], got 2.0"),
     ("min_agreement=-0.5", "min_agreement must be in [0, 1], got -0.5"),
-    ("min_margin=-1", "min_margin must be >= 0, got -1.0"),
-    ("min_margin=nan", "min_margin must be >= 0, got nan"),
+    ("min_margin=-1", "min_margin must be a finite number >= 0, got -1.0"),
+    ("min_margin=nan", "min_margin must be a finite number >= 0, got nan"),
+    ("min_margin=inf", "min_margin must be a finite number >= 0, got inf"),
 ])
 def test_export_filters_are_checked(client, judged, query, message):
     assert message in error(client.get(f"/export?{query}"), 400)

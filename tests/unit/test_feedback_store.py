@@ -145,20 +145,26 @@ def test_importing_a_chat_prompt_queues_it(store):
 
 
 @pytest.mark.parametrize(("messages", "message"), [
-    ([], r"prompt 2 must be a non-empty list of \{role, content\} messages"),
-    ("hello", r"prompt 2 must be a non-empty list"),
-    ([{"role": "user"}], r"prompt 2\[0\] must be an object with exactly 'role' and 'content'"),
-    ([{"role": "user", "content": "x", "name": "bob"}], r"prompt 2\[0\] must be an object with exactly"),
-    ([{"role": "bot", "content": "x"}], r"prompt 2\[0\]\.role must be system, user or assistant, got 'bot'"),
-    ([{"role": "user", "content": "  "}], r"prompt 2\[0\]\.content must be non-empty text"),
-    ([{"role": "user", "content": 5}], r"prompt 2\[0\]\.content must be non-empty text"),
+    ([], r"field 'prompt 2': expected a non-empty list of messages"),
+    (5, r"field 'prompt 2': expected a non-empty list of messages, got int"),
+    ([{"role": "user"}], r"field 'prompt 2': message content must be a string, got NoneType"),
+    ([{"role": "bot", "content": "x"}], r"field 'prompt 2': message 0 has unknown role 'bot'"),
+    ([{"role": "user", "content": "  "}], r"field 'prompt 2': message 0 \(user\) is empty"),
+    ([{"role": "user", "content": 5}], r"field 'prompt 2': message content must be a string, got int"),
     ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
-     "prompt 2 must end with a user message"),
+     "field 'prompt 2': the prompt's last message is from 'assistant', not 'user'"),
 ])
 def test_add_prompts_refuses_bad_messages_and_adds_none(store, messages, message):
     with pytest.raises(FeedbackError, match=message):
         store.add_prompts([user("fine"), messages], source="x.jsonl")
     assert store.queue() == []  # checked before anything is written
+
+
+def test_add_prompts_reads_prompts_as_data_files_do(store):
+    # Text is one user turn; ShareGPT roles and keys map onto role/content; other keys are dropped.
+    store.add_prompts(["hello", [{"from": "human", "value": "hi"}], [{"role": "user", "content": "x", "name": "b"}]],
+                      source="x")
+    assert [p["messages"] for p in store.queue()] == [user("hello"), user("hi"), user("x")]
 
 
 def test_prompt_and_queue_lookups(filled, store):

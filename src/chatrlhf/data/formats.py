@@ -121,6 +121,12 @@ def _prompt(row: dict, field: str = "prompt") -> list[dict]:
     return msgs
 
 
+def prompt_messages(value: Any, field: str = "prompt") -> list[dict]:
+    """One prompt value (text, or a message list ending with a user turn) -> clean messages, as a data
+    file's ``prompt`` column is read; a DataError names ``field``."""
+    return _prompt({field: value}, field)
+
+
 def _score(row: dict, field: str = "score") -> float:
     value = row.get(field)
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):

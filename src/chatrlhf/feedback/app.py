@@ -323,7 +323,6 @@ async def import_prompts(request: Request):
         if not isinstance(prompts, list) or not prompts:
             raise FeedbackError("prompts must be a non-empty list of prompts (text, or message lists)")
         source = "api"
-        prompts = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts]
     else:
         form = await request.form()
         upload = form.get("file")
@@ -341,25 +340,24 @@ async def import_prompts(request: Request):
 
 @router.get("/export", response_class=HTMLResponse)
 def export_page(request: Request, min_margin: float = 1.0, min_agreement: float = 1.0):
-    from chatrlhf.feedback.export import feedback_to_pairs
+    from chatrlhf.feedback.export import export_rows
 
     _check_filters(min_margin, min_agreement)
-    store = request.app.state.store
-    pairs, stats = feedback_to_pairs(store.comparison_rows(), store.rating_rows(), min_margin, min_agreement)
-    return _page(request, "export.html", stats=stats, n_pairs=len(pairs), min_margin=min_margin,
+    rows, stats = export_rows(request.app.state.store, min_margin, min_agreement)
+    return _page(request, "export.html", stats=stats, n_pairs=len(rows["pairs"]), min_margin=min_margin,
                  min_agreement=min_agreement)
 
 
 @router.get("/export/{name}.jsonl")
 def export_file(request: Request, name: str, min_margin: float = 1.0, min_agreement: float = 1.0):
+    from chatrlhf.data.feedback import jsonl_text
     from chatrlhf.feedback.export import export_rows
 
     _check_filters(min_margin, min_agreement)
     if name not in ("pairs", "ratings", "comparisons"):
         raise NotFound(f"no export named {name!r}: use pairs, ratings or comparisons")
     rows = export_rows(request.app.state.store, min_margin, min_agreement)[0][name]
-    body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    return Response(body, media_type="application/x-ndjson",
+    return Response(jsonl_text(rows), media_type="application/x-ndjson",
                     headers={"Content-Disposition": f'attachment; filename="{name}.jsonl"'})
 
 
@@ -419,10 +417,12 @@ def _local_path(path: str) -> str:
 
 
 def _check_filters(min_margin: float, min_agreement: float) -> None:
-    if not min_margin >= 0:
-        raise FeedbackError(f"min_margin must be >= 0, got {min_margin}")
-    if not 0 <= min_agreement <= 1:
-        raise FeedbackError(f"min_agreement must be in [0, 1], got {min_agreement}")
+    from chatrlhf.config import ConfigError, check_filter_flags
+
+    try:
+        check_filter_flags(min_margin, min_agreement, prefix="")
+    except ConfigError as err:
+        raise FeedbackError(str(err)) from None
 
 
 def _read_prompt_file(name: str, content: bytes) -> list[list[dict]]:

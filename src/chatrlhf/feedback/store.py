@@ -109,19 +109,14 @@ def canonical(messages: list[dict]) -> str:
 
 
 def check_messages(messages, what: str = "messages") -> list[dict]:
-    """A non-empty list of {role, content} with roles system/user/assistant, ending with a user turn."""
-    if not isinstance(messages, list) or not messages:
-        raise FeedbackError(f"{what} must be a non-empty list of {{role, content}} messages")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or set(m) != {"role", "content"}:
-            raise FeedbackError(f"{what}[{i}] must be an object with exactly 'role' and 'content'")
-        if m["role"] not in ("system", "user", "assistant"):
-            raise FeedbackError(f"{what}[{i}].role must be system, user or assistant, got {m['role']!r}")
-        if not isinstance(m["content"], str) or not m["content"].strip():
-            raise FeedbackError(f"{what}[{i}].content must be non-empty text")
-    if messages[-1]["role"] != "user":
-        raise FeedbackError(f"{what} must end with a user message (the turn to answer)")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+    """A prompt as data files give one (text, or {role, content} messages ending with a user turn), checked
+    by ``chatrlhf.data.formats``, so the app accepts what ``chatrlhf`` reads and nothing else."""
+    from chatrlhf.data.formats import DataError, prompt_messages
+
+    try:
+        return prompt_messages(messages, what)
+    except DataError as err:
+        raise FeedbackError(str(err)) from None
 
 
 def check_name(name) -> str:
