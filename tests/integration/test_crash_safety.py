@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_data import copy_rows
 
 from chatrlhf import checkpoint
 from chatrlhf.cli import main
@@ -28,7 +28,6 @@ from chatrlhf.models.tiny import build_tiny_llama
 pytestmark = pytest.mark.slow
 
 WORKER = Path(__file__).with_name("crash_worker.py")
-WORDS = "the quick brown fox jumps over lazy dog good bad yes no answer question hello world".split()
 KILLED_STEP = 4  # saves happen after steps 2 and 4 (--max_steps 6 --run.save_every 2; none at the last step)
 # The checkpoint ``latest_checkpoint`` must pick after the kill. Up to the rename, step-4 does not exist;
 # at pointer_tmp it does, complete, but the pointer still names step-2, and the pointer is what decides.
@@ -45,15 +44,6 @@ def _env() -> dict[str, str]:
 
 def _run(cmd: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
-
-
-def _copy_rows(n: int, seed: int = 0) -> list[dict]:
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 6)))
-        rows.append({"prompt": f"copy: {text}", "response": text})
-    return rows
 
 
 def _train_curve(out: Path) -> dict[int, tuple[float, float]]:
@@ -78,7 +68,7 @@ def flags(tmp_path_factory):
     base = tmp_path_factory.mktemp("crash")
     model = str(build_tiny_llama(base / "model"))
     data = base / "copy.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in _copy_rows(48)))  # 6 steps of 8 per epoch
+    data.write_text("".join(json.dumps(r) + "\n" for r in copy_rows(48)))  # 6 steps of 8 per epoch
 
     def make(out: Path) -> list[str]:
         return [

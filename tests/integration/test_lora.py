@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_data import WORDS, train_rows
 
 from chatrlhf.cli import main
 from chatrlhf.models import count_parameters
@@ -24,7 +25,6 @@ from chatrlhf.models.tiny import build_tiny_llama
 
 pytestmark = pytest.mark.slow
 LAUNCHER = Path(sys.executable).with_name("deepspeed")
-WORDS = "the quick brown fox jumps over lazy dog good bad yes no answer question hello world".split()
 REWARD_FN = '''
 def short_yes(prompt, response, metadata):
     return min(response.split().count("yes"), 3) - 0.02 * len(response)
@@ -65,16 +65,6 @@ def inputs(tmp_path_factory) -> dict[str, str]:
 def sft_argv(x: dict[str, str], data: str, *extra: str) -> list[str]:
     return ["sft", "--model.name_or_path", x["model"], "--model.lora_r", "8", "--data.datasets", f"[{data}]",
             "--data.data_split", "1,0,0", "--run.progress", "false", *extra]
-
-
-def train_rows(out: Path) -> dict[int, dict]:
-    rows = {}
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        metrics = {k: v for k, v in row.items() if k.startswith("train/") and not k.startswith("train/time/")}
-        if metrics:
-            rows[row["step"]] = metrics
-    return rows
 
 
 def assert_plain(model_dir: Path) -> dict[str, torch.Tensor]:

@@ -10,7 +10,6 @@ reward with per-source normalisers and KL in the loss (GRPO).
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_data import WORDS, train_rows, write_jsonl
 
 from chatrlhf.checkpoint import latest_checkpoint
 from chatrlhf.cli import main
@@ -29,16 +29,10 @@ from chatrlhf.models.tiny import build_tiny_llama
 pytestmark = pytest.mark.slow
 LAUNCHER = Path(sys.executable).with_name("deepspeed")
 needs_launcher = pytest.mark.skipif(not LAUNCHER.exists(), reason="needs the deepspeed launcher")
-WORDS = "the quick brown fox jumps over lazy dog good bad yes no answer question hello world".split()
 REWARD_FN = '''
 def short_yes(prompt, response, metadata):
     return min(response.split().count("yes"), 3) - 0.02 * len(response)
 '''
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -107,18 +101,6 @@ def run_cli(argv: list[str], world: int, fresh_process: bool) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([*prefix, "chatrlhf.cli", *argv], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-
-
-def train_rows(out: Path) -> dict[int, dict]:
-    """step -> every training metric logged at it, timings left out. Each step must appear once."""
-    rows = {}
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        metrics = {k: v for k, v in row.items() if k.startswith("train/") and not k.startswith("train/time/")}
-        if metrics:
-            assert row["step"] not in rows, f"step {row['step']} logged twice"
-            rows[row["step"]] = metrics
-    return rows
 
 
 def weights(out: Path) -> dict[str, dict[str, torch.Tensor]]:

@@ -5,31 +5,17 @@ import random
 from pathlib import Path
 
 import pytest
+from tiny_data import WORDS, copy_rows, write_jsonl
 
 from chatrlhf.cli import main, parse
 from chatrlhf.models.tiny import build_tiny_llama
 
 pytestmark = pytest.mark.slow
-WORDS = "the quick brown fox jumps over lazy dog good bad yes no answer question hello world".split()
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> str:
     return str(build_tiny_llama(tmp_path_factory.mktemp("tiny") / "model"))
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
-
-def copy_rows(n: int, seed: int = 0) -> list[dict]:
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 6)))
-        rows.append({"prompt": f"copy: {text}", "response": text})
-    return rows
 
 
 def metrics(run_dir: Path, key: str) -> list[float]:
