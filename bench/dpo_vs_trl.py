@@ -112,8 +112,9 @@ def prepare_data(args, workdir: Path) -> dict:
 # ---- the implementations (each runs in its own process, see worker()) ---------------------------------
 def run_chatrlhf(args, workdir: Path, precompute: bool) -> dict:
     import chatrlhf.stages.dpo as dpo_stage
-    from chatrlhf.config import DPOConfig, EngineConfig, ModelConfig, RunConfig
+    from chatrlhf.config import EngineConfig, ModelConfig, RunConfig
     from chatrlhf.engine import Engine
+    from chatrlhf.stages.dpo_config import DPOConfig
 
     # The stage has no hooks: stamp the Engine's applied optimizer steps and time the reference precompute.
     # The stage's own code runs unchanged.

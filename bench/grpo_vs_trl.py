@@ -58,7 +58,8 @@ REWARD = "chatrlhf.rewards.examples:length_reward"
 
 def grpo_config(args, out: Path):
     """chatrlhf's GRPOConfig for the run (also used by the parent to reproduce its prompt order)."""
-    from chatrlhf.config import DataConfig, EngineConfig, GenerationConfig, GRPOConfig, ModelConfig, RunConfig
+    from chatrlhf.config import DataConfig, EngineConfig, GenerationConfig, ModelConfig, RunConfig
+    from chatrlhf.stages.ppo_config import GRPOConfig
 
     answers = args.prompts * args.group
     return GRPOConfig(

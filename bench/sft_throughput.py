@@ -226,9 +226,10 @@ def run_trl(args, workdir: Path, baton: Baton) -> dict:
 
 
 def run_chatrlhf(args, workdir: Path, baton: Baton) -> dict:
-    from chatrlhf.config import DataConfig, EngineConfig, ModelConfig, RunConfig, SFTConfig
+    from chatrlhf.config import DataConfig, EngineConfig, ModelConfig, RunConfig
     from chatrlhf.engine import Engine
     from chatrlhf.stages.sft import train_sft
+    from chatrlhf.stages.sft_config import SFTConfig
 
     # The stage has no hooks, so the turns wrap the Engine it builds: the first forward waits for the
     # first turn, and every optimizer step ends a turn. The stage's code itself runs unchanged.

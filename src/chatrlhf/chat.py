@@ -9,13 +9,13 @@ starts with a user turn); a single message longer than that keeps its last token
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, TextIO
+from typing import TextIO
 
 import torch
 
-from chatrlhf.config import ConfigError
+from chatrlhf.config import ConfigError, GenerationConfig, ModelLoadConfig
 from chatrlhf.data.encode import encode_prompt
 
 HELP = "/reset clears the history, /exit or /quit (or Ctrl-D) leaves, /help shows this."
@@ -26,37 +26,23 @@ _NO_LIMIT = 1 << 30
 class ChatConfig:
     """Chat with a model in the terminal: multi-turn, /reset clears the history, /exit or Ctrl-D leaves."""
 
-    model: str = "smollm2-135m-instruct"
-    """A local HF model dir (e.g. ``outputs/run/ppo/model``) or a built-in name."""
+    model: ModelLoadConfig = field(default_factory=ModelLoadConfig)
+    """The model: a local HF model dir (e.g. ``outputs/pipeline/ppo/model``) or a built-in name."""
+    generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(max_new_tokens=256, temperature=0.7,
+                                                                                  top_p=0.9))
+    """How answers are sampled (temperature 0: greedy); a longer answer than ``max_new_tokens`` is cut."""
     system: str | None = None
     """System message placed before the conversation (None: the chat template's default, if any)."""
-    max_new_tokens: int = 256
-    """Longest answer in tokens; a longer one is cut and marked as cut."""
-    temperature: float = 0.7
-    """Sampling temperature; 0 means greedy decoding."""
-    top_p: float = 0.9
-    """Nucleus sampling threshold (1.0: off)."""
     seed: int = 0
     """Seed of the sampling generator: the same inputs and seed give the same answers."""
-    backend: Literal["native", "hf"] = "native"
-    """Generation backend: ``native`` (chatrlhf's KV-cache sampler) or ``hf`` (transformers generate)."""
     max_history_tokens: int = 1536
     """Prompt budget in tokens: the oldest turns are dropped beyond it."""
 
     def validate(self) -> None:
-        check_sampling_flags(self.max_new_tokens, self.temperature, self.top_p)
+        self.model.validate("model")
+        self.generation.validate("generation")
         if self.max_history_tokens < 1:
             raise ConfigError(f"--max_history_tokens must be >= 1, got {self.max_history_tokens}")
-
-
-def check_sampling_flags(max_new_tokens: int, temperature: float, top_p: float) -> None:
-    """The sampling flags of ``chatrlhf chat`` and ``chatrlhf serve``."""
-    if max_new_tokens < 1:
-        raise ConfigError(f"--max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise ConfigError(f"--temperature must be >= 0 (0: greedy), got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ConfigError(f"--top_p must be in (0, 1], got {top_p}")
 
 
 def fit_history(
@@ -78,14 +64,15 @@ def fit_history(
     return ids, turns
 
 
-def _load(ref: str):
-    """(model in eval mode on the best device, tokenizer); a missing model is a FileNotFoundError."""
+def load_for_chat(model_cfg: ModelLoadConfig):
+    """(model in eval mode on the best device, tokenizer, device); a missing model is a FileNotFoundError."""
     from chatrlhf.evaluation.answers import model_device
     from chatrlhf.models import builtin_names, load_causal_lm, load_tokenizer
 
+    ref = model_cfg.name_or_path
     try:
-        tokenizer = load_tokenizer(ref)
-        model = load_causal_lm(ref)
+        tokenizer = load_tokenizer(ref, trust_remote_code=model_cfg.trust_remote_code)
+        model = load_causal_lm(ref, dtype=model_cfg.dtype, trust_remote_code=model_cfg.trust_remote_code)
     except FileNotFoundError:
         raise
     except OSError as err:
@@ -103,26 +90,13 @@ def _load(ref: str):
 
 def run_chat(cfg: ChatConfig, input_fn=input, output: TextIO = sys.stdout) -> None:
     """The chat loop: reads a line with ``input_fn``, prints the answer to ``output``, until /exit or EOF."""
-    from chatrlhf.evaluation.answers import eos_token_ids
-    from chatrlhf.rollout import SamplingConfig, decode_responses, generate
-
     cfg.validate()
 
     def say(text: str) -> None:
         print(text, file=output, flush=True)
 
-    model, tokenizer, device = _load(cfg.model)
-    sampling = SamplingConfig(
-        max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature or 1.0,
-        top_p=cfg.top_p,
-        do_sample=cfg.temperature > 0,
-    )
-    eos = eos_token_ids(tokenizer, model)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    history: list[dict] = []
-    say(f"chatrlhf chat: {cfg.model}. {HELP}")
+    session = ChatSession(cfg)
+    say(f"chatrlhf chat: {cfg.model.name_or_path}. {HELP}")
     while True:
         try:
             line = input_fn("user> ")
@@ -130,37 +104,50 @@ def run_chat(cfg: ChatConfig, input_fn=input, output: TextIO = sys.stdout) -> No
             say("")
             break
         command = line.strip().lower()
-        if not command:
-            continue
         if command in ("/exit", "/quit"):
             break
-        if command in ("/reset", "/help"):
-            if command == "/reset":
-                history.clear()
-            say("[history cleared]" if command == "/reset" else HELP)
-            continue
-        ids, kept = fit_history(
-            tokenizer, cfg.system, history + [{"role": "user", "content": line}], cfg.max_history_tokens
-        )
-        if len(kept) < len(history) + 1:
-            say(f"[history over {cfg.max_history_tokens} tokens: oldest turns dropped]")
-        input_ids = torch.tensor([ids], dtype=torch.long, device=device)  # (1, P)
+        if command == "/reset":
+            session.history.clear()
+            say("[history cleared]")
+        elif command == "/help":
+            say(HELP)
+        elif command:
+            for text in session.answer(line):
+                say(text)
+
+
+class ChatSession:
+    """One conversation: the model, its sampler state and the turns so far."""
+
+    def __init__(self, cfg: ChatConfig):
+        from chatrlhf.evaluation.answers import eos_token_ids
+
+        self.cfg = cfg
+        self.model, self.tokenizer, self.device = load_for_chat(cfg.model)
+        self.sampling = cfg.generation.sampling()
+        self.eos = eos_token_ids(self.tokenizer, self.model)
+        self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos[0]
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        self.history: list[dict] = []
+
+    def answer(self, line: str) -> list[str]:
+        """The lines to show for one user message (notes, then the answer); the history grows by one exchange."""
+        from chatrlhf.rollout import decode_responses, generate
+
+        cfg, notes = self.cfg, []
+        ids, kept = fit_history(self.tokenizer, cfg.system, self.history + [{"role": "user", "content": line}],
+                                cfg.max_history_tokens)
+        if len(kept) < len(self.history) + 1:
+            notes.append(f"[history over {cfg.max_history_tokens} tokens: oldest turns dropped]")
+        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)  # (1, P)
         try:
-            rollout = generate(
-                model,
-                input_ids,
-                torch.ones_like(input_ids),
-                sampling,
-                eos_token_ids=eos,
-                pad_token_id=pad,
-                backend=cfg.backend,
-                generator=generator,
-            )
+            rollout = generate(self.model, input_ids, torch.ones_like(input_ids), self.sampling, eos_token_ids=self.eos,
+                               pad_token_id=self.pad, backend=cfg.generation.backend, generator=self.generator)
         except KeyboardInterrupt:
-            say("\n[interrupted; the message was not added to the history]")
-            continue
-        answer = decode_responses(tokenizer, rollout)[0]
-        history = kept + [{"role": "assistant", "content": answer}]
-        say(f"assistant> {answer}")
+            return notes + ["\n[interrupted; the message was not added to the history]"]
+        answer = decode_responses(self.tokenizer, rollout)[0]
+        self.history = kept + [{"role": "assistant", "content": answer}]
+        notes.append(f"assistant> {answer}")
         if not bool(rollout.finished[0]):
-            say(f"[answer cut at max_new_tokens={cfg.max_new_tokens}]")
+            notes.append(f"[answer cut at max_new_tokens={cfg.generation.max_new_tokens}]")
+        return notes

@@ -24,17 +24,7 @@ from pathlib import Path
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
-from chatrlhf.config import (
-    ConfigError,
-    DPOConfig,
-    ExportConfig,
-    GRPOConfig,
-    PairsConfig,
-    PipelineConfig,
-    PPOConfig,
-    RMConfig,
-    SFTConfig,
-)
+from chatrlhf.config import ConfigError
 
 EXIT_INPUT_ERROR = 2
 """Flags, YAML, data, model dirs or checkpoints are wrong: fix the input and run again."""
@@ -52,12 +42,8 @@ def _expand_preset(argv: list[str]) -> list[str]:
     out = []
     it = iter(argv)
     for arg in it:
-        name = None
-        if arg == "--preset":
-            name = next(it, None)
-        elif arg.startswith("--preset="):
-            name = arg.split("=", 1)[1]
         if arg == "--preset" or arg.startswith("--preset="):
+            name = next(it, None) if arg == "--preset" else arg.split("=", 1)[1]
             presets = _presets()
             if name not in presets:
                 raise ConfigError(f"unknown --preset {name!r}. Fix: use one of: {', '.join(sorted(presets))}")
@@ -67,42 +53,51 @@ def _expand_preset(argv: list[str]) -> list[str]:
     return out
 
 
-def _eval_config():
-    from chatrlhf.evaluation.run import EvalConfig
-
-    return EvalConfig
-
-
-def _chat_config():
-    from chatrlhf.chat import ChatConfig
-
-    return ChatConfig
-
-
-def _serve_config():
-    from chatrlhf.feedback.serve import ServeConfig
-
-    return ServeConfig
-
-
 COMMANDS = {
-    "sft": (SFTConfig, "chatrlhf.stages.sft:train_sft"),
-    "rm": (RMConfig, "chatrlhf.stages.reward:train_reward_model"),
-    "ppo": (PPOConfig, "chatrlhf.stages.ppo:train_ppo"),
-    "grpo": (GRPOConfig, "chatrlhf.stages.ppo:train_ppo"),
-    "dpo": (DPOConfig, "chatrlhf.stages.dpo:train_dpo"),
-    "pairs": (PairsConfig, "chatrlhf.data.feedback:make_pairs"),
-    "export": (ExportConfig, "chatrlhf.feedback.export:run_export"),
-    "train": (PipelineConfig, "chatrlhf.pipeline:run_pipeline"),
-    "eval": (_eval_config, "chatrlhf.evaluation.run:run_eval"),
-    "chat": (_chat_config, "chatrlhf.chat:run_chat"),
-    "serve": (_serve_config, "chatrlhf.feedback.serve:run_serve"),
+    "sft": ("chatrlhf.stages.sft_config:SFTConfig", "chatrlhf.stages.sft:train_sft"),
+    "rm": ("chatrlhf.stages.reward_config:RMConfig", "chatrlhf.stages.reward:train_reward_model"),
+    "ppo": ("chatrlhf.stages.ppo_config:PPOConfig", "chatrlhf.stages.ppo:train_ppo"),
+    "grpo": ("chatrlhf.stages.ppo_config:GRPOConfig", "chatrlhf.stages.ppo:train_ppo"),
+    "dpo": ("chatrlhf.stages.dpo_config:DPOConfig", "chatrlhf.stages.dpo:train_dpo"),
+    "pairs": ("chatrlhf.data.feedback:PairsConfig", "chatrlhf.data.feedback:make_pairs"),
+    "export": ("chatrlhf.feedback.export:ExportConfig", "chatrlhf.feedback.export:run_export"),
+    "train": ("chatrlhf.pipeline_config:PipelineConfig", "chatrlhf.pipeline:run_pipeline"),
+    "eval": ("chatrlhf.evaluation.run:EvalConfig", "chatrlhf.evaluation.run:run_eval"),
+    "chat": ("chatrlhf.chat:ChatConfig", "chatrlhf.chat:run_chat"),
+    "serve": ("chatrlhf.feedback.serve:ServeConfig", "chatrlhf.feedback.serve:run_serve"),
 }
+"""command -> (its config dataclass, the function that runs it), imported only when used."""
+
+_GENERATION = {f: f"generation.{f}" for f in ("max_new_tokens", "temperature", "top_p", "backend")}
+RENAMED = {
+    "train": {
+        "output_dir": "run.output_dir", "overwrite": "run.overwrite", "resume": "run.resume",
+        "save_every": "run.save_every", "progress": "run.progress",
+        "sft_engine": "sft.engine", "sft_epochs": "sft.epochs", "sft_max_steps": "sft.max_steps",
+        "rm_engine": "rm.engine", "rm_epochs": "rm.epochs", "rm_max_steps": "rm.max_steps", "rm_from_sft": "rm.from_sft",
+        "evaluate": "eval.enabled", "eval_prompts": "eval.prompts", "eval_limit": "eval.limit",
+        "eval_generation": "eval.generation", "eval_batch_size": "eval.batch_size",
+        "feedback": "feedback.db", "feedback_min_margin": "feedback.min_margin",
+        "feedback_min_agreement": "feedback.min_agreement",
+    },
+    "chat": {"model": "model.name_or_path", **_GENERATION},
+    "serve": {"model": "model.name_or_path (a second model: --compare_with)", **_GENERATION},
+    "eval": {"models": "model.name_or_path with --name, and --baselines for the models it is compared with",
+             "dtype": "model.dtype"},
+}
+"""Old spellings of each command's options -> the option of the one grammar (``--run.*``, ``--model.*``,
+``--generation.*``, a section per pipeline stage); using one is an error that names the new option."""
+
+
+def _import(ref: str):
+    import importlib
+
+    module, name = ref.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def _config_class(name: str):
-    cls = COMMANDS[name][0]
-    return cls if dataclasses.is_dataclass(cls) else cls()
+    return _import(COMMANDS[name][0])
 
 
 def build_parser() -> ArgumentParser:
@@ -249,12 +244,12 @@ def _parse_error_message(err: ArgumentError, argv: list[str], command: str | Non
     return f"{msg.rstrip('.')}. Fix: correct the command line ({help_hint})."
 
 
-REPEATABLE = {"serve": ("--model", "--prompts")}
-"""List flags that may be given once per value (``--model A --model B``) as well as as a list (``'[A, B]'``)."""
+REPEATABLE = {"serve": ("--prompts",)}
+"""List flags that may be given once per value (``--prompts A --prompts B``) as well as as a list (``'[A, B]'``)."""
 
 
 def _collect_repeated(argv: list[str], flags: tuple[str, ...]) -> list[str]:
-    """``--model A --model B`` -> ``--model ["A", "B"]`` (at the first one's place); a value written as a
+    """``--prompts A --prompts B`` -> ``--prompts ["A", "B"]`` (at the first one's place); a value written as a
     list (``[A, B]``) is left as it is."""
     import json
 
@@ -278,12 +273,49 @@ def _collect_repeated(argv: list[str], flags: tuple[str, ...]) -> list[str]:
     return [json.dumps(values[out[k - 1]]) if a is None else a for k, a in enumerate(out)]
 
 
+def _renamed(key: str, command: str) -> str | None:
+    """The new spelling of option ``key`` (dotted, without ``--``) if it is an old one of ``command``."""
+    renamed = RENAMED.get(command, {})
+    if key not in renamed and key in _flag_names(_config_class(command)):
+        return None  # an option of the new grammar that starts like an old one (--feedback.db)
+    for old, new in renamed.items():
+        if key == old or (key.startswith(old + ".") and " " not in new):
+            return new + key[len(old):]
+    return None
+
+
+def _check_renamed(argv: list[str], command: str | None) -> None:
+    """Old spellings (flags, or top-level keys of --config files) stop with the option to use instead."""
+    if command is None:
+        return
+    for arg in argv:
+        if arg.startswith("--") and (new := _renamed(arg[2:].split("=", 1)[0], command)):
+            raise ConfigError(f"{arg.split('=', 1)[0]} is an old spelling: use --{new} (every command takes the same "
+                              f"nested sections; `chatrlhf {command} --help` lists them)")
+    for value in _config_files(argv):
+        for key in _yaml_top_keys(value):
+            if new := _renamed(key, command):
+                raise ConfigError(f"'{key}' in --config {value} is an old spelling: write it as '{new}' (a nested "
+                                  f"mapping, e.g. 'run:' then '  output_dir: ...')")
+
+
+def _yaml_top_keys(value: str) -> list[str]:
+    import yaml
+
+    try:
+        node = yaml.safe_load(Path(value).expanduser().read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError, UnicodeDecodeError, ValueError):
+        return []
+    return [str(k) for k in node] if isinstance(node, dict) else []
+
+
 def parse(argv: list[str]):
     """Returns (command name, the stage's config dataclass). Raises ConfigError with a one-line message."""
     argv = _expand_preset(_strip_local_rank(argv))
     argv = _collect_repeated(argv, REPEATABLE.get(_command_of(argv), ()))
     for value in _config_files(argv):
         _check_config_file(value)
+    _check_renamed(argv, _command_of(argv))
     parser = build_parser()
     try:
         ns = parser.parse_args(argv)
@@ -302,59 +334,62 @@ def _under_launcher() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def _resume_flag(command: str | None) -> str:
-    return "--resume" if command == "train" else "--run.resume"
-
-
-def _overwrite_flag(command: str | None) -> str:
-    return "--overwrite" if command == "train" else "--run.overwrite"
-
-
 def _one_line(err: BaseException) -> str:
     # Some library messages span lines; the error stays one line so it reads as one in logs and scripts.
     return " ".join(str(err).split())
 
 
+def check_command(argv: list[str]) -> None:
+    """Parses and validates a chatrlhf command line (what ``chatrlhf launch`` checks before it starts processes)."""
+    _, cfg = parse(argv)
+    cfg.validate()
+
+
+def _launch(argv: list[str]) -> int:
+    """``chatrlhf launch [options] -- <command> ...``: the part after ``--`` goes to the launched processes
+    unparsed, so launch has its own small parser (chatrlhf.launch)."""
+    from chatrlhf.launch import run as run_launch
+
+    try:
+        run_launch(argv, check_command)
+    except (ConfigError, OSError) as err:
+        print(f"chatrlhf launch: error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_INPUT_ERROR
+    return 0
+
+
+def _run(command: str, cfg, prefix: str) -> int:
+    """Runs the command's function; several launched processes leave the process group together."""
+    from chatrlhf.checkpoint import CheckpointError  # imports torch: only once the config is known to be good
+
+    try:
+        _import(COMMANDS[command][1])(cfg)
+    except CheckpointError as err:
+        # The checkpoint module names the file and the problem (and a setting to change where one would
+        # fix it); what to do with a damaged checkpoint is the same for every file, so it is said here.
+        # "Move", not "delete": the checkpoint may be fine for the run it came from.
+        print(f"{prefix}: error: checkpoint: {_one_line(err)}. If the checkpoint is damaged: move its step dir out of "
+              "the checkpoints dir to resume from the previous complete one, or start over with --run.overwrite "
+              "true instead of --run.resume.", file=sys.stderr)
+        return EXIT_INPUT_ERROR
+    if _under_launcher():
+        from chatrlhf.engine import shutdown_distributed
+
+        shutdown_distributed()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    prefix = f"chatrlhf {_command_of(argv) or ''}".rstrip()
     if argv[:1] == ["launch"]:
-        # `chatrlhf launch [options] -- <command> ...`: the part after `--` goes to the launched processes
-        # unparsed, so launch has its own small parser (chatrlhf.launch).
-        from chatrlhf.launch import run as run_launch
-
-        try:
-            run_launch(argv[1:])
-        except (ConfigError, OSError) as err:
-            print(f"chatrlhf launch: error: {_one_line(err)}", file=sys.stderr)
-            return EXIT_INPUT_ERROR
-        return 0
+        return _launch(argv[1:])
+    prefix = f"chatrlhf {_command_of(argv) or ''}".rstrip()
     try:
         command, cfg = parse(argv)
         prefix = f"chatrlhf {command}"
         # Config mistakes fail here, in a second, before the stage imports torch, DeepSpeed and the model.
-        if hasattr(cfg, "validate"):
-            cfg.validate()
-        module, fn = COMMANDS[command][1].split(":")
-        import importlib
-
-        run = getattr(importlib.import_module(module), fn)
-        from chatrlhf.checkpoint import CheckpointError
-
-        try:
-            run(cfg)
-            if _under_launcher():
-                from chatrlhf.engine import shutdown_distributed
-
-                shutdown_distributed()
-        except CheckpointError as err:
-            # The checkpoint module names the file and the problem (and a setting to change where one would
-            # fix it); what to do with a damaged checkpoint is the same for every file, so it is said here.
-            # "Move", not "delete": the checkpoint may be fine for the run it came from.
-            print(f"{prefix}: error: checkpoint: {_one_line(err)}. If the checkpoint is damaged: move its step dir out of "
-                  f"the checkpoints dir to resume from the previous complete one, or start over with "
-                  f"{_overwrite_flag(command)} true instead of {_resume_flag(command)}.", file=sys.stderr)
-            return EXIT_INPUT_ERROR
+        cfg.validate()
+        return _run(command, cfg, prefix)
     except (ConfigError, ValueError, OSError, ImportError) as err:
         # User-actionable errors (bad flags, YAML, data, paths, model dirs) print one clear line, not a
         # traceback. OSError covers FileNotFoundError and the I/O errors that name their path.
@@ -363,7 +398,6 @@ def main(argv: list[str] | None = None) -> int:
     except FloatingPointError as err:
         print(f"{prefix}: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_NONFINITE
-    return 0
 
 
 if __name__ == "__main__":

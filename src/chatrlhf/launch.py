@@ -1,7 +1,7 @@
 """``chatrlhf launch``: run a training command on several processes, GPUs or nodes through DeepSpeed's launcher.
 
     chatrlhf launch --num_gpus 8 -- sft --engine.zero_stage 3 ...
-    chatrlhf launch --hostfile hosts --master_addr 10.0.0.1 -- train --sft_engine.zero_stage 3 ...
+    chatrlhf launch --hostfile hosts --master_addr 10.0.0.1 -- train --sft.engine.zero_stage 3 ...
 
 becomes ``deepspeed [launcher options] --no_local_rank --module chatrlhf.cli <command> ...``, which
 starts one ``chatrlhf`` process per GPU (on a CPU machine: ``--num_gpus N`` processes over gloo) on every
@@ -23,6 +23,7 @@ import re
 import shlex
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -296,8 +297,11 @@ def _launcher_path() -> str:
     return found
 
 
-def run(argv: list[str]) -> None:
-    """``chatrlhf launch ARGS``: checks, then prints (``--dry_run``) or execs the launcher. Raises ConfigError."""
+def run(argv: list[str], check_command: Callable[[list[str]], None]) -> None:
+    """``chatrlhf launch ARGS``: checks, then prints (``--dry_run``) or execs the launcher. Raises ConfigError.
+
+    ``check_command`` parses and validates the chatrlhf command after ``--`` (the CLI passes its own check,
+    so this module needs nothing from the CLI above it)."""
     options = argv[: argv.index("--")] if "--" in argv else argv
     if not argv or "-h" in options or "--help" in options:
         build_parser().print_help()
@@ -305,11 +309,7 @@ def run(argv: list[str]) -> None:
     cfg, stage_argv = parse(argv)
     cmd = build_launch_command(cfg, stage_argv)
     # The command's own flags, checked once here: a mistake stops before N processes each report it.
-    from chatrlhf.cli import parse as parse_command
-
-    _, command_cfg = parse_command(stage_argv)
-    if hasattr(command_cfg, "validate"):
-        command_cfg.validate()
+    check_command(stage_argv)
     env = launch_env(cfg, dict(os.environ), _usable_cores())
     if cfg.dry_run:
         print(" ".join([*(f"{k}={shlex.quote(v)}" for k, v in env.items()), shlex.join(cmd)]))

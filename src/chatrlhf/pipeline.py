@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 
 from chatrlhf.checkpoint import write_json_atomic
-from chatrlhf.config import ConfigError, PipelineConfig
+from chatrlhf.config import ConfigError
+from chatrlhf.pipeline_config import PipelineConfig
 from chatrlhf.training import MODEL_SUBDIR, write_resolved_config
 
 
@@ -21,14 +22,15 @@ def _finished(stage_dir: str) -> dict | None:
 
 
 def _refuse_finished(cfg: PipelineConfig, stages) -> None:
-    """A finished stage model needs --resume or --overwrite; checked before anything is written (the
-    stage's own check comes after config.yaml is rewritten, and names the stage flag --run.overwrite)."""
-    if cfg.overwrite or cfg.resume:
+    """A finished stage model needs --run.resume or --run.overwrite; checked before anything is written
+    (the stage's own check comes after config.yaml is rewritten)."""
+    if cfg.run.overwrite or cfg.run.resume:
         return
     done = [s.run.output_dir for _, s, _ in stages if (Path(s.run.output_dir) / MODEL_SUBDIR / "config.json").exists()]
     if done:
-        raise ConfigError(f"{', '.join(done)} already hold(s) a finished model. Pass --resume true to skip finished "
-                          "stages and continue, --overwrite true to replace them, or choose another --output_dir.")
+        raise ConfigError(f"{', '.join(done)} already hold(s) a finished model. Pass --run.resume true to skip "
+                          "finished stages and continue, --run.overwrite true to replace them, or choose another "
+                          "--run.output_dir.")
 
 
 def _stages(cfg: PipelineConfig):
@@ -45,31 +47,32 @@ def _stages(cfg: PipelineConfig):
 
 
 def _export_feedback(cfg: PipelineConfig, root: Path) -> dict | None:
-    """``--feedback``: the database -> ``root/feedback/`` (pairs.jsonl is the RM / DPO stage's data).
+    """``--feedback.db``: the database -> ``root/feedback/`` (pairs.jsonl is the RM / DPO stage's data).
 
     Every process exports, before any stage starts: the files are derived data, written atomically, and
     identical on every rank for the same database, so no rank waits for another (no process group exists
     yet). Each rank finishes its export before it reaches the first stage's process-group set-up, so no
-    rank reads pairs.jsonl while another is still writing it. ``--resume`` reuses an earlier complete export
+    rank reads pairs.jsonl while another is still writing it. ``--run.resume`` reuses an earlier complete export
     (export.json present, same database and thresholds, pairs > 0), so an interrupted RM or DPO stage
     resumes on the pairs it started with even if feedback arrived since; otherwise it is exported again.
     """
-    if cfg.feedback is None:
+    feedback = cfg.feedback
+    if feedback.db is None:
         return None
     from chatrlhf.feedback.export import export_feedback
 
     out = root / "feedback"
-    flags = {"db": "--feedback", "min_margin": "--feedback_min_margin", "min_agreement": "--feedback_min_agreement",
-             "overwrite": "--overwrite", "output_dir": "--output_dir"}
-    settings = {"min_margin": cfg.feedback_min_margin, "min_agreement": cfg.feedback_min_agreement}
+    flags = {"db": "--feedback.db", "min_margin": "--feedback.min_margin", "min_agreement": "--feedback.min_agreement",
+             "overwrite": "--run.overwrite", "output_dir": "--run.output_dir"}
+    settings = {"min_margin": feedback.min_margin, "min_agreement": feedback.min_agreement}
     done = out / "export.json"
-    if cfg.resume and done.is_file():
+    if cfg.run.resume and done.is_file():
         earlier = json.loads(done.read_text(encoding="utf-8"))
-        if (earlier.get("db") == str(Path(cfg.feedback).resolve()) and earlier.get("settings") == settings
+        if (earlier.get("db") == str(Path(feedback.db).resolve()) and earlier.get("settings") == settings
                 and earlier.get("counts", {}).get("pairs", 0) > 0):
             print(f"[chatrlhf] feedback: {out} exported before, reused (resume)")
             return earlier
-    summary = export_feedback(cfg.feedback, out, cfg.feedback_min_margin, cfg.feedback_min_agreement,
+    summary = export_feedback(feedback.db, out, feedback.min_margin, feedback.min_agreement,
                               overwrite=True, flags=flags)
     counts = summary["counts"]
     print(f"[chatrlhf] feedback: {counts['comparisons']} comparisons, {counts['ratings']} ratings -> "
@@ -78,12 +81,10 @@ def _export_feedback(cfg: PipelineConfig, root: Path) -> dict | None:
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
-    cfg.validate()
+    cfg.validate()  # every stage's section: all config errors before the first hour of training, not after it
     stages = _stages(cfg)
-    for _, stage_cfg, _ in stages:
-        stage_cfg.validate()  # all config errors before the first hour of training, not after it
     _refuse_finished(cfg, stages)
-    root = Path(cfg.output_dir)
+    root = Path(cfg.run.output_dir)
     feedback = _export_feedback(cfg, root)  # no surviving pair stops here, before any stage runs
     root.mkdir(parents=True, exist_ok=True)
     write_resolved_config(root, cfg)
@@ -91,7 +92,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     if feedback is not None:
         summary["feedback"] = feedback["counts"]
     for name, stage_cfg, fn in stages:
-        done = _finished(stage_cfg.run.output_dir) if cfg.resume else None
+        done = _finished(stage_cfg.run.output_dir) if cfg.run.resume else None
         if done is not None:
             print(f"[chatrlhf] {name}: complete in {stage_cfg.run.output_dir}, skipped (resume)")
             summary[name] = done
@@ -100,13 +101,13 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         t0 = time.time()
         summary[name] = fn(stage_cfg)
         summary["seconds"][name] = round(time.time() - t0, 1)
-    if cfg.evaluate and _is_rank_0():
+    if cfg.eval.enabled and _is_rank_0():
         t0 = time.time()
         summary["evaluation"] = _evaluate(cfg, root)
         summary["seconds"]["evaluation"] = round(time.time() - t0, 1)
     if _is_rank_0():
         write_json_atomic(root / "summary.json", summary)
-        if cfg.evaluate:
+        if cfg.eval.enabled:
             from chatrlhf.evaluation import write_report
 
             report = write_report(root, summary.get("evaluation"), {n: root / n for n, _, _ in stages})
@@ -125,12 +126,12 @@ def _evaluate(cfg: PipelineConfig, root: Path) -> dict:
     from chatrlhf.evaluation import evaluate_models, load_eval_prompts
 
     # spread: a limit takes prompts from every category (the demo file is sorted by category)
-    prompts = load_eval_prompts(cfg.eval_prompts, limit=cfg.eval_limit or None, spread=True)
+    prompts = load_eval_prompts(cfg.eval.prompts, limit=cfg.eval.limit or None, spread=True)
     models = {"base": cfg.model.name_or_path, "sft": str(root / "sft" / MODEL_SUBDIR),
               cfg.algo: str(root / cfg.algo / MODEL_SUBDIR)}
     print(f"[chatrlhf] evaluating {', '.join(models)} on {len(prompts)} held-out prompts")
     rm = root / "rm" / MODEL_SUBDIR  # absent after SFT -> DPO, unless an earlier run here trained one
     return evaluate_models(models, reference=models["sft"], reward_model=str(rm) if (rm / "config.json").is_file() else None,
-                           prompts=prompts, sampling=cfg.eval_generation.sampling(),
-                           batch_size=cfg.eval_batch_size, seed=cfg.ppo.actor_engine.seed, out_dir=root,
-                           progress=cfg.progress, backend=cfg.eval_generation.backend, dtype=cfg.model.dtype)
+                           prompts=prompts, sampling=cfg.eval.generation.sampling(),
+                           batch_size=cfg.eval.batch_size, seed=cfg.ppo.actor_engine.seed, out_dir=root,
+                           progress=cfg.run.progress, backend=cfg.eval.generation.backend, dtype=cfg.model.dtype)

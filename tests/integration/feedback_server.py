@@ -16,8 +16,8 @@ class Server:
     def __init__(self, db: Path, *extra: str, log: Path, timeout_s: float = 120):
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         env.pop("CHATRLHF_TOKEN", None)
-        cmd = [sys.executable, "-m", "chatrlhf.cli", "serve", "--model", "tiny-random-llama", "--db", str(db),
-               "--port", "0", "--max_new_tokens", "16", *extra]
+        cmd = [sys.executable, "-m", "chatrlhf.cli", "serve", "--model.name_or_path", "tiny-random-llama",
+               "--db", str(db), "--port", "0", "--generation.max_new_tokens", "16", *extra]
         self.log = log
         self.proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + timeout_s

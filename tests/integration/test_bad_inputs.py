@@ -276,11 +276,11 @@ def b_flag_data_split(env):
 
 
 def b_train_algo(env):
-    return ["train", "--algo", "nope", "--output_dir", str(env.root / "out")]
+    return ["train", "--algo", "nope", "--run.output_dir", str(env.root / "out")]
 
 
 def b_train_preset(env):
-    return ["train", "--preset", "nope", "--output_dir", str(env.root / "out")]
+    return ["train", "--preset", "nope", "--run.output_dir", str(env.root / "out")]
 
 
 def b_grpo_one_sample(env):
@@ -311,8 +311,8 @@ def b_train_output_has_run(env):
     shutil.copytree(env.sft_run, root / "sft")
     (root / "config.yaml").write_text("# the earlier run's resolved config\n")
     data = env.jsonl("copy.jsonl", copy_rows(16))
-    return ["train", "--output_dir", str(root), "--model.name_or_path", str(env.model), "--data.datasets", f"[{data}]",
-            "--evaluate", "false", "--progress", "false"]
+    return ["train", "--run.output_dir", str(root), "--model.name_or_path", str(env.model), "--data.datasets",
+            f"[{data}]", "--eval.enabled", "false", "--run.progress", "false"]
 
 
 def b_model_missing(env):

@@ -14,6 +14,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from fastapi.testclient import TestClient
 
+from chatrlhf.config import GenerationConfig, ModelLoadConfig
 from chatrlhf.feedback.answerer import Answerer, PairWorker
 from chatrlhf.feedback.app import NAME_COOKIE, TOKEN_COOKIE, create_app
 from chatrlhf.feedback.store import DIMENSIONS, FeedbackStore
@@ -30,7 +31,7 @@ XSS_ANSWER = '<b onmouseover="alert(3)">bold</b><script src="//evil.example/x.js
 def answerer(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:  # the built-in model is built into a private cache
         mp.setenv("CHATRLHF_CACHE", str(tmp_path_factory.mktemp("cache")))
-        yield Answerer([TINY_MODEL], max_new_tokens=16)
+        yield Answerer([ModelLoadConfig(TINY_MODEL)], GenerationConfig(max_new_tokens=16, temperature=0.7, top_p=0.9))
 
 
 @pytest.fixture

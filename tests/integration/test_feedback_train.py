@@ -84,8 +84,8 @@ def test_train_feedback_trains_the_rm_on_exactly_the_exported_pairs(feedback_db,
     with sqlite3.connect(feedback_db) as src, sqlite3.connect(db) as dst:
         src.backup(dst)
     out = tmp_path / "run"
-    flags = ["train", "--preset", "smoke", "--output_dir", str(out), "--progress", "false", "--evaluate", "false",
-             "--ppo.max_iterations", "1", "--feedback", str(db)]
+    flags = ["train", "--preset", "smoke", "--run.output_dir", str(out), "--run.progress", "false",
+             "--eval.enabled", "false", "--ppo.max_iterations", "1", "--feedback.db", str(db)]
     assert main(flags) == 0
     assert f"-> {PAIRS} pairs -> {out / 'feedback'}" in capsys.readouterr().out
     exported = out / "feedback" / "pairs.jsonl"

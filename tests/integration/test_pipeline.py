@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 def test_train_smoke_preset_runs_sft_then_rm_and_resume_skips_done_stages(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CHATRLHF_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
-    assert main(["train", "--preset", "smoke", "--output_dir", str(out), "--progress", "false"]) == 0
+    assert main(["train", "--preset", "smoke", "--run.output_dir", str(out), "--run.progress", "false"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert {"sft", "rm", "ppo", "evaluation"} <= set(summary)
     assert summary["sft"]["perplexity"] > 1.0 and 0.0 <= summary["rm"]["accuracy"] <= 1.0
@@ -31,11 +31,11 @@ def test_train_smoke_preset_runs_sft_then_rm_and_resume_skips_done_stages(tmp_pa
                 "train",
                 "--preset",
                 "smoke",
-                "--output_dir",
+                "--run.output_dir",
                 str(out),
-                "--progress",
+                "--run.progress",
                 "false",
-                "--resume",
+                "--run.resume",
                 "true",
             ]
         )
@@ -44,7 +44,7 @@ def test_train_smoke_preset_runs_sft_then_rm_and_resume_skips_done_stages(tmp_pa
     assert capsys.readouterr().out.count("skipped (resume)") == 3
     # The other recipes reuse the finished SFT (and RM) stages and end with the same evaluation and report.
     for algo, skipped in (("grpo", 2), ("dpo", 1)):
-        flags = ["train", "--preset", "smoke", "--output_dir", str(out), "--progress", "false", "--resume", "true"]
+        flags = ["train", "--preset", "smoke", "--run.output_dir", str(out), "--run.progress", "false", "--run.resume", "true"]
         assert main([*flags, "--algo", algo]) == 0
         assert capsys.readouterr().out.count("skipped (resume)") == skipped
         assert (out / algo / "model" / "config.json").is_file()

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from chatrlhf.chat import ChatConfig, fit_history, run_chat
+from chatrlhf.config import GenerationConfig, ModelLoadConfig
 from chatrlhf.evaluation import (
     evaluate_models,
     kl_to_reference,
@@ -132,7 +133,8 @@ def test_run_chat_two_answers_then_eof(dirs):
 
     out = Out()
     run_chat(
-        ChatConfig(model=dirs["base"], max_new_tokens=5, temperature=0.7), input_fn=fake_input, output=out
+        ChatConfig(model=ModelLoadConfig(dirs["base"]), generation=GenerationConfig(max_new_tokens=5, temperature=0.7)),
+        input_fn=fake_input, output=out
     )
     assert out.text.count("assistant> ") == 2
     assert "[history cleared]" in out.text
@@ -151,7 +153,7 @@ def test_run_chat_exit_and_missing_model(dirs, tmp_path):
 
     inputs = iter(["hey", "/quit", "never read"])
     run_chat(
-        ChatConfig(model=dirs["base"], temperature=0.0, max_new_tokens=3),
+        ChatConfig(model=ModelLoadConfig(dirs["base"]), generation=GenerationConfig(temperature=0.0, max_new_tokens=3)),
         input_fn=lambda _p: next(inputs),
         output=Out(),
     )
@@ -159,7 +161,7 @@ def test_run_chat_exit_and_missing_model(dirs, tmp_path):
     assert next(inputs) == "never read"  # /quit left the loop
     missing = tmp_path / "no" / "such" / "model"
     with pytest.raises(FileNotFoundError, match=str(missing)):
-        run_chat(ChatConfig(model=str(missing)), input_fn=lambda _p: "/exit")
+        run_chat(ChatConfig(model=ModelLoadConfig(str(missing))), input_fn=lambda _p: "/exit")
 
 
 def test_fit_history_drops_oldest_exchanges(dirs):
@@ -181,11 +183,11 @@ def test_fit_history_drops_oldest_exchanges(dirs):
 
 
 def test_run_eval_writes_results_and_report(dirs, tmp_path):
-    from chatrlhf.config import GenerationConfig
     from chatrlhf.evaluation import EvalConfig, run_eval
 
     cfg = EvalConfig(
-        models={"sft": dirs["sft"]},
+        model=ModelLoadConfig(dirs["sft"]),
+        name="sft",
         reference=dirs["sft"],
         limit=3,
         generation=GenerationConfig(max_new_tokens=4),
@@ -203,8 +205,9 @@ def test_run_eval_writes_results_and_report(dirs, tmp_path):
 def test_report_of_dpo_and_grpo_stages(dirs, tmp_path):
     """A real DPO stage dir gets its loss / implicit-reward plot; an RL stage other than PPO (GRPO here, from a
     metrics file in the RL loop's names) gets the reward, KL and gold plots under its own name."""
-    from chatrlhf.config import DataConfig, DPOConfig, EngineConfig, ModelConfig, RunConfig
+    from chatrlhf.config import DataConfig, EngineConfig, ModelConfig, RunConfig
     from chatrlhf.stages.dpo import train_dpo
+    from chatrlhf.stages.dpo_config import DPOConfig
 
     pairs = tmp_path / "pairs.jsonl"
     rows = [{"prompt": f"question {i}", "chosen": "good answer", "rejected": "bad"} for i in range(12)]

@@ -96,8 +96,8 @@ def test_pipeline_takes_the_scale_flags_on_two_processes(tmp_path):
     launcher = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", str(free_port()),
                 "--no_local_rank", "--module", "chatrlhf.cli"]
     out = tmp_path / "run"
-    flags = ["train", "--preset", "smoke", "--output_dir", str(out), "--progress", "false",
-             "--sft_engine.zero_stage", "2", "--rm_engine.zero_stage", "3", "--ppo.actor_engine.zero_stage", "3",
+    flags = ["train", "--preset", "smoke", "--run.output_dir", str(out), "--run.progress", "false",
+             "--sft.engine.zero_stage", "2", "--rm.engine.zero_stage", "3", "--ppo.actor_engine.zero_stage", "3",
              "--ppo.critic_engine.zero_stage", "2", "--ppo.reference_placement", "zero3",
              "--ppo.actor_engine.micro_batch_size", "4", "--ppo.critic_engine.micro_batch_size", "4"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CHATRLHF_CACHE": str(tmp_path / "cache")}

@@ -123,7 +123,8 @@ def test_group_estimators_reject_a_batch_that_is_not_whole_groups():
 
 
 def test_config_rejects_one_sample_for_group_estimators():
-    from chatrlhf.config import ConfigError, GRPOConfig
+    from chatrlhf.config import ConfigError
+    from chatrlhf.stages.ppo_config import GRPOConfig
 
     with pytest.raises(ConfigError, match="samples_per_prompt >= 2"):
         GRPOConfig(reward="rater", samples_per_prompt=1).validate()

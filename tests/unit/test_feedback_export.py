@@ -6,13 +6,14 @@ import json
 
 import pytest
 
-from chatrlhf.config import ConfigError, ExportConfig, PipelineConfig
+from chatrlhf.config import ConfigError
 from chatrlhf.data.feedback import ratings_to_pairs
 from chatrlhf.data.formats import DataError
 from chatrlhf.data.sources import load_records
 from chatrlhf.feedback.export import (
     COMPARISON_STAT_KEYS,
     FILES,
+    ExportConfig,
     comparisons_to_pairs,
     export_feedback,
     feedback_to_pairs,
@@ -20,6 +21,7 @@ from chatrlhf.feedback.export import (
     run_export,
 )
 from chatrlhf.feedback.store import FeedbackStore
+from chatrlhf.pipeline_config import FeedbackSection, PipelineConfig, PipelineRunConfig
 
 Q = "2+2?"
 PROMPT = [{"role": "user", "content": Q}]
@@ -282,7 +284,7 @@ def test_no_surviving_pair_writes_the_files_then_raises(tmp_path):
 def test_pipeline_feedback_gives_the_rm_and_dpo_stages_the_exported_pairs(tmp_path):
     db = tmp_path / "feedback.db"
     FeedbackStore(db)
-    cfg = PipelineConfig(output_dir=f"{tmp_path / 'run'}/", feedback=str(db))
+    cfg = PipelineConfig(run=PipelineRunConfig(output_dir=f"{tmp_path / 'run'}/"), feedback=FeedbackSection(db=str(db)))
     cfg.data.datasets, cfg.data.weights, cfg.data.eval_fraction = ["demo", "extra.jsonl"], [1.0, 2.0], 0.2
     cfg.validate()
     sft, rm = cfg.stage_configs()
@@ -297,13 +299,13 @@ def test_pipeline_feedback_gives_the_rm_and_dpo_stages_the_exported_pairs(tmp_pa
     cfg.algo = "ppo"
     assert cfg.rl_config().data.datasets == ["demo:prompts_train"]  # RL prompts are not the pairs
     # without --feedback nothing changes
-    plain = PipelineConfig(output_dir=str(tmp_path / "run"))
+    plain = PipelineConfig(run=PipelineRunConfig(output_dir=str(tmp_path / "run")))
     assert plain.stage_configs()[1].data is plain.data
 
 
 def test_pipeline_feedback_must_exist(tmp_path):
-    with pytest.raises(ConfigError, match="--feedback .*nope.db does not exist"):
-        PipelineConfig(feedback=str(tmp_path / "nope.db")).validate()
-    with pytest.raises(ConfigError, match="--feedback_min_agreement"):
-        PipelineConfig(feedback_min_agreement=1.5).validate()
+    with pytest.raises(ConfigError, match="--feedback.db .*nope.db does not exist"):
+        PipelineConfig(feedback=FeedbackSection(db=str(tmp_path / "nope.db"))).validate()
+    with pytest.raises(ConfigError, match="--feedback.min_agreement"):
+        PipelineConfig(feedback=FeedbackSection(min_agreement=1.5)).validate()
     assert not (tmp_path / "nope.db").exists()

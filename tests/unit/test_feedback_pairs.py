@@ -5,8 +5,8 @@ import json
 import pytest
 
 from chatrlhf.cli import main
-from chatrlhf.config import ConfigError, DataConfig, PairsConfig
-from chatrlhf.data.feedback import annotator_agreement, make_pairs, ratings_to_pairs
+from chatrlhf.config import ConfigError, DataConfig
+from chatrlhf.data.feedback import PairsConfig, annotator_agreement, make_pairs, ratings_to_pairs
 from chatrlhf.data.formats import DataError, normalise_rows
 from chatrlhf.data.sources import load_records
 from chatrlhf.data.split import prepare_records

@@ -4,7 +4,7 @@ from, and the repeated ``--model`` / ``--prompts`` flags."""
 import pytest
 
 from chatrlhf.cli import _collect_repeated, parse
-from chatrlhf.config import ConfigError
+from chatrlhf.config import ConfigError, GenerationConfig, ModelLoadConfig
 from chatrlhf.feedback.serve import TOKEN_ENV, ServeConfig, is_loopback, resolve_token
 
 TOKEN = "a-token-of-sixteen+"
@@ -12,18 +12,19 @@ TOKEN = "a-token-of-sixteen+"
 
 def test_default_config_is_valid():
     ServeConfig().validate()
-    ServeConfig(model=["a", "b"], port=0, temperature=0, top_p=1.0, max_request_bytes=1024, token=TOKEN).validate()
+    ServeConfig(model=ModelLoadConfig("a"), compare_with="b", port=0, generation=GenerationConfig(temperature=0, top_p=1.0),
+                max_request_bytes=1024, token=TOKEN).validate()
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    ({"model": []}, "--model: name at least one model dir or built-in model"),
-    ({"model": ["a", "b", "c"]}, "--model: at most two models .* got 3"),
+    ({"model": ModelLoadConfig("")}, "--model.name_or_path is empty"),
+    ({"compare_with": ""}, "--compare_with is empty"),
     ({"port": -1}, r"--port must be in 0\.\.65535, got -1"),
     ({"port": 65536}, r"--port must be in 0\.\.65535, got 65536"),
-    ({"max_new_tokens": 0}, "--max_new_tokens must be >= 1, got 0"),
-    ({"temperature": -0.1}, r"--temperature must be >= 0 \(0: greedy\), got -0.1"),
-    ({"top_p": 0.0}, r"--top_p must be in \(0, 1\], got 0.0"),
-    ({"top_p": 1.5}, r"--top_p must be in \(0, 1\], got 1.5"),
+    ({"generation": GenerationConfig(max_new_tokens=0)}, "--generation.max_new_tokens must be >= 1, got 0"),
+    ({"generation": GenerationConfig(temperature=-0.1)}, r"--generation.temperature must be >= 0 \(0: greedy\), got -0.1"),
+    ({"generation": GenerationConfig(top_p=0.0)}, r"--generation.top_p must be in \(0, 1\], got 0.0"),
+    ({"generation": GenerationConfig(top_p=1.5)}, r"--generation.top_p must be in \(0, 1\], got 1.5"),
     ({"max_request_bytes": 1023}, "--max_request_bytes must be >= 1024, got 1023"),
     ({"token": "x" * 15}, "--token must be at least 16 characters"),
 ])
@@ -77,15 +78,16 @@ def test_collect_repeated_flags():
 
 
 @pytest.mark.parametrize(("argv", "models", "prompts"), [
-    (["--model", "A", "--model", "B", "--prompts", "p1", "--prompts", "p2"], ["A", "B"], ["p1", "p2"]),
-    (["--model", "[A, B]"], ["A", "B"], []),
-    (["--model", "A"], ["A"], []),
-    (["--model=A", "--port", "9000", "--model=B", "--prompts", "demo:prompts_eval"], ["A", "B"],
+    (["--model.name_or_path", "A", "--compare_with", "B", "--prompts", "p1", "--prompts", "p2"], ["A", "B"],
+     ["p1", "p2"]),
+    (["--prompts", "[p1, p2]"], ["smollm2-135m-instruct", None], ["p1", "p2"]),
+    (["--model.name_or_path", "A"], ["A", None], []),
+    (["--model.name_or_path=A", "--port", "9000", "--compare_with=B", "--prompts", "demo:prompts_eval"], ["A", "B"],
      ["demo:prompts_eval"]),
-    ([], ["smollm2-135m-instruct"], []),
+    ([], ["smollm2-135m-instruct", None], []),
 ])
 def test_parse_serve_models_and_prompts(argv, models, prompts):
     command, cfg = parse(["serve", *argv])
     assert command == "serve" and isinstance(cfg, ServeConfig)
-    assert (cfg.model, cfg.prompts) == (models, prompts)
+    assert ([cfg.model.name_or_path, cfg.compare_with], cfg.prompts) == (models, prompts)
     assert cfg.port == (9000 if "9000" in argv else 8000)

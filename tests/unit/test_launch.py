@@ -24,8 +24,8 @@ COMMANDS = {
         ["deepspeed", "--num_gpus", "8", *TAIL, *SFT],
     ),
     "one node, every GPU (DeepSpeed's default)": (
-        LaunchConfig(), None, ["train", "--sft_engine.zero_stage", "3"],
-        ["deepspeed", *TAIL, "train", "--sft_engine.zero_stage", "3"],
+        LaunchConfig(), None, ["train", "--sft.engine.zero_stage", "3"],
+        ["deepspeed", *TAIL, "train", "--sft.engine.zero_stage", "3"],
     ),
     "two nodes from a hostfile": (
         LaunchConfig(num_gpus=8, hostfile="hosts", master_addr="10.0.0.1", master_port=29500), TWO_NODES, SFT,

@@ -165,3 +165,13 @@ ADVANTAGE_ESTIMATORS: dict[str, Estimator] = {
     "dr_grpo": Estimator(dr_grpo_advantages, critic=False, whiten=False, grouped=True, constant_normalizer=True),
     "reinforce_pp": Estimator(reinforce_pp_advantages, critic=False, whiten=True, grouped=False),
 }
+
+
+def stage_name(estimator: str) -> str:
+    """What a run with this estimator is called (its output dir, logs and report): ``gae`` is PPO."""
+    return "ppo" if estimator == "gae" else estimator
+
+
+def estimator_for_algo(algo: str) -> str:
+    """The advantage estimator ``chatrlhf train --algo`` names: ``ppo`` is GAE, the others are themselves."""
+    return "gae" if algo == "ppo" else algo

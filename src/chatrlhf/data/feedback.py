@@ -22,8 +22,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
+from typing import Literal
 
-from chatrlhf.config import ConfigError, PairsConfig
+from chatrlhf.config import ConfigError, check_filter_flags
 from chatrlhf.data.formats import DataError
 from chatrlhf.data.sources import load_records
 
@@ -33,6 +34,39 @@ _EPS = 1e-9
 
 STAT_KEYS = ("ratings", "prompts", "answers", "duplicates_merged", "single_answer_prompts", "candidate_pairs",
              "dropped_tie", "dropped_disagreement", "no_shared_annotator", "pairs")
+
+
+@dataclass
+class PairsConfig:
+    """Turn pointwise ratings into preference pairs for ``chatrlhf rm`` / ``chatrlhf dpo``, filtering noisy
+    feedback: duplicate answers are merged, ties, near-ties and pairs the annotators disagree on are dropped
+    (rules: docs/data.md, "Ratings to pairs")."""
+
+    input: list[str] = field(default_factory=list)
+    """Rating sources (.jsonl/.json/.csv/.parquet rows with prompt, response, score and optionally
+    ``annotator``, a name or number; empty means anonymous), same syntax as ``data.datasets``. Ratings of
+    all sources are pooled."""
+    output: str = "outputs/pairs.jsonl"
+    """Where the pairs go (JSON lines: prompt, chosen, rejected, margin, agreement, and the counts behind
+    them); ``chatrlhf rm`` / ``chatrlhf dpo`` read it as preference data."""
+    overwrite: bool = False
+    """Replace an existing output file. Off: stop instead of overwriting."""
+    min_margin: float = 1.0
+    """Drop ties and near-ties: pairs whose mean scores differ by less than this (exact ties are always
+    dropped, even with 0)."""
+    min_agreement: float = 1.0
+    """Of the annotators who rated both answers, the share that must rank them like the means do
+    (1.0: any dissent drops the pair; 0.5: a majority is enough). A pair no annotator rated both sides
+    of is kept (nothing to disagree with); its ``agreement`` is null."""
+    bad_rows: Literal["error", "skip"] = "error"
+    """A malformed rating row stops the run naming file, row and field; ``skip`` drops it (logged)."""
+
+    def validate(self, prefix: str = "") -> None:
+        if not self.input:
+            raise ConfigError("--input is empty: name one or more rating files (prompt, response, score rows)")
+        if not self.output:
+            raise ConfigError("--output is empty: name the JSONL file the pairs go to")
+        check_filter_flags(self.min_margin, self.min_agreement)
 
 
 @dataclass

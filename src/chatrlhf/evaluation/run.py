@@ -4,19 +4,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
-from chatrlhf.config import ConfigError, GenerationConfig
+from chatrlhf.config import ConfigError, GenerationConfig, ModelLoadConfig
 
 
 @dataclass
 class EvalConfig:
     """Held-out evaluation: gold-rater scores, win-rates, RM score and KL of saved models, and a report."""
 
-    models: dict[str, str] = field(default_factory=dict)
-    """Models to compare, in order, name -> HF dir or built-in name, e.g.
-    ``{base: smollm2-135m-instruct, sft: out/sft/model, ppo: out/ppo/model}``. Consecutive models are
-    compared (sft vs base, ppo vs sft) and the last with the first."""
+    model: ModelLoadConfig = field(default_factory=ModelLoadConfig)
+    """The model to evaluate (its ``dtype`` applies to every model loaded here)."""
+    name: str = "model"
+    """The model's name in the report and the win-rate table (e.g. ``ppo``)."""
+    baselines: dict[str, str] = field(default_factory=dict)
+    """Models to compare it with, in order, name -> HF dir or built-in name, e.g.
+    ``{base: smollm2-135m-instruct, sft: out/sft/model}``. The model comes last; consecutive models are
+    compared (sft vs base, model vs sft) and the last with the first."""
     reference: str | None = None
     """Reference model for the KL column (PPO's frozen reference: the SFT model). None: no KL."""
     reward_model: str | None = None
@@ -37,25 +40,29 @@ class EvalConfig:
     """Prompts per generation batch (also rows per scoring forward)."""
     max_prompt_len: int = 256
     """Prompts longer than this keep their last tokens."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Weight dtype for every model: float32, bfloat16 or float16."""
     output_dir: str = "outputs/eval"
     """Where eval_models.json, samples.jsonl, report.md and plots/ go."""
     progress: bool = True
     """Show progress."""
 
     def validate(self) -> None:
-        if not self.models:
-            raise ConfigError("--models is empty; give at least one, e.g. --models '{sft: out/sft/model}'")
+        self.model.validate("model")
+        if not self.name or self.name in self.baselines:
+            raise ConfigError(f"--name {self.name!r} must be non-empty and differ from the --baselines names "
+                              f"({', '.join(self.baselines) or 'none'})")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"--limit must be >= 1 (or null for all), got {self.limit}")
         self.generation.validate("generation")
         if self.batch_size < 1:
             raise ConfigError(f"--batch_size must be >= 1, got {self.batch_size}")
 
+    def models(self) -> dict[str, str]:
+        """Name -> model, in the order the report compares them: the baselines, then the model."""
+        return {**self.baselines, self.name: self.model.name_or_path}
+
 
 def run_eval(cfg: EvalConfig) -> dict:
-    """Evaluates ``cfg.models`` and writes ``output_dir/{eval_models.json, samples.jsonl, report.md}``."""
+    """Evaluates ``cfg.model`` beside ``cfg.baselines`` and writes ``output_dir/{eval_models.json, samples.jsonl, report.md}``."""
     from chatrlhf.evaluation.evaluate import evaluate_models
     from chatrlhf.evaluation.prompts import load_eval_prompts
     from chatrlhf.evaluation.report import write_report
@@ -63,7 +70,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     cfg.validate()
     out = Path(cfg.output_dir)
     results = evaluate_models(
-        dict(cfg.models),
+        cfg.models(),
         reference=cfg.reference,
         reward_model=cfg.reward_model,
         prompts=load_eval_prompts(cfg.prompts, cfg.limit, spread=cfg.spread),
@@ -73,7 +80,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         out_dir=out,
         progress=cfg.progress,
         backend=cfg.generation.backend,
-        dtype=cfg.dtype,
+        dtype=cfg.model.dtype,
         max_prompt_len=cfg.max_prompt_len,
     )
     report = write_report(out, results, {})

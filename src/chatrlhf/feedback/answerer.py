@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from chatrlhf.config import GenerationConfig, ModelLoadConfig
 from chatrlhf.feedback.store import FeedbackStore
 
 
@@ -35,21 +36,20 @@ class Answer:
 class Answerer:
     """Loaded models and their sampling settings; ``answer`` is thread-safe."""
 
-    def __init__(self, models: list[str], *, max_new_tokens: int = 256, temperature: float = 0.7, top_p: float = 0.9,
-                 seed: int = 0, system: str | None = None, max_history_tokens: int = 1536, backend: str = "native"):
-        from chatrlhf.chat import _load
+    def __init__(self, models: list[ModelLoadConfig], generation: GenerationConfig | None = None, *, seed: int = 0,
+                 system: str | None = None, max_history_tokens: int = 1536):
+        from chatrlhf.chat import load_for_chat
         from chatrlhf.evaluation.answers import eos_token_ids
-        from chatrlhf.rollout import SamplingConfig
 
         if not models:
-            raise ValueError("--model: name at least one model dir or built-in model")
-        self.names = list(models)
-        self.system, self.seed, self.backend, self.max_history_tokens = system, seed, backend, max_history_tokens
-        self.sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature or 1.0, top_p=top_p,
-                                       do_sample=temperature > 0)
+            raise ValueError("--model.name_or_path: name a model dir or built-in model")
+        generation = generation or GenerationConfig(max_new_tokens=256, temperature=0.7, top_p=0.9)
+        self.names = [m.name_or_path for m in models]
+        self.system, self.seed, self.max_history_tokens = system, seed, max_history_tokens
+        self.backend, self.sampling = generation.backend, generation.sampling()
         self._loaded = []
-        for ref in self.names:
-            model, tokenizer, device = _load(ref)
+        for model_cfg in models:
+            model, tokenizer, device = load_for_chat(model_cfg)
             eos = eos_token_ids(tokenizer, model)
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
             self._loaded.append((model, tokenizer, device, eos, pad))

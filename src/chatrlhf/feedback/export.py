@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chatrlhf.config import ConfigError, ExportConfig
+from chatrlhf.config import ConfigError, check_filter_flags
 from chatrlhf.feedback.store import DIMENSIONS, FeedbackStore
 
 COMPARISON_STAT_KEYS = ("comparisons", "superseded", "candidate_pairs", "dropped_identical", "dropped_tie",
@@ -36,6 +36,30 @@ FILES = ("pairs.jsonl", "ratings.jsonl", "comparisons.jsonl", "export.json")
 EXPORT_FLAGS = {"db": "--db", "min_margin": "--min_margin", "min_agreement": "--min_agreement",
                 "overwrite": "--overwrite", "output_dir": "--output_dir"}
 """Flag names used in error messages (``chatrlhf train --feedback`` passes its own)."""
+
+
+@dataclass
+class ExportConfig:
+    """Export the feedback collected by ``chatrlhf serve`` (its SQLite file) as training data: filtered
+    preference pairs for ``chatrlhf rm`` / ``chatrlhf dpo``, and every rating and comparison as JSON lines."""
+
+    db: str = "feedback.db"
+    """The feedback database ``chatrlhf serve --db`` wrote."""
+    output_dir: str = "outputs/feedback"
+    """Where pairs.jsonl, ratings.jsonl, comparisons.jsonl and export.json (the filter counts) go."""
+    overwrite: bool = False
+    """Replace files of an earlier export in ``output_dir``. Off: stop instead of overwriting."""
+    min_margin: float = 1.0
+    """Ratings: drop pairs of answers whose mean overall scores differ by less than this (as ``chatrlhf pairs``)."""
+    min_agreement: float = 1.0
+    """Comparisons: the share of a pair's votes that must go to the winning answer (a tie vote counts
+    against); ratings: the share of annotators who rated both answers that must order them like the means
+    (as ``chatrlhf pairs``). 1.0: any dissent or tie vote drops the pair."""
+
+    def validate(self, prefix: str = "") -> None:
+        if not self.db:
+            raise ConfigError("--db is empty: name the feedback database chatrlhf serve wrote")
+        check_filter_flags(self.min_margin, self.min_agreement)
 
 
 @dataclass

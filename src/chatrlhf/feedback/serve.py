@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import secrets
 from dataclasses import dataclass, field
 
-from chatrlhf.chat import check_sampling_flags
-from chatrlhf.config import ConfigError
+from chatrlhf.config import ConfigError, GenerationConfig, ModelLoadConfig
 
 TOKEN_ENV = "CHATRLHF_TOKEN"
 
@@ -18,9 +18,15 @@ class ServeConfig:
     """Web app to chat with models, compare and rate their answers; the feedback goes to an SQLite file
     that ``chatrlhf export`` and ``chatrlhf train --feedback`` turn into training data."""
 
-    model: list[str] = field(default_factory=lambda: ["smollm2-135m-instruct"])
-    """Models to serve: local HF model dirs or built-in names. Two (``--model A --model B``): the compare page
-    pits one against the other; one: two samples of it."""
+    model: ModelLoadConfig = field(default_factory=ModelLoadConfig)
+    """The model to serve: a local HF model dir or a built-in name. The compare page shows two samples of it,
+    unless ``compare_with`` names a second model."""
+    compare_with: str | None = None
+    """A second model (dir or built-in name, loaded like ``model``): the compare page then pits one answer of
+    each against the other, in a random order per prompt."""
+    generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(max_new_tokens=256, temperature=0.7,
+                                                                                  top_p=0.9))
+    """How answers are sampled (temperature 0: greedy, then one model's two samples are equal)."""
     db: str = "feedback.db"
     """The SQLite file the feedback goes to (created if missing; an existing one is added to)."""
     prompts: list[str] = field(default_factory=list)
@@ -33,12 +39,6 @@ class ServeConfig:
     token: str | None = None
     """Access token every request must carry. Default: the CHATRLHF_TOKEN environment variable; on a
     non-loopback ``host`` with neither, a random token is made and printed with the URL."""
-    max_new_tokens: int = 256
-    """Longest answer in tokens; a longer one is cut and shown as cut."""
-    temperature: float = 0.7
-    """Sampling temperature; 0 means greedy decoding (then one model's two samples are equal)."""
-    top_p: float = 0.9
-    """Nucleus sampling threshold (1.0: off)."""
     seed: int = 0
     """Seed of the queue's answers: prompt i's pair is sampled with seed + i, so a restart writes the same pair."""
     system: str | None = None
@@ -49,13 +49,12 @@ class ServeConfig:
     """Generate the queue's answer pairs in the background, ahead of the annotators (off: when a page needs them)."""
 
     def validate(self) -> None:
-        if not self.model:
-            raise ConfigError("--model: name at least one model dir or built-in model")
-        if len(self.model) > 2:
-            raise ConfigError(f"--model: at most two models (the compare page shows two answers), got {len(self.model)}")
+        self.model.validate("model")
+        self.generation.validate("generation")
+        if self.compare_with == "":
+            raise ConfigError("--compare_with is empty: name a second model dir, or leave it unset (null)")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"--port must be in 0..65535, got {self.port}")
-        check_sampling_flags(self.max_new_tokens, self.temperature, self.top_p)
         if self.max_request_bytes < 1024:
             raise ConfigError(f"--max_request_bytes must be >= 1024, got {self.max_request_bytes}")
         if self.token is not None and len(self.token) < 16:
@@ -101,9 +100,9 @@ def run_serve(cfg: ServeConfig) -> None:
     if not store.progress()["prompts"]:
         print("[chatrlhf] serve: the prompt queue is empty: import a prompt file on the Queue page, or start with "
               "--prompts FILE (e.g. --prompts demo:prompts_eval); chat works without one")
-    print(f"[chatrlhf] serve: loading {', '.join(cfg.model)}")
-    answerer = Answerer(cfg.model, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                        seed=cfg.seed, system=cfg.system)
+    models = [cfg.model] + ([dataclasses.replace(cfg.model, name_or_path=cfg.compare_with)] if cfg.compare_with else [])
+    print(f"[chatrlhf] serve: loading {', '.join(m.name_or_path for m in models)}")
+    answerer = Answerer(models, cfg.generation, seed=cfg.seed, system=cfg.system)
     worker = PairWorker(store, answerer) if cfg.pregenerate else None
     app = create_app(store, answerer, worker, token=token, max_request_bytes=cfg.max_request_bytes,
                      allowed_hosts=None if token else ("127.0.0.1", "localhost", "[::1]", cfg.host))

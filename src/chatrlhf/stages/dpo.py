@@ -22,10 +22,10 @@ from tqdm.auto import tqdm
 from chatrlhf.algorithms import answer_mask, position_ids_from_mask, sequence_log_probs
 from chatrlhf.algorithms.preference import PREFERENCE_LOSSES, implicit_rewards, preference_logits
 from chatrlhf.checkpoint import write_json_atomic
-from chatrlhf.config import DPOConfig
 from chatrlhf.data import PairCollator, encode_records, prepare_records
 from chatrlhf.engine import Engine, init_distributed
 from chatrlhf.models import apply_lora, disable_dropout, load_causal_lm, load_tokenizer
+from chatrlhf.stages.dpo_config import DPOConfig
 from chatrlhf.training import (
     MODEL_SUBDIR,
     BatchPlan,

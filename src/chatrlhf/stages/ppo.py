@@ -19,13 +19,13 @@ from tqdm.auto import tqdm
 
 from chatrlhf.algorithms import gather_log_probs, masked_sum, rl
 from chatrlhf.algorithms.advantages import ADVANTAGE_ESTIMATORS
-from chatrlhf.config import PPOConfig
 from chatrlhf.data import PromptCollator, encode_records, prepare_records
 from chatrlhf.data.encode import eos_id
 from chatrlhf.engine import Engine, init_distributed
 from chatrlhf.models import load_tokenizer
 from chatrlhf.rewards.sources import RaterSource, RewardBatch
 from chatrlhf.rollout import answer_logits, decode_responses, generate
+from chatrlhf.stages.ppo_config import PPOConfig
 from chatrlhf.stages.rl_support import (
     EMA,
     PtxData,

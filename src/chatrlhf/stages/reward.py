@@ -14,10 +14,10 @@ from tqdm.auto import tqdm
 
 from chatrlhf.algorithms import pairwise_loss, rating_loss
 from chatrlhf.checkpoint import write_json_atomic
-from chatrlhf.config import RMConfig
 from chatrlhf.data import PairCollator, RatingCollator, check_rating_levels, encode_records, prepare_records
 from chatrlhf.engine import Engine, init_distributed
 from chatrlhf.models import RatingModel, RewardModel, apply_lora, load_tokenizer
+from chatrlhf.stages.reward_config import RMConfig
 from chatrlhf.training import (
     MODEL_SUBDIR,
     BatchPlan,

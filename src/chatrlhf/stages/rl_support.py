@@ -17,13 +17,14 @@ from chatrlhf.checkpoint import (
     save_weights,
     write_json_atomic,
 )
-from chatrlhf.config import DataConfig, PPOConfig
+from chatrlhf.config import DataConfig
 from chatrlhf.data import SFTCollator, encode_records, prepare_records
 from chatrlhf.engine import Engine
 from chatrlhf.models import RewardModel, apply_lora, disable_dropout, load_causal_lm, load_reward_model
 from chatrlhf.models.loading import resolve_model
 from chatrlhf.models.lora import merged_for_save
 from chatrlhf.rewards.sources import RewardModelSource, build_reward_source
+from chatrlhf.stages.ppo_config import PPOConfig
 from chatrlhf.training import (
     CHECKPOINTS_SUBDIR,
     MODEL_SUBDIR,

@@ -14,10 +14,10 @@ from tqdm.auto import tqdm
 
 from chatrlhf.algorithms import position_ids_from_mask, token_nll
 from chatrlhf.checkpoint import write_json_atomic
-from chatrlhf.config import SFTConfig
 from chatrlhf.data import SFTCollator, encode_records, prepare_records
 from chatrlhf.engine import Engine, init_distributed
 from chatrlhf.models import apply_lora, load_causal_lm, load_tokenizer
+from chatrlhf.stages.sft_config import SFTConfig
 from chatrlhf.training import (
     MODEL_SUBDIR,
     BatchPlan,

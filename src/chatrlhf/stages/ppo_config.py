@@ -1,0 +1,202 @@
+"""The config of ``chatrlhf ppo`` and ``chatrlhf grpo`` (``chatrlhf.stages.ppo.train_ppo`` runs both)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from chatrlhf.config import ConfigError, DataConfig, EngineConfig, GenerationConfig, ModelConfig, RunConfig
+
+CriticFreeEstimator = Literal["reinforce", "reinforce_baseline", "rloo", "grpo", "dr_grpo", "reinforce_pp"]
+"""The advantage estimators that need no critic (``chatrlhf.algorithms.advantages.ADVANTAGE_ESTIMATORS``)."""
+EstimatorName = Literal["gae", "a2c", CriticFreeEstimator]
+"""Every advantage estimator; ``gae`` (PPO) and ``a2c`` train a critic."""
+
+
+def _prompt_data() -> DataConfig:
+    return DataConfig(datasets=["demo:prompts_train"], data_split="0,0,1", eval_fraction=0.0)
+
+
+@dataclass
+class PPOConfig:
+    """RLHF with PPO (DeepSpeed-Chat step 3): actor, critic, frozen reference and a reward source.
+
+    Defaults marked DSC are DeepSpeed-Chat's; the rest are chosen for a short CPU run and say why.
+    See docs/ppo.md for every implementation detail.
+    """
+
+    # --- Models and reward -------------------------------------------------------------------------------
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The actor's starting point (the SFT model); it is also the frozen reference unless ``reference`` is set."""
+    reference: str | None = None
+    """Reference model for the KL penalty (None: the actor's starting model)."""
+    critic: str | None = None
+    """Critic initialisation. None: the reward model when ``reward`` is one sharing the actor's tokenizer
+    (DSC), else the actor's trunk with a fresh value head."""
+    reward: str = ""
+    """Reward source: a reward-model dir, ``encoder:DIR``, ``rater``, ``similarity`` (MiniLM cosine to the
+    row's reference answer), ``FILE.py:function`` / ``package.module:function`` (rewards as code), or a
+    weighted ensemble of these joined by ``+`` (``0.7*outputs/rm/model + 0.3*rater``). See docs/rewards.md."""
+    normalize_sources: bool = True
+    """In an ensemble, normalise each source by its own running mean/std before weighting (so weights
+    mean shares, whatever each source's scale)."""
+    reference_placement: Literal["device", "cpu", "zero3"] = "device"
+    """Where the frozen reference lives: ``device`` (a copy on each process's device), ``cpu`` (CPU memory,
+    brought to the device once per scoring pass: DeepSpeed-Chat's ``--offload_reference_model``) or ``zero3``
+    (sharded over the processes, 1/N each, gathered layer by layer)."""
+    reward_placement: Literal["device", "cpu", "zero3"] = "device"
+    """The same for a reward-model reward source (``reward`` a model dir)."""
+    # --- Prompts and rollouts ----------------------------------------------------------------------------
+    data: DataConfig = field(default_factory=_prompt_data)
+    """Prompts; the demo default is the shipped prompt set, all of it for this phase."""
+    phase: int = 3
+    """Which part of ``data.data_split`` this stage uses (DSC: 3 = RLHF)."""
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    """How rollouts are sampled; the log-probs use the same temperature."""
+    rollout_batch_size: int = 16
+    """Prompts per PPO iteration over all processes (each gets ``samples_per_prompt`` answers)."""
+    samples_per_prompt: int = 1
+    """Answers sampled per prompt."""
+    epochs: int = 1
+    """Passes over the prompts."""
+    max_iterations: int = -1
+    """If > 0, exactly this many PPO iterations (rollout + update), cycling over the prompts."""
+    # --- Reward shaping and KL ---------------------------------------------------------------------------
+    kl_in: Literal["reward", "loss"] = "reward"
+    """Where the KL to the reference goes: per-token ``-kl_coef * KL`` in the reward (DSC, InstructGPT) or
+    ``+kl_coef * KL`` added to the policy loss (GRPO)."""
+    kl_coef: float = 0.1
+    """Initial beta of the KL penalty (DSC: 0.1, fixed): with ``kl_in=reward`` each answer token's reward
+    gets -beta * KL(pi || pi_ref); with ``kl_in=loss`` +beta * KL is added to the policy loss instead."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    """Per-token KL estimate in the reward: k1 = log pi - log pi_ref (DSC), k3 = the non-negative one."""
+    kl_target: float | None = None
+    """With a target, beta adapts toward this mean per-answer KL (Ziegler et al. 2019); None: fixed beta."""
+    kl_horizon: int = 10000
+    """Adaptive-KL horizon in samples (Ziegler et al.: 10000)."""
+    reward_clip: float | None = 5.0
+    """Clip the sequence score to +-this before it enters the reward (DSC: 5)."""
+    normalize_reward: bool = False
+    """Normalise scores by running mean/std over all rollouts so far."""
+    missing_eos_penalty: float = 0.0
+    """Subtracted from the score of an answer cut off at ``max_new_tokens`` without EOS (0 = off)."""
+    # --- Advantages --------------------------------------------------------------------------------------
+    advantage_estimator: EstimatorName = "gae"
+    """How advantages are computed (docs/rl.md): ``gae`` (PPO) and ``a2c`` train a critic; ``reinforce``
+    (return-to-go), ``reinforce_baseline`` (minus the batch-mean return), ``rloo`` (leave-one-out group
+    mean), ``grpo`` (group-normalised), ``dr_grpo`` (group mean only, constant loss normaliser) and
+    ``reinforce_pp`` (REINFORCE++: return-to-go, whitened over the batch) need no critic. The group
+    estimators need ``samples_per_prompt`` >= 2."""
+    gamma: float = 1.0
+    """GAE discount (DSC: 1.0)."""
+    lam: float = 0.95
+    """GAE lambda (DSC: 0.95)."""
+    whiten_advantages: bool | None = None
+    """Normalise advantages over the rollout batch (mean 0, std 1 over answer tokens of all processes).
+    None: the estimator's own choice (on for gae, a2c and reinforce_pp; off for the others, whose
+    advantages are already centred or must stay unbiased)."""
+    # --- Update ------------------------------------------------------------------------------------------
+    actor_engine: EngineConfig = field(
+        default_factory=lambda: EngineConfig(learning_rate=5e-6, micro_batch_size=8, lr_scheduler="constant")
+    )
+    """Actor optimisation. One mini-batch = micro_batch_size x gradient_accumulation_steps x processes."""
+    critic_engine: EngineConfig = field(
+        default_factory=lambda: EngineConfig(learning_rate=2e-5, micro_batch_size=8, lr_scheduler="constant")
+    )
+    """Critic optimisation; its micro-batch and accumulation must equal the actor's (same mini-batches)."""
+    ppo_epochs: int = 1
+    """Optimisation passes over each rollout batch (DSC: 1)."""
+    clip_eps: float = 0.2
+    """PPO ratio clip (DSC: 0.2)."""
+    value_clip: float | None = 0.2
+    """Value clip around the rollout's values (DSC: 0.2; OpenRLHF 0.5); None: unclipped."""
+    entropy_coef: float = 0.0
+    """Entropy bonus on the actor loss (0 = off, as in DSC)."""
+    kl_stop: float | None = None
+    """Stop an iteration's PPO epochs early once the mean approximate KL(old || new) exceeds this."""
+    disable_dropout: bool = True
+    """Set the actor's and critic's dropout to 0, so the first PPO ratio is exactly 1 (as OpenRLHF/TRL)."""
+    # --- Extras ------------------------------------------------------------------------------------------
+    ptx_coef: float = 0.0
+    """PPO-ptx (InstructGPT): add ptx_coef x LM loss on ``ptx_data`` to the actor loss (0 = off)."""
+    ptx_data: list[str] = field(default_factory=list)
+    """SFT/pretraining text sources for PPO-ptx (same syntax as ``data.datasets``); empty: the SFT phase of
+    ``data`` is not used, so set this when ptx_coef > 0."""
+    ema_beta: float = 0.0
+    """Keep an EMA of the actor's weights with this decay, saved to ``model_ema`` (DSC: 0.992; 0 = off)."""
+    gold_every: int = 1
+    """Also score rollouts with the simulated rater every N iterations (0 = never): the gold reward of the
+    over-optimisation plot. Not used for training."""
+
+    # --- Outputs -----------------------------------------------------------------------------------------
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="outputs/ppo", eval_at_start=False))
+
+    def validate(self, prefix: str = "") -> None:
+        """Raises ConfigError naming the flag (``prefix`` is where this config sits, e.g. ``ppo.``)."""
+        self.model.validate(f"{prefix}model")
+        self.actor_engine.validate(f"{prefix}actor_engine")
+        self.critic_engine.validate(f"{prefix}critic_engine")
+        self.run.validate(f"{prefix}run")
+        self.generation.validate(f"{prefix}generation")
+        self._validate_rollouts(prefix)
+        self._validate_shaping(prefix)
+
+    def _validate_rollouts(self, p: str) -> None:
+        from chatrlhf.algorithms.advantages import ADVANTAGE_ESTIMATORS
+
+        if not self.reward:
+            raise ConfigError(f"--{p}reward is required: a reward-model dir (from `chatrlhf rm`), 'rater', "
+                              "'encoder:DIR' or 'FILE.py:function'")
+        estimator = ADVANTAGE_ESTIMATORS[self.advantage_estimator]
+        a, c = self.actor_engine, self.critic_engine
+        if estimator.critic and (a.micro_batch_size, a.gradient_accumulation_steps) != (
+            c.micro_batch_size, c.gradient_accumulation_steps
+        ):
+            raise ConfigError(
+                f"--{p}critic_engine.micro_batch_size / gradient_accumulation_steps "
+                f"({c.micro_batch_size}/{c.gradient_accumulation_steps}) must equal the actor's "
+                f"({a.micro_batch_size}/{a.gradient_accumulation_steps}): both train on the same mini-batches"
+            )
+        for name in ("rollout_batch_size", "samples_per_prompt", "ppo_epochs"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{p}{name} must be >= 1, got {getattr(self, name)}")
+        if estimator.grouped and self.samples_per_prompt < 2:
+            raise ConfigError(
+                f"--{p}advantage_estimator {self.advantage_estimator} compares answers to the same prompt: set "
+                f"--{p}samples_per_prompt >= 2 (got {self.samples_per_prompt}; GRPO uses 4-64)"
+            )
+        if self.epochs < 1 and self.max_iterations < 1:
+            raise ConfigError(f"set --{p}epochs >= 1 or --{p}max_iterations >= 1 "
+                              f"(got {self.epochs} and {self.max_iterations})")
+
+    def _validate_shaping(self, p: str) -> None:
+        if self.kl_target is not None and self.kl_target <= 0:
+            raise ConfigError(f"--{p}kl_target must be > 0 (or null for a fixed kl_coef), got {self.kl_target}")
+        if self.ptx_coef > 0 and not self.ptx_data:
+            raise ConfigError(f"--{p}ptx_coef > 0 needs --{p}ptx_data: the SFT or pretraining sources to mix in")
+        if not 0 <= self.ema_beta < 1:
+            raise ConfigError(f"--{p}ema_beta must be in [0, 1), got {self.ema_beta}")
+        for name in ("gamma", "lam"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"--{p}{name} must be in [0, 1], got {getattr(self, name)}")
+
+
+@dataclass
+class GRPOConfig(PPOConfig):
+    """On-policy RL without a critic, with GRPO's defaults (DeepSeekMath; Shao et al. 2024): several answers
+    per prompt, group-normalised advantages, the k3 KL to the reference in the loss. Every advantage
+    estimator of ``chatrlhf ppo`` is available here too (``--advantage_estimator rloo`` ...)."""
+
+    advantage_estimator: EstimatorName = "grpo"
+    """See ``chatrlhf ppo``; ``grpo`` here."""
+    samples_per_prompt: int = 4
+    """Answers per prompt: the group each answer is compared with."""
+    rollout_batch_size: int = 8
+    """Prompts per iteration over all processes (x samples_per_prompt answers)."""
+    kl_in: Literal["reward", "loss"] = "loss"
+    """GRPO puts the KL in the loss, not the reward."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    """GRPO's unbiased, non-negative estimator (Schulman's k3)."""
+    kl_coef: float = 0.04
+    """GRPO's beta (DeepSeekMath: 0.04), on the KL term of the loss."""
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="outputs/grpo", eval_at_start=False))
