@@ -456,8 +456,8 @@ CASES = [
     Case("ppo-reward-function-missing", b_ppo_reward_function, ("no function 'not_there'", "define not_there(")),
     Case("output-dir-holds-model", b_output_has_model, ("already holds a finished model", "--run.overwrite true",
                                                         "--run.resume true")),
-    Case("train-output-dir-holds-run", b_train_output_has_run, ("pipeline/sft", "finished", "--overwrite true",
-                                                                "--resume true")),
+    Case("train-output-dir-holds-run", b_train_output_has_run, ("pipeline/sft", "finished", "--run.overwrite true",
+                                                                "--run.resume true")),
     # ---- model dirs
     Case("model-missing", b_model_missing, ("no_such_model does not exist", "built-in name")),
     Case("model-no-config", b_model_no_config, ("has no config.json", "model/ subdir")),

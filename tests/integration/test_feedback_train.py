@@ -108,8 +108,8 @@ def test_train_feedback_trains_the_rm_on_exactly_the_exported_pairs(feedback_db,
     answers = [store.add_answer(pid, "policy", text, True, {}, slot=slot) for slot, text in (("a", "yes"), ("b", "no"))]
     store.add_comparison("late-request-1", pid, *answers, "a", "ann")
     before = exported.read_text()
-    assert main([*flags, "--resume", "true"]) == 0
+    assert main([*flags, "--run.resume", "true"]) == 0
     assert "reused (resume)" in capsys.readouterr().out and exported.read_text() == before
     # a missing database stops before anything runs, naming the flag
     assert main([*flags[:-1], str(tmp_path / "typo.db")]) == 2
-    assert "--feedback" in capsys.readouterr().err and not (tmp_path / "typo.db").exists()
+    assert "--feedback.db" in capsys.readouterr().err and not (tmp_path / "typo.db").exists()
