@@ -13,17 +13,14 @@ status 2; a run stopped by NaN/inf losses exits with 1.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
-import re
 import sys
-import typing
 from argparse import ArgumentError
 from importlib import resources
-from pathlib import Path
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
+from chatrlhf import cli_errors
 from chatrlhf.config import ConfigError
 
 EXIT_INPUT_ERROR = 2
@@ -135,115 +132,6 @@ def _command_of(argv: list[str]) -> str | None:
     return first if first in COMMANDS else None
 
 
-def _config_files(argv: list[str]) -> list[str]:
-    """The values given to ``--config`` (``--config F`` or ``--config=F``), in order."""
-    files = []
-    for i, arg in enumerate(argv):
-        if arg == "--config" and i + 1 < len(argv):
-            files.append(argv[i + 1])
-        elif arg.startswith("--config="):
-            files.append(arg.split("=", 1)[1])
-    return files
-
-
-def _check_config_file(value: str) -> None:
-    """Reads one ``--config`` file up front, so a missing file, a YAML syntax error or a file that is not
-    a mapping is reported with the file's name, line and column instead of jsonargparse's generic text."""
-    import yaml
-
-    if "\n" in value or value.lstrip().startswith("{"):
-        return  # an inline YAML/JSON string, which jsonargparse accepts as well
-    path = Path(value).expanduser()
-    if not path.is_file():
-        what = "is a directory" if path.is_dir() else "does not exist"
-        raise ConfigError(f"--config {value} {what}. Fix: pass the path of a YAML file of options "
-                          "(relative paths start at the working directory).")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"--config {value} is not valid YAML: {problem}{where}. Fix: correct the YAML "
-                          "syntax there (a mapping of option: value lines).") from None
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"--config {value} is not UTF-8 text ({err.reason}). Fix: save it as UTF-8 YAML.") from None
-    if data is not None and not isinstance(data, dict):
-        raise ConfigError(f"--config {value} holds a YAML {type(data).__name__}, not a mapping of options. "
-                          "Fix: write option: value lines, e.g. 'engine:' then '  learning_rate: 1.0e-5'.")
-
-
-def _flag_names(cls, prefix: str = "") -> list[str]:
-    """Every dotted option of a config dataclass: ``engine.learning_rate``, ``run.output_dir``, ..."""
-    hints = typing.get_type_hints(cls)
-    names = []
-    for f in dataclasses.fields(cls):
-        name = f"{prefix}{f.name}"
-        names.append(name)
-        if dataclasses.is_dataclass(hints.get(f.name)):
-            names += _flag_names(hints[f.name], f"{name}.")
-    return names
-
-
-def _did_you_mean(name: str, known: list[str], prefix: str = "") -> str:
-    """`` Did you mean --engine.learning_rate?`` for the closest known name, or ""."""
-    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-    return f" Did you mean {prefix}{close[0]}?" if close else ""
-
-
-def _yaml_has_key(value: str, key: str) -> bool:
-    import yaml
-
-    try:
-        node = yaml.safe_load(Path(value).expanduser().read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError, UnicodeDecodeError):
-        return False
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return False
-        node = node[part]
-    return True
-
-
-def _where(key: str, got: str, argv: list[str]) -> str:
-    """``--KEY`` when that flag gave the bad value, else the --config file(s) that set the key."""
-    flag = f"--{key}"
-    for i, arg in enumerate(argv):
-        value = argv[i + 1] if arg == flag and i + 1 < len(argv) else arg.partition("=")[2]
-        if (arg == flag or arg.startswith(flag + "=")) and value == got:
-            return flag
-    files = [f for f in _config_files(argv) if _yaml_has_key(f, key)]
-    return f"'{key}' in --config {', '.join(files)}" if files else flag
-
-
-def _simplify_expected(text: str) -> str:
-    """jsonargparse's ``Expected a typing.Literal[0, 1]`` / ``<class 'int'>`` in words."""
-    text = re.sub(r"Expected a typing\.Literal\[(.*?)\]\.", r"must be one of \1.", text)
-    return re.sub(r"Expected a <class '(\w+)'>\.", r"must be a value of type \1.", text)
-
-
-def _parse_error_message(err: ArgumentError, argv: list[str], command: str | None) -> str:
-    """One line naming the flag or YAML key, what is wrong, and the fix."""
-    msg = " ".join(str(err).split())
-    help_hint = f"`chatrlhf {command} --help` lists the options" if command else "`chatrlhf --help` lists the commands"
-    known = _flag_names(_config_class(command)) if command else []
-    if m := re.match(r'Parser key "([^"]+)": (.*?)(?: Got value: (.*))?$', msg):
-        key, problem, got = m.groups()
-        where = _where(key, got or "", argv)
-        bad = f" {got!r}" if got is not None else ""
-        return f"{where}: bad value{bad}: {_simplify_expected(problem)} Fix: give a valid value ({help_hint})."
-    if m := re.match(r"Subcommand '\w+' does not accept option '([^']+)'", msg):
-        key = m.group(1)
-        files = ", ".join(_config_files(argv))
-        return (f"unknown option '{key}' in --config {files}.{_did_you_mean(key, known)} "
-                f"Fix: correct or remove that key ({help_hint}).")
-    if m := re.match(r"unrecognized arguments: (.*)", msg):
-        flags = [a for a in m.group(1).split() if a.startswith("--")]
-        guess = _did_you_mean(flags[0][2:].split("=")[0], known, "--") if flags else ""
-        return f"unknown flag(s): {m.group(1)}.{guess} Fix: correct or remove them ({help_hint})."
-    return f"{msg.rstrip('.')}. Fix: correct the command line ({help_hint})."
-
-
 REPEATABLE = {"serve": ("--prompts",)}
 """List flags that may be given once per value (``--prompts A --prompts B``) as well as as a list (``'[A, B]'``)."""
 
@@ -276,7 +164,7 @@ def _collect_repeated(argv: list[str], flags: tuple[str, ...]) -> list[str]:
 def _renamed(key: str, command: str) -> str | None:
     """The new spelling of option ``key`` (dotted, without ``--``) if it is an old one of ``command``."""
     renamed = RENAMED.get(command, {})
-    if key not in renamed and key in _flag_names(_config_class(command)):
+    if key not in renamed and key in cli_errors.flag_names(_config_class(command)):
         return None  # an option of the new grammar that starts like an old one (--feedback.db)
     for old, new in renamed.items():
         if key == old or (key.startswith(old + ".") and " " not in new):
@@ -292,35 +180,27 @@ def _check_renamed(argv: list[str], command: str | None) -> None:
         if arg.startswith("--") and (new := _renamed(arg[2:].split("=", 1)[0], command)):
             raise ConfigError(f"{arg.split('=', 1)[0]} is an old spelling: use --{new} (every command takes the same "
                               f"nested sections; `chatrlhf {command} --help` lists them)")
-    for value in _config_files(argv):
-        for key in _yaml_top_keys(value):
+    for value in cli_errors.config_files(argv):
+        for key in cli_errors.yaml_top_keys(value):
             if new := _renamed(key, command):
                 raise ConfigError(f"'{key}' in --config {value} is an old spelling: write it as '{new}' (a nested "
                                   f"mapping, e.g. 'run:' then '  output_dir: ...')")
-
-
-def _yaml_top_keys(value: str) -> list[str]:
-    import yaml
-
-    try:
-        node = yaml.safe_load(Path(value).expanduser().read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError, UnicodeDecodeError, ValueError):
-        return []
-    return [str(k) for k in node] if isinstance(node, dict) else []
 
 
 def parse(argv: list[str]):
     """Returns (command name, the stage's config dataclass). Raises ConfigError with a one-line message."""
     argv = _expand_preset(_strip_local_rank(argv))
     argv = _collect_repeated(argv, REPEATABLE.get(_command_of(argv), ()))
-    for value in _config_files(argv):
-        _check_config_file(value)
+    for value in cli_errors.config_files(argv):
+        cli_errors.check_config_file(value)
     _check_renamed(argv, _command_of(argv))
     parser = build_parser()
     try:
         ns = parser.parse_args(argv)
     except ArgumentError as err:
-        raise ConfigError(_parse_error_message(err, argv, _command_of(argv))) from None
+        command = _command_of(argv)
+        known = cli_errors.flag_names(_config_class(command)) if command else []
+        raise ConfigError(cli_errors.parse_error_message(err, argv, command, known)) from None
     command = ns.command
     init = parser.instantiate(ns)[command]
     cls = _config_class(command)

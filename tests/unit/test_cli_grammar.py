@@ -15,7 +15,7 @@ import typing
 
 import pytest
 
-from chatrlhf import cli
+from chatrlhf import cli, cli_errors
 from chatrlhf.config import ConfigError
 
 VALID_BASE = {"ppo": {"reward": "rater"}, "grpo": {"reward": "rater"}, "pairs": {"input": ["ratings.jsonl"]}}
@@ -63,7 +63,7 @@ def error_messages(command: str) -> dict[str, str]:
 
 @pytest.mark.parametrize("command", sorted(cli.COMMANDS))
 def test_every_error_names_a_flag_of_the_command(command):
-    flags = set(cli._flag_names(cli._config_class(command)))
+    flags = set(cli_errors.flag_names(cli._config_class(command)))
     messages = error_messages(command)
     assert messages, f"no option of {command} is ever refused: the walk found nothing to check"
     for case, message in messages.items():
@@ -87,7 +87,7 @@ def test_the_walk_covers_the_stage_sections():
 @pytest.mark.parametrize("command,old", [(c, o) for c, table in cli.RENAMED.items() for o in table])
 def test_old_spellings_name_the_new_option(command, old):
     new = cli.RENAMED[command][old].split()[0]
-    assert new in cli._flag_names(cli._config_class(command))
+    assert new in cli_errors.flag_names(cli._config_class(command))
     with pytest.raises(ConfigError, match=re.escape(f"--{old} is an old spelling: use --{new}")):
         cli.parse([command, f"--{old}", "1"])
 
