@@ -47,12 +47,13 @@ class PlainLoop:
     """The reference: what a hand-written single-process PyTorch loop does."""
 
     def __init__(self, model, cfg, total_steps: int):
-        from chatrlhf.engine import _param_groups, lr_factor
+        from chatrlhf.engine import lr_factor
+        from chatrlhf.engine.optim import param_groups
 
         self.model, self.cfg = model, cfg
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(
-            _param_groups(model, cfg.weight_decay),
+            param_groups(model, cfg.weight_decay),
             lr=cfg.learning_rate,
             betas=cfg.adam_betas,
             eps=cfg.adam_eps,

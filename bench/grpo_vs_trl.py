@@ -88,7 +88,7 @@ def prepare_prompts(args, workdir: Path) -> dict:
     prompt per step, and ``prompt_ids.jsonl``: chatrlhf's token ids of the same rows (for TRL's check)."""
     from chatrlhf.data import encode_records, prepare_records
     from chatrlhf.models.loading import load_tokenizer
-    from chatrlhf.stages.rl_support import plan_iterations
+    from chatrlhf.stages.ppo_setup import plan_iterations
 
     cfg = grpo_config(args, workdir / "unused")
     tokenizer = load_tokenizer(args.model)

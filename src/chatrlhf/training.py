@@ -1,4 +1,4 @@
-"""Pieces every training loop shares: output dirs, metrics, batch schedules, resume bookkeeping.
+"""Pieces every training loop shares: output dirs, metrics, batch schedules (resuming is ``chatrlhf.resume``).
 
 Orchestration only; the math lives in ``chatrlhf.algorithms`` and DeepSpeed in ``chatrlhf.engine``.
 """
@@ -167,62 +167,3 @@ def rank_batches(n: int, rank: int, world: int, batch_size: int) -> list[tuple[l
 def total_steps(plan: BatchPlan, epochs: int, max_steps: int) -> int:
     """Exactly ``max_steps`` when set (cycling through epochs as needed), else whole epochs."""
     return max_steps if max_steps > 0 else plan.steps_per_epoch * epochs
-
-
-
-def save_training_checkpoint(out: Path, engine, step: int, run: RunConfig, plan: BatchPlan) -> None:
-    """A resumable checkpoint: engine state (model, optimizer, scheduler), RNG per rank, data position.
-
-    The data position is ``step`` alone: ``BatchPlan.batch`` is a pure function of (seed, epoch, step).
-    """
-    from chatrlhf.checkpoint import TrainerState
-
-    epoch, in_epoch = divmod(step, plan.steps_per_epoch)
-    state = TrainerState(step=step, epoch=epoch, step_in_epoch=in_epoch, samples_seen=step * plan.global_batch,
-                         world_size=plan.world_size, global_batch=plan.global_batch)
-    engine.save_checkpoint(out / CHECKPOINTS_SUBDIR, step, state, keep_last=run.keep_last)
-
-
-def check_resume_layout(path: Path, world_size: int, global_batch: int) -> None:
-    """Stops a resume whose batch layout differs from the checkpoint's: step N would then mean other data
-    and another LR schedule. (The process count may change when the global batch stays the same; ZeRO's
-    partitioned optimizer state is checked by the engine.)"""
-    from chatrlhf.checkpoint import CheckpointError, load_trainer_state
-
-    if not (path / "trainer_state.json").is_file():
-        return
-    state = load_trainer_state(path)
-    if state.global_batch and state.global_batch != global_batch:
-        raise CheckpointError(
-            f"{path} was written by {state.world_size} process(es) with {state.global_batch} samples per "
-            f"optimizer step, but this run has {world_size} process(es) with {global_batch}. Resume with the "
-            "same global batch (micro_batch_size x gradient_accumulation_steps x processes) or start a new run."
-        )
-
-
-def nothing_to_resume(out: Path, run: RunConfig) -> None:
-    """``--run.resume`` found no checkpoint: start at step 0, unless that would replace a finished model
-    without ``--run.overwrite``."""
-    if (out / MODEL_SUBDIR / "config.json").exists() and not run.overwrite:
-        raise ConfigError(
-            f"--run.resume: {out / CHECKPOINTS_SUBDIR} holds no complete checkpoint, and {out / MODEL_SUBDIR} "
-            "holds a finished model: the run is done. Pass --run.overwrite true to train it again."
-        )
-    print(f"[chatrlhf] --run.resume: no complete checkpoint under {out / CHECKPOINTS_SUBDIR}; starting at step 0")
-
-
-def resume_or_start(out: Path, engine, run: RunConfig, plan: BatchPlan) -> int:
-    """The optimizer step to start from: 0, or the step of the latest complete checkpoint on ``--run.resume``."""
-    if not run.resume:
-        return 0
-    from chatrlhf.checkpoint import latest_checkpoint
-
-    path = latest_checkpoint(out / CHECKPOINTS_SUBDIR)
-    if path is None:
-        nothing_to_resume(out, run)
-        return 0
-    check_resume_layout(path, plan.world_size, plan.global_batch)
-    state = engine.load_checkpoint(path)
-    step = state.step if state is not None else 0
-    print(f"[chatrlhf] resumed from {path} at step {step}")
-    return step

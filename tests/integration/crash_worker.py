@@ -7,9 +7,9 @@ checkpoint ``STEP`` is cut at ``PHASE`` (``final_model`` ignores ``STEP``: it cu
 SIGKILL is used because it cannot be caught: no ``finally`` block, ``atexit`` hook or buffered write
 runs, which is what a power cut, the OOM killer or a preempted node does to a training job.
 
-The hooks wrap the functions of ``chatrlhf.checkpoint`` that ``Engine.save_checkpoint`` and
-``Engine.save_hf`` call through the module (``ckpt.<name>``), plus ``os.rename``/``os.replace``, so the
-code under test runs unchanged. If the phase is never reached the worker exits with status 3, so a hook
+The hooks wrap the functions of ``chatrlhf.checkpoint`` and ``chatrlhf.tensor_files`` that
+``chatrlhf.engine.state.save_engines`` and ``Engine.save_hf`` call through those modules (``ckpt.<name>``,
+``tensor_files.<name>``), plus ``os.rename``/``os.replace``, so the code under test runs unchanged. If the phase is never reached the worker exits with status 3, so a hook
 that stops matching the save protocol fails the test instead of passing it vacuously.
 """
 
@@ -20,7 +20,7 @@ import signal
 import sys
 from pathlib import Path
 
-# Save order of Engine.save_checkpoint (begin .. rotate), then the final Engine.save_hf.
+# Save order of save_engines (begin .. rotate), then the final Engine.save_hf.
 PHASES = {
     "begin": "tmp-<step>-<pid> created, still empty",
     "weights": "model.safetensors cut to half its size, nothing after it written",
@@ -51,17 +51,18 @@ class Trap:
 
     def __init__(self, phase: str, step: int):
         from chatrlhf import checkpoint as ckpt
+        from chatrlhf import tensor_files
 
         if phase not in PHASES:
             raise SystemExit(f"crash_worker: unknown PHASE {phase!r}; choose one of {', '.join(PHASES)}")
-        self.ckpt, self.phase, self.step = ckpt, phase, step
+        self.ckpt, self.tensor_files, self.phase, self.step = ckpt, tensor_files, phase, step
         self.saving: int | None = None  # the step whose checkpoint is being written
         self.rotating = False  # inside checkpoint.rotate()
         self.real = {
-            "begin_checkpoint": ckpt.begin_checkpoint,
-            "save_weights": ckpt.save_weights,
-            "save_tensor_tree": ckpt.save_tensor_tree,
-            "save_rng_state": ckpt.save_rng_state,
+            "begin_step": ckpt.begin_step,
+            "save_weights": tensor_files.save_weights,
+            "save_tensor_tree": tensor_files.save_tensor_tree,
+            "save_rng_state": tensor_files.save_rng_state,
             "publish_dir": ckpt.publish_dir,
             "rotate": ckpt.rotate,
             "replace": os.replace,
@@ -72,22 +73,18 @@ class Trap:
         return self.phase == phase and self.saving == self.step
 
     def install(self) -> None:
-        # Engine calls these as ckpt.<name> and commit_checkpoint() looks its helpers up in the module's
-        # globals, so replacing the module attributes reaches every call.
-        for name in (
-            "begin_checkpoint",
-            "save_weights",
-            "save_tensor_tree",
-            "save_rng_state",
-            "publish_dir",
-            "rotate",
-        ):
+        # The engine calls these as ckpt.<name> / tensor_files.<name>, and commit_step() and
+        # save_rng_state() look their helpers up in their module's globals, so replacing the module
+        # attributes reaches every call.
+        for name in ("begin_step", "publish_dir", "rotate"):
             setattr(self.ckpt, name, getattr(self, name))
+        for name in ("save_weights", "save_tensor_tree", "save_rng_state"):
+            setattr(self.tensor_files, name, getattr(self, name))
         os.replace, os.rename = self.replace, self.rename
 
-    def begin_checkpoint(self, root, step):
+    def begin_step(self, root, step):
         self.saving = step
-        tmp = self.real["begin_checkpoint"](root, step)
+        tmp = self.real["begin_step"](root, step)
         if self.at("begin"):
             _die()
         return tmp

@@ -86,6 +86,7 @@ def main() -> None:
 
     from chatrlhf.config import EngineConfig
     from chatrlhf.engine import Engine, init_distributed, shutdown_distributed
+    from chatrlhf.engine.state import load_engines, save_engines
 
     rank, world = init_distributed()
     cfg = EngineConfig(
@@ -102,10 +103,10 @@ def main() -> None:
     ranks_sum = float(engine.all_reduce(torch.tensor(float(rank + 1))))
 
     out = Path(args.out)
-    ckpt_dir = engine.save_checkpoint(out / "ckpt", args.steps, keep_last=1)
+    ckpt_dir = save_engines(out / "ckpt", args.steps, engine, keep_last=1)
     with engine.gathered_parameters():
         before = [p.detach().clone() for p in engine.module.parameters()]
-    engine.load_checkpoint(ckpt_dir)
+    load_engines(ckpt_dir, engine)
     with engine.gathered_parameters():
         reload_equal = all(torch.equal(a, p) for a, p in zip(before, engine.module.parameters()))
     result = {
@@ -118,7 +119,7 @@ def main() -> None:
     if args.load_stage0:  # stage-0 state is not partitioned: it must load with any number of processes
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
         plain = Engine(model, EngineConfig(micro_batch_size=GLOBAL_BATCH // world), total_steps=args.steps)
-        plain.load_checkpoint(args.load_stage0)
+        load_engines(args.load_stage0, plain)
         result["stage0_checksum"] = param_checksum(plain)
         result["stage0_optimizer_steps"] = plain.optimizer_steps
     # The consolidated HF save (ZeRO-3 gathers the shards) loads in plain transformers with the same logits.

@@ -17,6 +17,7 @@ import torch
 from chatrlhf import checkpoint as ckpt
 from chatrlhf.config import EngineConfig
 from chatrlhf.engine import Engine, init_distributed, lr_factor
+from chatrlhf.engine.state import engine_state_dict, load_engines, save_engines
 
 _spec = importlib.util.spec_from_file_location("engine_worker", Path(__file__).with_name("engine_worker.py"))
 worker = importlib.util.module_from_spec(_spec)
@@ -166,7 +167,7 @@ def test_step_reports_boundaries(tiny_dir):
 
 
 def optimizer_tensors(engine: Engine) -> list[torch.Tensor]:
-    state = engine.state_dict_for_checkpoint()["optimizer"]
+    state = engine_state_dict(engine)["optimizer"]
     found = []
 
     def walk(x):
@@ -241,13 +242,13 @@ def test_resume_is_bit_exact(tiny_dir, tmp_path, stage, dtype, offload):
 
     first = make_engine(tiny_dir, total_steps=2 * n, zero_stage=stage, dtype=dtype, **offload_flags)
     losses, _ = worker.train_steps(first, batches, n, 4)
-    path = first.save_checkpoint(
-        tmp_path, n, ckpt.TrainerState(step=n, samples_seen=4 * n, extra={"kl": 0.1})
+    path = save_engines(
+        tmp_path, n, first, ckpt.TrainerState(step=n, samples_seen=4 * n, extra={"kl": 0.1})
     )
     after_save = torch.rand(3)  # the RNG stream a resumed run must continue
 
     resumed = make_engine(tiny_dir, total_steps=2 * n, zero_stage=stage, dtype=dtype, **offload_flags)
-    state = resumed.load_checkpoint(ckpt.latest_checkpoint(tmp_path))
+    state = load_engines(ckpt.latest_checkpoint(tmp_path), resumed)
     assert torch.equal(torch.rand(3), after_save)
     assert (state.step, state.samples_seen, state.extra) == (n, 4 * n, {"kl": 0.1})
     assert resumed.optimizer_steps == n and resumed.lr == first.current_lr()
@@ -264,7 +265,7 @@ def test_two_processes_zero_match_one_process(tiny_dir, tmp_path, stage):
     out.mkdir()
     stage0 = make_engine(tiny_dir, total_steps=4)  # a 1-process stage-0 checkpoint for the 2 ranks to load
     worker.train_steps(stage0, worker.make_batches(stage0.module.config.vocab_size), 2, 4)
-    stage0_dir = stage0.save_checkpoint(tmp_path / "stage0", 2)
+    stage0_dir = save_engines(tmp_path / "stage0", 2, stage0)
     launcher = Path(sys.executable).with_name("deepspeed")
     cmd = [str(launcher), "--num_gpus", "2", str(REPO / "tests/integration/engine_worker.py")]
     cmd += ["--model", str(tiny_dir), "--out", str(out), "--stage", str(stage), "--steps", "4"]
@@ -291,7 +292,7 @@ def test_two_processes_zero_match_one_process(tiny_dir, tmp_path, stage):
     }
     one_proc = make_engine(tiny_dir, total_steps=4, zero_stage=stage)
     with pytest.raises(ckpt.CheckpointError, match=r"partitioned over 2 processes, but this run has 1"):
-        one_proc.load_checkpoint(saved)
+        load_engines(saved, one_proc)
 
 
 @pytest.mark.slow

@@ -16,8 +16,10 @@ from fastapi.testclient import TestClient
 
 from chatrlhf.config import GenerationConfig, ModelLoadConfig
 from chatrlhf.feedback.answerer import Answerer, PairWorker
-from chatrlhf.feedback.app import NAME_COOKIE, TOKEN_COOKIE, create_app
-from chatrlhf.feedback.store import DIMENSIONS, FeedbackStore
+from chatrlhf.feedback.app import NAME_COOKIE, create_app
+from chatrlhf.feedback.schema import DIMENSIONS
+from chatrlhf.feedback.security import TOKEN_COOKIE
+from chatrlhf.feedback.store import FeedbackStore
 from chatrlhf.models import TINY_MODEL
 
 BASE = "http://127.0.0.1:8000"

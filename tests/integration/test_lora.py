@@ -141,12 +141,12 @@ def test_sft_lora_learns_trains_adapters_only_and_saves_the_merged_model(inputs,
 def test_ppo_lora_actor_and_critic_generate_merged_and_save_plain_models(inputs, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    import chatrlhf.stages.ppo as ppo_stage
+    import chatrlhf.stages.ppo_setup as ppo_setup  # builds the actor's and critic's engines
     from chatrlhf.algorithms import gather_log_probs
     from chatrlhf.models import load_reward_model
     from chatrlhf.rollout import SamplingConfig, answer_logits, generate
 
-    spy = EngineSpy(monkeypatch, ppo_stage)
+    spy = EngineSpy(monkeypatch, ppo_setup)
     out = tmp_path / "ppo"
     argv = ["ppo", "--model.name_or_path", inputs["model"], "--model.lora_r", "8", "--reward", inputs["reward"],
             "--data.datasets", f"[{inputs['prompts']}]", "--data.data_split", "0,0,1", "--run.output_dir", str(out),

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from chatrlhf.algorithms import rl
+from chatrlhf.algorithms import policy_loss, rl
 from chatrlhf.algorithms.advantages import (
     ADVANTAGE_ESTIMATORS,
     GRPO_EPS,
@@ -94,7 +94,7 @@ def test_equal_rewards_in_a_group_give_zero_advantages_and_a_finite_loss(name):
     adv, _ = ADVANTAGE_ESTIMATORS[name].fn(r, m, None, 4, 1.0, 1.0)
     assert torch.equal(adv, torch.zeros_like(adv))
     logp = torch.full((4, 3), -1.0, dtype=torch.float64, requires_grad=True)
-    loss, _ = rl.policy_loss(logp, logp.detach(), adv, m, 0.2)
+    loss, _ = policy_loss(logp, logp.detach(), adv, m, 0.2)
     loss.backward()
     assert torch.isfinite(loss) and torch.equal(logp.grad, torch.zeros_like(logp))
 
@@ -110,7 +110,7 @@ def test_fully_masked_answer_gives_zero_advantage_finite_loss_and_zero_gradient(
     assert torch.isfinite(adv).all() and torch.isfinite(ret).all()
     assert torch.equal(adv[1], torch.zeros(2, dtype=adv.dtype))
     logp = torch.full((4, 2), -1.0, dtype=torch.float64, requires_grad=True)
-    loss, _ = rl.policy_loss(logp, logp.detach(), adv, m, 0.2)
+    loss, _ = policy_loss(logp, logp.detach(), adv, m, 0.2)
     loss.backward()
     assert torch.isfinite(loss)
     assert torch.equal(logp.grad[1], torch.zeros(2, dtype=torch.float64))

@@ -1,5 +1,5 @@
-"""chatrlhf.checkpoint: atomic commit, the latest pointer, rotation, crash leftovers, RNG, tensor trees,
-and refusing pickles."""
+"""chatrlhf.checkpoint and chatrlhf.tensor_files: atomic commit, the latest pointer, rotation, crash leftovers,
+RNG, tensor trees, and refusing pickles."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from chatrlhf import checkpoint as ckpt
+from chatrlhf import tensor_files
 
 
 def write_one(payload: str):
@@ -26,7 +27,7 @@ def write_one(payload: str):
 
 
 def test_commit_renames_into_place_and_points_latest(tmp_path):
-    path = ckpt.save_checkpoint(tmp_path, 10, write_one("a"), keep_last=2)
+    path = ckpt.write_step_dir(tmp_path, 10, write_one("a"), keep_last=2)
     assert path == tmp_path / "step-10" and ckpt.is_complete(path)
     assert json.loads((tmp_path / "latest").read_text()) == {"dir": "step-10", "step": 10}
     assert json.loads((path / "manifest.json").read_text())["files"] == {"data.json": 3}
@@ -35,21 +36,21 @@ def test_commit_renames_into_place_and_points_latest(tmp_path):
 
 
 def test_failed_write_keeps_previous_latest(tmp_path):
-    ckpt.save_checkpoint(tmp_path, 1, write_one("a"))
+    ckpt.write_step_dir(tmp_path, 1, write_one("a"))
 
     def crash(tmp):
         (tmp / "half.json").write_text("{")
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        ckpt.save_checkpoint(tmp_path, 2, crash)
+        ckpt.write_step_dir(tmp_path, 2, crash)
     assert ckpt.latest_checkpoint(tmp_path) == tmp_path / "step-1"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-1"]
 
 
 def test_latest_ignores_incomplete_dirs_and_a_broken_pointer(tmp_path):
-    ckpt.save_checkpoint(tmp_path, 1, write_one("a"))
-    ckpt.save_checkpoint(tmp_path, 2, write_one("bb"))
+    ckpt.write_step_dir(tmp_path, 1, write_one("a"))
+    ckpt.write_step_dir(tmp_path, 2, write_one("bb"))
     # step-3: copied by hand without its manifest; step-2: a file cut short after the commit
     (tmp_path / "step-3").mkdir()
     (tmp_path / "step-3" / "data.json").write_text("1")
@@ -60,32 +61,32 @@ def test_latest_ignores_incomplete_dirs_and_a_broken_pointer(tmp_path):
 
 def test_rotation_keeps_last_n_and_the_pointer_target(tmp_path):
     for step in (1, 2, 3):
-        ckpt.save_checkpoint(tmp_path, step, write_one(str(step)), keep_last=2)
+        ckpt.write_step_dir(tmp_path, step, write_one(str(step)), keep_last=2)
     assert [s for s, _ in ckpt.complete_checkpoints(tmp_path)] == [2, 3]
     # a resumed run re-saves an older step: the pointer names it, so rotation keeps it with the newest
-    ckpt.save_checkpoint(tmp_path, 1, write_one("again"), keep_last=1)
+    ckpt.write_step_dir(tmp_path, 1, write_one("again"), keep_last=1)
     assert [s for s, _ in ckpt.complete_checkpoints(tmp_path)] == [1, 3]
     assert ckpt.latest_checkpoint(tmp_path) == tmp_path / "step-1"
     with pytest.raises(ValueError, match="keep_last"):
-        ckpt.save_checkpoint(tmp_path, 4, write_one("x"), keep_last=0)
+        ckpt.write_step_dir(tmp_path, 4, write_one("x"), keep_last=0)
 
 
 def test_old_checkpoint_survives_until_the_new_one_is_committed(tmp_path):
-    ckpt.save_checkpoint(tmp_path, 1, write_one("a"), keep_last=1)
+    ckpt.write_step_dir(tmp_path, 1, write_one("a"), keep_last=1)
     seen = []
 
     def write(tmp):
         seen.append(ckpt.latest_checkpoint(tmp_path))
         (tmp / "data.json").write_text("2")
 
-    ckpt.save_checkpoint(tmp_path, 2, write, keep_last=1)
+    ckpt.write_step_dir(tmp_path, 2, write, keep_last=1)
     assert seen == [tmp_path / "step-1"]
     assert [s for s, _ in ckpt.complete_checkpoints(tmp_path)] == [2]
 
 
 def test_resaving_a_step_replaces_it_whole(tmp_path):
-    ckpt.save_checkpoint(tmp_path, 5, write_one("old"))
-    ckpt.save_checkpoint(tmp_path, 5, write_one("new"))
+    ckpt.write_step_dir(tmp_path, 5, write_one("old"))
+    ckpt.write_step_dir(tmp_path, 5, write_one("new"))
     assert json.loads((tmp_path / "step-5" / "data.json").read_text()) == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-5"]
 
@@ -102,7 +103,7 @@ def test_stale_scratch_dirs_of_dead_writers_are_cleaned(tmp_path):
     (tmp_path / f".model.tmp-{dead_pid}").mkdir()  # a final-model save cut short
     alive = tmp_path / f"tmp-8-{os.getppid()}"  # another live process may be writing: leave it
     alive.mkdir()
-    ckpt.save_checkpoint(tmp_path, 9, write_one("a"))
+    ckpt.write_step_dir(tmp_path, 9, write_one("a"))
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["latest", "step-9", alive.name])
 
 
@@ -127,8 +128,8 @@ def test_tensor_tree_roundtrip(tmp_path):
         "ints": torch.tensor([1, 2], dtype=torch.int64),
         "bf16": torch.ones(2, dtype=torch.bfloat16),
     }
-    ckpt.save_tensor_tree(tree, tmp_path, "opt")
-    back = ckpt.load_tensor_tree(tmp_path, "opt")
+    tensor_files.save_tensor_tree(tree, tmp_path, "opt")
+    back = tensor_files.load_tensor_tree(tmp_path, "opt")
     assert set(back["state"]) == {0, 1}  # int keys survive JSON
     assert back["param_groups"] == tree["param_groups"] and isinstance(
         back["param_groups"][0]["betas"], tuple
@@ -151,17 +152,17 @@ def test_tensor_tree_refuses_other_objects(tmp_path):
         cur_scale = 1.0
 
     with pytest.raises(TypeError, match=r"opt\.state\.loss_scaler: a .*Scaler cannot be stored"):
-        ckpt.save_tensor_tree({"state": {"loss_scaler": Scaler()}}, tmp_path, "opt")
+        tensor_files.save_tensor_tree({"state": {"loss_scaler": Scaler()}}, tmp_path, "opt")
     with pytest.raises(TypeError, match="dict key"):
-        ckpt.save_tensor_tree({(1, 2): 3}, tmp_path, "opt")
+        tensor_files.save_tensor_tree({(1, 2): 3}, tmp_path, "opt")
 
 
 def test_weights_roundtrip_with_tied_tensors(tmp_path):
     emb = torch.randn(5, 3)
     flat = torch.randn(10)
     state = {"embed.weight": emb, "lm_head.weight": emb, "a": flat[:4], "b": flat[4:].view(2, 3)}
-    ckpt.save_weights(state, tmp_path / "model.safetensors")
-    back = ckpt.load_weights(tmp_path / "model.safetensors")
+    tensor_files.save_weights(state, tmp_path / "model.safetensors")
+    back = tensor_files.load_weights(tmp_path / "model.safetensors")
     assert set(back) == set(state)
     assert all(torch.equal(back[k], v) for k, v in state.items())
     assert back["embed.weight"].data_ptr() == back["lm_head.weight"].data_ptr()  # stored once
@@ -172,13 +173,13 @@ def test_rng_roundtrip(tmp_path):
     np.random.seed(2)
     torch.manual_seed(3)
     random.random(), np.random.rand(), torch.rand(1), np.random.randn()  # noqa: B018 - advance, with a cached gaussian
-    ckpt.save_rng_state(tmp_path, rank=0)
+    tensor_files.save_rng_state(tmp_path, rank=0)
     want = (random.random(), np.random.rand(3).tolist(), np.random.randn(), torch.rand(4))
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
-    assert ckpt.load_rng_state(tmp_path, rank=0)
+    assert tensor_files.load_rng_state(tmp_path, rank=0)
     got = (random.random(), np.random.rand(3).tolist(), np.random.randn(), torch.rand(4))
     assert got[:3] == want[:3] and torch.equal(got[3], want[3])
-    assert not ckpt.load_rng_state(tmp_path, rank=1)  # no state for that rank: a warning, not a crash
+    assert not tensor_files.load_rng_state(tmp_path, rank=1)  # no state for that rank: a warning, not a crash
 
 
 def test_trainer_state_roundtrip(tmp_path):
@@ -212,16 +213,16 @@ def test_crafted_pickle_is_refused_without_running(tmp_path, name):
     marker.unlink()
 
     with pytest.raises(ckpt.CheckpointError):
-        ckpt.load_tensors(evil)
+        tensor_files.load_tensors(evil)
     assert not marker.exists()
 
 
 def test_crafted_pickle_in_place_of_checkpoint_files_is_refused(tmp_path):
     marker = tmp_path / "pwned"
     torch.save({"w": torch.zeros(1)}, tmp_path / "fine.pt")
-    assert set(ckpt.load_tensors(tmp_path / "fine.pt")) == {"w"}  # weights-only files still load
-    ckpt.save_tensor_tree({"x": torch.zeros(2)}, tmp_path, "optimizer")
+    assert set(tensor_files.load_tensors(tmp_path / "fine.pt")) == {"w"}  # weights-only files still load
+    tensor_files.save_tensor_tree({"x": torch.zeros(2)}, tmp_path, "optimizer")
     (tmp_path / "optimizer.safetensors").write_bytes(pickle.dumps(_Exploit(str(marker))))
     with pytest.raises(ckpt.CheckpointError, match="not a valid safetensors file"):
-        ckpt.load_tensor_tree(tmp_path, "optimizer")
+        tensor_files.load_tensor_tree(tmp_path, "optimizer")
     assert not marker.exists()

@@ -7,17 +7,17 @@ import sqlite3
 
 import pytest
 
-from chatrlhf.feedback.store import (
+from chatrlhf.feedback.schema import (
     DIMENSIONS,
     MAX_COMMENT,
     MAX_NAME,
     SCHEMA_VERSION,
     FeedbackError,
-    FeedbackStore,
     NotFound,
     Saved,
     canonical,
 )
+from chatrlhf.feedback.store import FeedbackStore
 
 SCORES = {"overall": 4, "consistency": 5, "engagingness": 3, "safety": 5, "relevance": 2}
 

@@ -12,9 +12,11 @@ import torch
 from chatrlhf.algorithms.rl import RunningMoments
 from chatrlhf.data.formats import normalise_rows, to_prompt
 from chatrlhf.rewards import examples as ex
+from chatrlhf.rewards.contract import RewardBatch
 from chatrlhf.rewards.ensemble import EnsembleSource, is_ensemble_spec, parse_ensemble_spec, unique_names
+from chatrlhf.rewards.factory import build_reward_source, build_single_source
 from chatrlhf.rewards.similarity import SimilaritySource, reference_texts
-from chatrlhf.rewards.sources import FunctionSource, RewardBatch, build_reward_source
+from chatrlhf.rewards.sources import FunctionSource, RaterSource
 
 EXAMPLES = "chatrlhf.rewards.examples"
 
@@ -92,7 +94,7 @@ def test_repetition_reward():
 
 # ------------------------------------------------------------------------------------ rewards as code
 def test_module_function_spec_loads_and_scores():
-    source = build_reward_source(f"{EXAMPLES}:length_reward", None)
+    source = build_single_source(f"{EXAMPLES}:length_reward", None)
     assert isinstance(source, FunctionSource) and source.short_name == "length_reward"
     scores = source(make_batch(["a", "b"], ["one two three four five six", ""]))
     assert scores.dtype == torch.float32 and scores.tolist() == pytest.approx([0.4, 0.0])
@@ -280,7 +282,7 @@ def test_build_ensemble_from_spec():
     out = ens(make_batch(["q"], ["one two three four five six"]))  # length 0.4 -> 2 * 0.4 + 0.5 * 0.4 = 1.0
     assert out.tolist() == pytest.approx([1.0])
     assert isinstance(build_reward_source("3*rater", None), EnsembleSource)  # one weighted term
-    assert isinstance(build_reward_source("similarity", None), SimilaritySource)  # MiniLM loads on first call
+    assert isinstance(build_single_source("similarity", None), SimilaritySource)  # MiniLM loads on first call
 
 
 def test_build_errors_name_the_bad_term(tmp_path):
@@ -292,3 +294,18 @@ def test_build_errors_name_the_bad_term(tmp_path):
         build_reward_source("rater+similarity", None)
     with pytest.raises(ValueError, match="no reward given"):
         build_reward_source("  ", None)
+
+
+def test_single_spec_is_a_pass_through_ensemble():
+    ens = build_reward_source(f"{EXAMPLES}:length_reward", None)
+    assert isinstance(ens, EnsembleSource) and isinstance(ens.sources[0], FunctionSource)
+    assert (ens.name, ens.short_name) == (f"fn:{EXAMPLES}:length_reward", "length_reward")
+    assert not ens.has_state and ens.critic_init is None and not ens.is_gold_judge
+    out = ens(make_batch(["q", "q"], ["one two three four five six", ""]))  # lengths 6/15 and 0, unchanged
+    assert out.tolist() == pytest.approx([0.4, 0.0]) and ens.logged_parts == {}
+    rater = build_reward_source("rater", None)
+    assert rater.is_gold_judge and isinstance(rater.sources[0], RaterSource)
+    weighted = build_reward_source("1*rater", None)  # a weight makes it a real ensemble: saved, parts logged
+    assert weighted.has_state and not weighted.is_gold_judge
+    weighted(make_batch(["q"], ["Paris is the capital."]))
+    assert list(weighted.logged_parts) == ["rater"]

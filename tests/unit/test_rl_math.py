@@ -1,4 +1,5 @@
-"""Hand-computed checks of the PPO math in chatrlhf.algorithms.rl (float64, rtol 1e-6 or tighter)."""
+"""Hand-computed checks of the PPO math in chatrlhf.algorithms.rl and the PPO losses in
+chatrlhf.algorithms.losses (float64, rtol 1e-6 or tighter)."""
 
 import json
 import math
@@ -6,20 +7,21 @@ import math
 import pytest
 import torch
 
+from chatrlhf.algorithms.losses import entropy_from_logits, policy_loss, value_loss
 from chatrlhf.algorithms.rl import (
     KL_ESTIMATORS,
     AdaptiveKLController,
     FixedKLController,
     RunningMoments,
-    entropy_from_logits,
+    explained_variance,
+    explained_variance_from_sums,
     gae,
     kl_k1,
     kl_k2,
     kl_k3,
-    policy_loss,
+    moment_sums,
     sequence_kl,
     shaped_rewards,
-    value_loss,
     whiten,
 )
 
@@ -356,6 +358,40 @@ def test_entropy_by_hand():
     # bf16 logits are computed in float32: uniform over 4 -> ln 4 to float32 precision.
     h16 = entropy_from_logits(torch.zeros(1, 1, 4, dtype=torch.bfloat16))
     assert h16.dtype == torch.float32 and abs(h16.item() - math.log(4.0)) < 1e-6
+
+
+# --- explained variance ---
+
+
+def test_explained_variance_by_hand():
+    """R = [1, 2, 3], V = [0.5, 2, 2.5], a fourth token masked with garbage: Var[R] = 2/3,
+    R - V = [0.5, 0, 0.5] with mean 1/3 and Var = ((1/6)^2 + (1/3)^2 + (1/6)^2) / 3 = 1/18,
+    so 1 - (1/18) / (2/3) = 11/12 = 0.9166666666666666. A perfect critic (V = R) gives 1; a constant
+    V = 2 gives Var[R - V] = Var[R], so 0. moment_sums: count 3, sum 6, sum of squares 1 + 4 + 9 = 14."""
+    ret, mask = t([[1.0, 2.0, 3.0, 4.0]]), t([[1, 1, 1, 0]])
+    close(explained_variance(t([[0.5, 2.0, 2.5, float("nan")]]), ret, mask), t(0.9166666666666666))
+    close(explained_variance(ret, ret, mask), t(1.0))
+    close(explained_variance(t([[2.0, 2.0, 2.0, 2.0]]), ret, mask), t(0.0), atol=1e-15)
+    close(moment_sums(ret, mask), [3.0, 6.0, 14.0])
+
+
+def test_explained_variance_undefined_without_return_variance():
+    """Var[R] == 0 (equal returns, even ones whose float sums do not cancel exactly) or no answer token: NaN."""
+    assert math.isnan(explained_variance(t([[0.0, 1.0, 5.0]]), t([[0.1, 0.1, 0.1]]), t([[1, 1, 1]])).item())
+    assert math.isnan(explained_variance(t([[0.0, 1.0]]), t([[0.0, 0.0]]), t([[1, 1]])).item())
+    assert math.isnan(explained_variance(t([[1.0, 2.0]]), t([[3.0, 4.0]]), t([[0, 0]])).item())
+
+
+def test_explained_variance_from_shard_sums_equals_whole_batch():
+    """Moment sums added over shards (as an all-reduce adds them over processes) give the whole batch's value."""
+    gen = torch.Generator().manual_seed(8)
+    mask = ragged_mask()
+    values, returns = (torch.randn(mask.shape, generator=gen, dtype=F64) for _ in range(2))
+    shards = (slice(0, 2), slice(2, 6))
+    return_sums = sum(moment_sums(returns[rows], mask[rows]) for rows in shards)
+    residual_sums = sum(moment_sums(returns[rows] - values[rows], mask[rows]) for rows in shards)
+    close(explained_variance_from_sums(return_sums, residual_sums), explained_variance(values, returns, mask),
+          rtol=1e-12)
 
 
 # --- KL controllers ---

@@ -3,11 +3,14 @@
 from chatrlhf.algorithms.losses import (
     IGNORE_INDEX,
     answer_mask,
+    entropy_from_logits,
     gather_log_probs,
     pairwise_loss,
+    policy_loss,
     rating_loss,
     sequence_log_probs,
     token_nll,
+    value_loss,
 )
 from chatrlhf.algorithms.masking import (
     gather_last,
@@ -15,19 +18,24 @@ from chatrlhf.algorithms.masking import (
     masked_mean,
     masked_sum,
     position_ids_from_mask,
+    zero_off_mask,
 )
 
 __all__ = [
     "IGNORE_INDEX",
     "answer_mask",
+    "entropy_from_logits",
     "gather_last",
     "gather_log_probs",
     "last_token_index",
     "masked_mean",
     "masked_sum",
     "pairwise_loss",
+    "policy_loss",
     "position_ids_from_mask",
     "rating_loss",
     "sequence_log_probs",
     "token_nll",
+    "value_loss",
+    "zero_off_mask",
 ]

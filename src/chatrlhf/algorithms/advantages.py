@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from chatrlhf.algorithms import rl
+from chatrlhf.algorithms.masking import zero_off_mask
 
 Tensor = torch.Tensor
 
@@ -70,18 +71,18 @@ def gae_advantages(rewards, mask, values, group_size, gamma, lam):
 
 
 def a2c_advantages(rewards, mask, values, group_size, gamma, lam):
-    """Advantage actor-critic (seed 000; Mnih et al. 2016 with Monte-Carlo returns): A_t = G_t - V(s_t), and
+    """Advantage actor-critic (Mnih et al. 2016, with Monte-Carlo returns): A_t = G_t - V(s_t), and
     the critic regresses on G_t. Equals GAE with lam = 1.
 
     Example (gamma 1): r = [0, 0, 2], V = [0.5, 1, 1.5] -> G = [2, 2, 2], A = [1.5, 1, 0.5].
     """
     g = returns_to_go(rewards, mask, gamma)
     m = mask.to(g.dtype)
-    return (g - rl._masked(values, mask.bool()).to(g.dtype)) * m, g
+    return (g - zero_off_mask(values, mask).to(g.dtype)) * m, g
 
 
 def reinforce_advantages(rewards, mask, values, group_size, gamma, lam):
-    """REINFORCE (Williams 1992; seed 000): A_t = G_t, the return-to-go, with no baseline."""
+    """REINFORCE (Williams 1992): A_t = G_t, the return-to-go, with no baseline."""
     g = returns_to_go(rewards, mask, gamma)
     return g, g
 

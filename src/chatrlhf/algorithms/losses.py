@@ -1,4 +1,4 @@
-"""Losses and the small tensor helpers they share.
+"""Losses and the small tensor helpers they share: SFT, reward model, and PPO's policy and value losses.
 
 Conventions: B = batch, T = sequence length, V = vocabulary, K = rating levels. Masks are float or bool
 tensors taken from ``attention_mask`` or labels, never from matching pad ids (pad == eos in SmolLM2).
@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from chatrlhf.algorithms.masking import zero_off_mask
+
+Tensor = torch.Tensor
 
 IGNORE_INDEX = -100
 
@@ -85,3 +89,103 @@ def rating_loss(logits: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     Returns (B,).
     """
     return F.cross_entropy(logits.float(), levels.long(), reduction="none")
+
+
+# --- PPO losses (token level). Sums over the mask divided by a normalizer the caller may fix to the
+# token count of the whole mini-batch, so that micro-batch x accumulation (and ranks) == full batch. ---
+
+
+def _normalizer(mask: Tensor, normalizer: float | Tensor | None) -> float | Tensor:
+    if normalizer is None:
+        return mask.sum().clamp(min=1)
+    if not isinstance(normalizer, Tensor) and normalizer <= 0:
+        raise ValueError(f"normalizer must be > 0 (the mini-batch's answer-token count), got {normalizer}")
+    return normalizer
+
+
+def policy_loss(
+    log_probs: Tensor,
+    old_log_probs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_eps: float,
+    normalizer: float | Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO clipped surrogate (Schulman et al. 2017, eq. 7), negated to a loss, per token.
+
+    loss = sum_mask max(-A r, -A clip(r, 1 - eps, 1 + eps)) / normalizer, r = exp(log p - log p_old).
+    All inputs (B, T); normalizer defaults to mask.sum() (at least 1). Stats (detached, sums / normalizer):
+    clipfrac (tokens where the clipped branch is strictly larger), approx_kl (k3 of old vs new:
+    (r - 1) - log r), ratio (mean r).
+
+    Example, eps 0.2, four answer tokens (r, A) -> max(-A r, -A clip(r)):
+      (1.5,  1) -> max(-1.5, -1.2) = -1.2 clipped      (0.5, -1) -> max(0.5, 0.8) = 0.8 clipped
+      (0.5,  2) -> max(-1.0, -1.6) = -1.0               (1.1, -2) -> max(2.2, 2.2) = 2.2 (tie: not clipped)
+      loss = (-1.2 + 0.8 - 1.0 + 2.2) / 4 = 0.2, clipfrac 2/4 = 0.5, ratio 3.6/4 = 0.9,
+      approx_kl = [(0.5 - ln 1.5) + 2 (ln 2 - 0.5) + (0.1 - ln 1.1)] / 4 = 0.12137976830185...
+    """
+    keep = mask.bool()
+    m = keep.to(log_probs.dtype)
+    n = _normalizer(m, normalizer)
+    log_ratio = zero_off_mask(log_probs, keep) - zero_off_mask(old_log_probs, keep)  # (B, T), 0 off the mask
+    ratio = torch.exp(log_ratio)  # (B, T)
+    adv = zero_off_mask(advantages, keep).to(ratio.dtype)  # (B, T)
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
+    loss = (torch.maximum(unclipped, clipped) * m).sum() / n
+    with torch.no_grad():
+        stats = {
+            "clipfrac": ((clipped > unclipped).to(m.dtype) * m).sum() / n,
+            "approx_kl": (((ratio - 1.0) - log_ratio) * m).sum() / n,
+            "ratio": (ratio * m).sum() / n,
+        }
+    return loss, stats
+
+
+def value_loss(
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    mask: Tensor,
+    clip_eps: float | None,
+    normalizer: float | Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped value loss (PPO2 / OpenAI baselines): 0.5 sum_mask max((V - R)^2, (V_clip - R)^2) / normalizer.
+
+    V_clip = V_old + clamp(V - V_old, -eps, eps); clip_eps None -> plain 0.5 (V - R)^2. All inputs (B, T).
+    Stats: vf_clipfrac (tokens where the clipped term is strictly larger), detached, / normalizer.
+
+    Example, eps 0.2, four answer tokens (V, V_old, R) -> V_clip, (V - R)^2, (V_clip - R)^2:
+      (1.0, 0.5, 1.0) -> 0.7, 0, 0.09 clipped        (0.0, 0.1, -1.0) -> 0.0, 1, 1
+      (2.0, 1.0, 3.0) -> 1.2, 1, 3.24 clipped        (0.5, 1.0,  2.0) -> 0.8, 2.25, 1.44
+      loss = 0.5 (0.09 + 1 + 3.24 + 2.25) / 4 = 0.8225, vf_clipfrac 0.5; unclipped 0.5 * 4.25 / 4 = 0.53125.
+    """
+    keep = mask.bool()
+    m = keep.to(values.dtype)
+    n = _normalizer(m, normalizer)
+    v = zero_off_mask(values, keep)
+    target = zero_off_mask(returns, keep).to(v.dtype)
+    unclipped = (v - target) ** 2  # (B, T)
+    if clip_eps is None:
+        per_token, clipfrac = unclipped, torch.zeros((), dtype=v.dtype, device=v.device)
+    else:
+        old = zero_off_mask(old_values, keep).to(v.dtype)
+        clipped = (old + (v - old).clamp(-clip_eps, clip_eps) - target) ** 2  # (B, T)
+        per_token = torch.maximum(unclipped, clipped)
+        with torch.no_grad():
+            clipfrac = ((clipped > unclipped).to(m.dtype) * m).sum() / n
+    loss = 0.5 * (per_token * m).sum() / n
+    return loss, {"vf_clipfrac": clipfrac}
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """(B, T, V) logits -> (B, T) entropy of softmax(logits): -sum_v p_v log p_v.
+
+    From log_softmax (no exp overflow); computed in at least float32. Logits of -inf (filtered tokens) add
+    0, not NaN: their log-prob is clamped to the most negative finite value before multiplying by p = 0.
+    Examples: uniform over V -> log V; logits log([2, 1, 1]) -> p [.5, .25, .25] -> 1.5 ln 2 = 1.03972077.
+    """
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    logp = torch.log_softmax(logits, dim=-1)  # (B, T, V)
+    logp = logp.clamp(min=torch.finfo(logp.dtype).min)
+    return -(logp.exp() * logp).sum(-1)  # (B, T)

@@ -1,4 +1,5 @@
-"""PPO math for RLHF: KL estimators, reward shaping, GAE, whitening, the clipped losses, KL controllers.
+"""PPO math for RLHF: KL estimators, reward shaping, GAE, whitening, the critic's explained variance, KL
+controllers and reward moments. The clipped policy and value losses live in ``losses``.
 
 Pure functions of tensors (no models, no config objects, no logging, no collectives).
 Conventions: B = batch, T = answer positions, V = vocabulary. ``mask`` (B, T) is 1 on answer tokens
@@ -15,22 +16,9 @@ from collections.abc import Callable
 
 import torch
 
-from chatrlhf.algorithms.masking import last_token_index
+from chatrlhf.algorithms.masking import last_token_index, zero_off_mask
 
 Tensor = torch.Tensor
-
-
-def _masked(x: Tensor, mask: Tensor) -> Tensor:
-    """x with every mask == 0 entry replaced by 0 (the values there are never read)."""
-    return torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))
-
-
-def _normalizer(mask: Tensor, normalizer: float | Tensor | None) -> float | Tensor:
-    if normalizer is None:
-        return mask.sum().clamp(min=1)
-    if not isinstance(normalizer, Tensor) and normalizer <= 0:
-        raise ValueError(f"normalizer must be > 0 (the mini-batch's answer-token count), got {normalizer}")
-    return normalizer
 
 
 # --- KL estimators (Schulman, "Approximating KL divergence", 2020). Samples come from p (the policy). ---
@@ -67,7 +55,7 @@ def sequence_kl(kl: Tensor, mask: Tensor) -> Tensor:
 
     Example: kl [[0.1, 0.2, 0.3], [1, 2, 3]], mask [[1, 1, 0], [0, 1, 1]] -> [0.3, 5.0].
     """
-    return _masked(kl, mask).sum(-1)
+    return zero_off_mask(kl, mask).sum(-1)
 
 
 # --- Rewards and advantages ---
@@ -90,7 +78,7 @@ def shaped_rewards(
       -> [[-0.05, -0.1, -0.15 + 2, 0], [0, 0.1, -0.1, -0.3 - 3], [0, 0, 0, 0]]
     """
     keep = mask.bool()  # (B, T)
-    rewards = -kl_coef * _masked(kl, keep)  # (B, T)
+    rewards = -kl_coef * zero_off_mask(kl, keep)  # (B, T)
     score = scores if clip is None else scores.clamp(-clip, clip)  # (B,)
     positions = torch.arange(keep.shape[-1], device=keep.device)  # (T,)
     at_last = (positions == last_token_index(keep).unsqueeze(-1)) & keep.any(-1, keepdim=True)  # (B, T)
@@ -116,8 +104,8 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
     """
     keep = mask.bool()
     m = keep.to(values.dtype)  # (B, T)
-    r = _masked(rewards, keep).to(values.dtype)  # (B, T)
-    v = _masked(values, keep)  # (B, T)
+    r = zero_off_mask(rewards, keep).to(values.dtype)  # (B, T)
+    v = zero_off_mask(values, keep)  # (B, T)
     next_value = torch.zeros_like(v[:, 0])  # (B,) V_{t+1}; 0 past the end of the row
     next_adv = torch.zeros_like(v[:, 0])  # (B,) A_{t+1}
     next_mask = torch.zeros_like(v[:, 0])  # (B,) m_{t+1}
@@ -151,7 +139,7 @@ def whiten(
     """
     keep = mask.bool()
     m = keep.to(x.dtype)
-    x = _masked(x, keep)
+    x = zero_off_mask(x, keep)
     n = m.sum().clamp(min=1)
     if mean is None:
         mean = x.sum() / n
@@ -164,96 +152,56 @@ def whiten(
     return out * m
 
 
-# --- PPO losses (token level). Sums over the mask divided by a normalizer the caller may fix to the
-# token count of the whole mini-batch, so that micro-batch x accumulation (and ranks) == full batch. ---
+def moment_sums(x: Tensor, mask: Tensor) -> Tensor:
+    """(count, sum x, sum x^2) over the masked entries, float64 (3,).
 
-
-def policy_loss(
-    log_probs: Tensor,
-    old_log_probs: Tensor,
-    advantages: Tensor,
-    mask: Tensor,
-    clip_eps: float,
-    normalizer: float | Tensor | None = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """PPO clipped surrogate (Schulman et al. 2017, eq. 7), negated to a loss, per token.
-
-    loss = sum_mask max(-A r, -A clip(r, 1 - eps, 1 + eps)) / normalizer, r = exp(log p - log p_old).
-    All inputs (B, T); normalizer defaults to mask.sum() (at least 1). Stats (detached, sums / normalizer):
-    clipfrac (tokens where the clipped branch is strictly larger), approx_kl (k3 of old vs new:
-    (r - 1) - log r), ratio (mean r).
-
-    Example, eps 0.2, four answer tokens (r, A) -> max(-A r, -A clip(r)):
-      (1.5,  1) -> max(-1.5, -1.2) = -1.2 clipped      (0.5, -1) -> max(0.5, 0.8) = 0.8 clipped
-      (0.5,  2) -> max(-1.0, -1.6) = -1.0               (1.1, -2) -> max(2.2, 2.2) = 2.2 (tie: not clipped)
-      loss = (-1.2 + 0.8 - 1.0 + 2.2) / 4 = 0.2, clipfrac 2/4 = 0.5, ratio 3.6/4 = 0.9,
-      approx_kl = [(0.5 - ln 1.5) + 2 (ln 2 - 0.5) + (0.1 - ln 1.1)] / 4 = 0.12137976830185...
+    Sums add across shards: summed over processes (an all-reduce) they are the sums of the whole batch, so
+    statistics built from them are the same on every process and equal to one process holding everything.
+    Example: x [[1, 2, 3, 10]], mask [[1, 1, 1, 0]] -> [3, 6, 14].
     """
     keep = mask.bool()
-    m = keep.to(log_probs.dtype)
-    n = _normalizer(m, normalizer)
-    log_ratio = _masked(log_probs, keep) - _masked(old_log_probs, keep)  # (B, T), 0 off the mask
-    ratio = torch.exp(log_ratio)  # (B, T)
-    adv = _masked(advantages, keep).to(ratio.dtype)  # (B, T)
-    unclipped = -adv * ratio
-    clipped = -adv * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
-    loss = (torch.maximum(unclipped, clipped) * m).sum() / n
-    with torch.no_grad():
-        stats = {
-            "clipfrac": ((clipped > unclipped).to(m.dtype) * m).sum() / n,
-            "approx_kl": (((ratio - 1.0) - log_ratio) * m).sum() / n,
-            "ratio": (ratio * m).sum() / n,
-        }
-    return loss, stats
+    x = zero_off_mask(x, keep).to(torch.float64)
+    return torch.stack([keep.sum().to(torch.float64), x.sum(), (x * x).sum()])
 
 
-def value_loss(
-    values: Tensor,
-    old_values: Tensor,
-    returns: Tensor,
-    mask: Tensor,
-    clip_eps: float | None,
-    normalizer: float | Tensor | None = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Clipped value loss (PPO2 / OpenAI baselines): 0.5 sum_mask max((V - R)^2, (V_clip - R)^2) / normalizer.
+def _variance(sums: Tensor) -> tuple[Tensor, Tensor]:
+    """(population variance, mean of squares) from ``moment_sums``; an empty mask gives (0, 0)."""
+    n = sums[0].clamp(min=1.0)
+    mean, mean_sq = sums[1] / n, sums[2] / n
+    return (mean_sq - mean * mean).clamp(min=0.0), mean_sq
 
-    V_clip = V_old + clamp(V - V_old, -eps, eps); clip_eps None -> plain 0.5 (V - R)^2. All inputs (B, T).
-    Stats: vf_clipfrac (tokens where the clipped term is strictly larger), detached, / normalizer.
 
-    Example, eps 0.2, four answer tokens (V, V_old, R) -> V_clip, (V - R)^2, (V_clip - R)^2:
-      (1.0, 0.5, 1.0) -> 0.7, 0, 0.09 clipped        (0.0, 0.1, -1.0) -> 0.0, 1, 1
-      (2.0, 1.0, 3.0) -> 1.2, 1, 3.24 clipped        (0.5, 1.0,  2.0) -> 0.8, 2.25, 1.44
-      loss = 0.5 (0.09 + 1 + 3.24 + 2.25) / 4 = 0.8225, vf_clipfrac 0.5; unclipped 0.5 * 4.25 / 4 = 0.53125.
+EV_ZERO_VARIANCE = 1e-12
+"""Var[R] at or below this fraction of E[R^2] counts as zero: the float64 rounding of sum R^2 / n - mean^2
+when every return is equal (a few ulps of E[R^2], far below any variance a critic could explain)."""
+
+
+def explained_variance_from_sums(return_sums: Tensor, residual_sums: Tensor) -> Tensor:
+    """1 - Var[R - V] / Var[R] from the ``moment_sums`` of the returns R and of the residuals R - V.
+
+    NaN when Var[R] is zero (every return equal, or no answer tokens): there is nothing to explain and any
+    number would mislead, as in CleanRL and Stable-Baselines3; the metrics file then holds NaN.
     """
-    keep = mask.bool()
-    m = keep.to(values.dtype)
-    n = _normalizer(m, normalizer)
-    v = _masked(values, keep)
-    target = _masked(returns, keep).to(v.dtype)
-    unclipped = (v - target) ** 2  # (B, T)
-    if clip_eps is None:
-        per_token, clipfrac = unclipped, torch.zeros((), dtype=v.dtype, device=v.device)
-    else:
-        old = _masked(old_values, keep).to(v.dtype)
-        clipped = (old + (v - old).clamp(-clip_eps, clip_eps) - target) ** 2  # (B, T)
-        per_token = torch.maximum(unclipped, clipped)
-        with torch.no_grad():
-            clipfrac = ((clipped > unclipped).to(m.dtype) * m).sum() / n
-    loss = 0.5 * (per_token * m).sum() / n
-    return loss, {"vf_clipfrac": clipfrac}
+    var_returns, mean_sq = _variance(return_sums)
+    var_residual, _ = _variance(residual_sums)
+    undefined = (var_returns <= EV_ZERO_VARIANCE * mean_sq) | (return_sums[0] == 0)
+    return torch.where(undefined, torch.full_like(var_returns, math.nan), 1.0 - var_residual / var_returns)
 
 
-def entropy_from_logits(logits: Tensor) -> Tensor:
-    """(B, T, V) logits -> (B, T) entropy of softmax(logits): -sum_v p_v log p_v.
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
+    """How much of the returns' variance the critic explains: 1 - Var[R - V] / Var[R] over the answer tokens.
 
-    From log_softmax (no exp overflow); computed in at least float32. Logits of -inf (filtered tokens) add
-    0, not NaN: their log-prob is clamped to the most negative finite value before multiplying by p = 0.
-    Examples: uniform over V -> log V; logits log([2, 1, 1]) -> p [.5, .25, .25] -> 1.5 ln 2 = 1.03972077.
+    CleanRL's ``explained_variance`` (population variances over the masked entries, float64). 1 is a perfect
+    critic, 0 one no better than a constant, negative worse than one. NaN when Var[R] is zero (see
+    ``explained_variance_from_sums``). values, returns, mask (B, T) -> a float64 scalar.
+
+    Example: R = [1, 2, 3], V = [0.5, 2, 2.5] (a fourth, masked token holds garbage):
+      Var[R] = ((-1)^2 + 0 + 1^2) / 3 = 2/3; R - V = [0.5, 0, 0.5], mean 1/3,
+      Var[R - V] = ((1/6)^2 + (1/3)^2 + (1/6)^2) / 3 = (6/36) / 3 = 1/18
+      -> 1 - (1/18) / (2/3) = 1 - 1/12 = 11/12 = 0.9166666666666666.
     """
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    logp = torch.log_softmax(logits, dim=-1)  # (B, T, V)
-    logp = logp.clamp(min=torch.finfo(logp.dtype).min)
-    return -(logp.exp() * logp).sum(-1)  # (B, T)
+    residuals = returns.to(torch.float64) - values.to(torch.float64)
+    return explained_variance_from_sums(moment_sums(returns, mask), moment_sums(residuals, mask))
 
 
 # --- KL coefficient controllers ---

@@ -288,19 +288,8 @@ def _check_columns(fmt: str, row: dict) -> None:
                         f"add the column, or pick another format with {_FORMAT_FLAG}.", field=missing[0])
 
 
-def normalise_rows(rows: Sequence[tuple[int, dict]], source: str, fmt: str = "auto",
-                   bad_rows: str = "error") -> tuple[list[dict], str]:
-    """Turns raw ``(row_number, row)`` pairs into canonical records of one kind; returns (records, kind).
-
-    ``bad_rows="skip"`` drops invalid rows (logging the first few reasons) instead of raising; an empty
-    result raises either way.
-    """
-    if fmt not in FORMATS:
-        raise DataError(f"unknown format {fmt!r}.", f"use {_FORMAT_FLAG}=<{'|'.join(FORMATS)}>.", source=source)
-    if bad_rows not in BAD_ROWS:
-        raise DataError(f"unknown bad-row policy {bad_rows!r}.", "use data.bad_rows=error or skip.")
-    if not rows:
-        raise DataError("has no rows.", "point the source at a non-empty file or dataset.", source=source)
+def _resolve_format(rows: Sequence[tuple[int, dict]], source: str, fmt: str) -> str:
+    """``fmt``, or the first row's format for ``auto``; ``messages`` with chosen/rejected is messages-preference."""
     if fmt == "auto":
         try:
             fmt = detect_format(rows[0][1], rows[0][1])
@@ -309,7 +298,13 @@ def normalise_rows(rows: Sequence[tuple[int, dict]], source: str, fmt: str = "au
     first = rows[0][1]
     if fmt == "messages" and not set(first) & set(_MESSAGE_COLUMNS) and {"chosen", "rejected"} <= set(first):
         fmt = "messages-preference"
-    norm, kind, used = _NORMALISERS[fmt]
+    return fmt
+
+
+def _normalise_each(rows: Sequence[tuple[int, dict]], source: str, fmt: str,
+                    bad_rows: str) -> tuple[list[dict], list[str]]:
+    """(canonical records, reasons of the skipped rows); raises on the first bad row unless ``skip``."""
+    norm, _, used = _NORMALISERS[fmt]
     records, skipped = [], []
     for row_no, row in rows:
         try:
@@ -324,13 +319,31 @@ def normalise_rows(rows: Sequence[tuple[int, dict]], source: str, fmt: str = "au
         rec["meta"] = {k: v for k, v in row.items() if k not in used}
         rec["_source"], rec["_row"] = source, row_no
         records.append(rec)
+    return records, skipped
+
+
+def normalise_rows(rows: Sequence[tuple[int, dict]], source: str, fmt: str = "auto",
+                   bad_rows: str = "error") -> tuple[list[dict], str]:
+    """Turns raw ``(row_number, row)`` pairs into canonical records of one kind; returns (records, kind).
+
+    ``bad_rows="skip"`` drops invalid rows (logging the first few reasons) instead of raising; an empty
+    result raises either way.
+    """
+    if fmt not in FORMATS:
+        raise DataError(f"unknown format {fmt!r}.", f"use {_FORMAT_FLAG}=<{'|'.join(FORMATS)}>.", source=source)
+    if bad_rows not in BAD_ROWS:
+        raise DataError(f"unknown bad-row policy {bad_rows!r}.", "use data.bad_rows=error or skip.")
+    if not rows:
+        raise DataError("has no rows.", "point the source at a non-empty file or dataset.", source=source)
+    fmt = _resolve_format(rows, source, fmt)
+    records, skipped = _normalise_each(rows, source, fmt, bad_rows)
     if skipped:
         log.warning("%s: skipped %d of %d rows as invalid; first: %s", source, len(skipped), len(rows),
                     " | ".join(skipped[:3]))
     if not records:
         raise DataError(f"no usable rows left ({len(rows)} read, {len(skipped)} invalid; first problem: "
                         f"{skipped[0] if skipped else 'none'}).", "fix the rows or check the format.", source=source)
-    return records, kind
+    return records, _NORMALISERS[fmt][1]  # the kind
 
 
 # ----------------------------------------------------------------------------- conversions

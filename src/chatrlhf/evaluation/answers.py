@@ -113,27 +113,21 @@ def sample_answers(
         for start in tqdm(starts, desc="sample", disable=not progress, leave=False):
             indices = order[start : start + batch_size]
             batch = collate([{"input_ids": encoded[i]} for i in indices])
-            rollout = generate(
-                model,
-                batch["input_ids"].to(device),
-                batch["attention_mask"].to(device),
-                sampling,
-                eos_token_ids=eos,
-                pad_token_id=pad,
-                backend=backend,
-                generator=generator,
-            )
-            texts = decode_responses(tokenizer, rollout)
-            lengths = rollout.response_lengths.tolist()
-            finished = rollout.finished.tolist()
-            for row, i in enumerate(indices):
-                answers[i] = Answer(
-                    text=texts[row], finished=bool(finished[row]), num_tokens=int(lengths[row])
-                )
-            answers.batches.append((indices, rollout))
+            rollout = generate(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), sampling,
+                               eos_token_ids=eos, pad_token_id=pad, backend=backend, generator=generator)
+            _store_answers(answers, indices, rollout, decode_responses(tokenizer, rollout))
     finally:
         model.train(was_training)
     return answers
+
+
+def _store_answers(answers: Answers, indices: list[int], rollout, texts: list[str]) -> None:
+    """The batch's answers into their prompts' slots of ``answers``; the rollout kept in ``answers.batches``."""
+    lengths = rollout.response_lengths.tolist()
+    finished = rollout.finished.tolist()
+    for row, i in enumerate(indices):
+        answers[i] = Answer(text=texts[row], finished=bool(finished[row]), num_tokens=int(lengths[row]))
+    answers.batches.append((indices, rollout))
 
 
 def _row_chunks(n: int, chunk: int | None) -> list[slice]:

@@ -256,37 +256,38 @@ def evaluate_models(
         raise ValueError("evaluate_models needs at least one prompt")
     dev = _device(device)
     common = dict(batch_size=batch_size, dtype=dtype, device=dev, progress=progress)
-    runs = _sample_all(
-        models,
-        prompts,
-        sampling,
-        seed=seed,
-        max_prompt_len=max_prompt_len,
-        backend=backend,
-        with_log_probs=reference is not None,
-        **common,
-    )
+    runs = _sample_all(models, prompts, sampling, seed=seed, max_prompt_len=max_prompt_len, backend=backend,
+                       with_log_probs=reference is not None, **common)
     kl = _kl_per_answer(runs, reference, **common) if reference is not None else None
     rm = _rm_per_answer(runs, reward_model, **common) if reward_model is not None else None
     _say(progress, "gold-rater scores")
     gold = _gold_per_answer(runs, prompts, rater)
-    names = list(models)
     rows = _per_prompt_rows(prompts, runs, gold, rm, kl)
     results = {
-        "order": names,
+        "order": list(models),
         "num_prompts": len(prompts),
         "seed": seed,
         "sampling": dataclasses.asdict(sampling),
         "backend": backend,
         "reference": None if reference is None else str(reference),
         "reward_model": None if reward_model is None else str(reward_model),
-        # k1 on the policy's own samples estimates KL(pi || ref) only for plain temperature-1 sampling.
-        "kl_is_estimate": bool(
-            sampling.do_sample
-            and sampling.temperature == 1.0
-            and sampling.top_p >= 1.0
-            and not sampling.top_k
-        ),
+        "kl_is_estimate": _kl_is_estimate(sampling),
+        **_comparison(list(models), runs, gold, rm, kl),
+        "examples": [rows[i] for i in _example_indices(prompts, num_examples)],
+    }
+    if out_dir is not None:
+        _write_results(Path(out_dir), rows, results, progress)
+    return results
+
+
+def _kl_is_estimate(sampling: SamplingConfig) -> bool:
+    """k1 on the policy's own samples estimates KL(pi || ref) only for plain temperature-1 sampling."""
+    return bool(sampling.do_sample and sampling.temperature == 1.0 and sampling.top_p >= 1.0 and not sampling.top_k)
+
+
+def _comparison(names: list[str], runs: dict, gold: dict, rm: dict | None, kl: dict | None) -> dict:
+    """``models`` (each model's summary) and ``win_rates`` (gold overall per prompt, each pair of models)."""
+    return {
         "models": {
             n: _summary(runs[n], gold[n], rm[n] if rm else None, kl[n] if kl else None) for n in names
         },
@@ -299,13 +300,13 @@ def evaluate_models(
             }
             for a, b in _comparisons(names)
         },
-        "examples": [rows[i] for i in _example_indices(prompts, num_examples)],
     }
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        with (out / SAMPLES_FILE).open("w", encoding="utf-8") as f:
-            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-        write_json_atomic(out / RESULTS_FILE, results)
-        _say(progress, f"results in {out / RESULTS_FILE}, answers in {out / SAMPLES_FILE}")
-    return results
+
+
+def _write_results(out: Path, rows: list[dict], results: dict, progress: bool) -> None:
+    """Every answer to ``SAMPLES_FILE`` (JSON lines) and the results to ``RESULTS_FILE``."""
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / SAMPLES_FILE).open("w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    write_json_atomic(out / RESULTS_FILE, results)
+    _say(progress, f"results in {out / RESULTS_FILE}, answers in {out / SAMPLES_FILE}")

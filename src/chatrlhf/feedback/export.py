@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from chatrlhf.config import ConfigError, check_filter_flags
-from chatrlhf.feedback.store import DIMENSIONS, FeedbackStore
+from chatrlhf.feedback.schema import DIMENSIONS
+from chatrlhf.feedback.store import FeedbackStore
 
 COMPARISON_STAT_KEYS = ("comparisons", "superseded", "candidate_pairs", "dropped_identical", "dropped_tie",
                         "dropped_disagreement", "pairs")

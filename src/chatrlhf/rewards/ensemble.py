@@ -1,7 +1,7 @@
 """Reward ensembles: a weighted sum of reward sources, each optionally standardised by its own running moments.
 
 Spec: ``W1*SPEC1 + W2*SPEC2 + ...`` (``parse_ensemble_spec``). Each SPEC is a single source
-(``build_reward_source``); a weight is optional (default 1) and may be negative or 0 (a 0-weight source is
+(``chatrlhf.rewards.factory.build_single_source``); a weight is optional (default 1) and may be negative or 0 (a 0-weight source is
 still scored and logged, which is a cheap way to watch a judge without training on it). The score of
 answer i is
 
@@ -12,6 +12,9 @@ where s_k,i is source k's raw score and mu_k / sigma_k are the running mean and 
 source k's scores over every batch so far, this one included, on all processes (``RunningMoments``, Chan et
 al.'s parallel merge). Standardising first makes the weights shares of the total whatever each source's
 scale: an RM scoring in [-5, 5] and a rule in [0, 1] would otherwise let the RM dominate at equal weights.
+
+A spec of one source without a weight gives a pass-through ensemble (``EnsembleSource.single``): the source's
+score unchanged, so the training loop always holds an ensemble and never special-cases a lone source.
 """
 
 from __future__ import annotations
@@ -19,15 +22,12 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from chatrlhf.algorithms.rl import RunningMoments
-
-if TYPE_CHECKING:
-    from chatrlhf.rewards.sources import RewardBatch, RewardSource
+from chatrlhf.rewards.contract import RewardBatch, RewardSource
 
 # A "+" standing alone between terms; "a+b" or "1e+3" are not split.
 _TERM_SPLIT = re.compile(r"(?:^|\s)\+(?:\s|$)")
@@ -85,7 +85,7 @@ def _identity(x: Tensor) -> Tensor:
     return x
 
 
-class EnsembleSource:
+class EnsembleSource(RewardSource):
     """Weighted sum of reward sources; ``__call__(batch) -> (B,)`` float32 on CPU.
 
     ``gather``: maps this process's scores (B,) to all processes' scores; the training loop sets it to its
@@ -94,6 +94,8 @@ class EnsembleSource:
     """
 
     short_name = "ensemble"
+    passthrough = False
+    """True for ``single``'s one-term ensemble, which stands for its source (name, capabilities, no parts)."""
 
     def __init__(self, sources: Sequence[RewardSource], weights: Sequence[float], names: Sequence[str],
                  normalize: bool = True):
@@ -112,6 +114,35 @@ class EnsembleSource:
         self.gather: Callable[[Tensor], Tensor] = _identity
         self.last_parts: dict[str, Tensor] = {}
         self.name = " + ".join(f"{w:g}*{s.name}" for w, s in zip(self.weights, self.sources))
+
+    @classmethod
+    def single(cls, source: RewardSource) -> EnsembleSource:
+        """A one-term ensemble passing ``source``'s scores through unchanged (weight 1, no normalisation).
+
+        It takes the source's name and capabilities, saves nothing and logs no parts: its one part is the
+        score the training loop already logs as ``reward/score``.
+        """
+        ensemble = cls([source], [1.0], [source.short_name], normalize=False)
+        ensemble.passthrough = True
+        ensemble.name, ensemble.short_name = source.name, source.short_name
+        return ensemble
+
+    @property
+    def has_state(self) -> bool:
+        return not self.passthrough
+
+    @property
+    def is_gold_judge(self) -> bool:
+        return self.passthrough and self.sources[0].is_gold_judge
+
+    @property
+    def critic_init(self) -> str | None:
+        return self.sources[0].critic_init if self.passthrough else None
+
+    @property
+    def logged_parts(self) -> dict[str, Tensor]:
+        """``last_parts`` to log as ``reward/<name>``: none for a pass-through (its part is the score)."""
+        return {} if self.passthrough else self.last_parts
 
     @torch.no_grad()
     def __call__(self, batch: RewardBatch) -> Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from chatrlhf.rewards.sources import RewardBatch, prompt_texts
+from chatrlhf.rewards.contract import RewardBatch, RewardSource, prompt_texts
 
 REFERENCE_KEYS = ("reference", "chosen")
 """Metadata keys read as the reference answer, first present wins; the prompt text is the fallback."""
@@ -34,7 +34,7 @@ def reference_texts(batch: RewardBatch) -> list[str]:
     return out
 
 
-class SimilaritySource:
+class SimilaritySource(RewardSource):
     """``similarity``: MiniLM cosine of each answer to its reference (``reference_texts``); (B,) in [-1, 1].
 
     ``embedder``: a ``chatrlhf.models.encoder.MiniLMEmbedder`` (in eval mode); default: the packaged

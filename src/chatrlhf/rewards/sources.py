@@ -1,72 +1,40 @@
-"""Reward sources for RL stages: one call, ``source(batch) -> scores (B,)``, whatever judges the answers.
+"""The reward sources: the judges a reward spec can name (``chatrlhf.rewards.factory`` parses the spec).
 
-A spec string picks the source (``build_reward_source``; every form is described in docs/rewards.md):
+- ``RewardModelSource``: a reward-model dir written by ``chatrlhf rm`` (decoder trunk + scalar head). When it
+  shares the policy's tokenizer it scores the rollout's token ids directly; otherwise the texts are
+  re-encoded with its own tokenizer and chat template;
+- ``EncoderSource``: ``encoder:DIR``, an encoder reward model with its own tokenizer, scoring text pairs;
+- ``RaterSource``: ``rater``, the simulated rater's overall score (the demo's gold judge);
+- ``FunctionSource``: ``FILE.py:function`` or ``package.module:function``, rewards as code:
+  ``function(prompt: str, response: str, metadata: dict) -> float`` (examples in ``examples.py``).
 
-- a reward-model dir written by ``chatrlhf rm`` (decoder trunk + scalar head). When it shares the policy's
-  tokenizer it scores the rollout's token ids directly; otherwise the texts are re-encoded with its own
-  tokenizer and chat template;
-- ``encoder:DIR`` - an encoder reward model with its own tokenizer (``EncoderRewardModel``), scoring text pairs;
-- ``rater`` - the simulated rater's overall score (the demo's gold judge; useful as a known-good reward);
-- ``similarity`` - MiniLM cosine similarity of the answer to the row's reference answer (``similarity.py``);
-- ``FILE.py:function`` or ``package.module:function`` - rewards as code:
-  ``function(prompt: str, response: str, metadata: dict) -> float`` (examples in ``examples.py``);
-- ``W1*SPEC1 + W2*SPEC2 + ...`` - a weighted ensemble of the above (``ensemble.py``).
-
-Every source runs without gradients and leaves the models it holds in eval mode. Each has a ``name`` (the
-spec it came from) and a ``short_name`` (``rm``, ``rater``, a function's name ...) used in an ensemble's logs.
+The similarity source sits in ``similarity.py``. Every source runs without gradients and leaves the models it
+holds in eval mode.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
-import json
 import math
 import numbers
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import torch
 
-from chatrlhf.models.encoder import prompt_text
-from chatrlhf.rewards.ensemble import EnsembleSource, is_ensemble_spec, parse_ensemble_spec, unique_names
-
-
-@dataclass
-class RewardBatch:
-    """What a reward source may look at: the token ids and the texts of each (prompt, answer)."""
-
-    sequences: torch.Tensor
-    """(B, P+R) prompt + answer ids in the policy's vocabulary (left-padded prompt, right-padded answer)."""
-    attention_mask: torch.Tensor
-    """(B, P+R) 1 on real tokens (the answer's EOS included)."""
-    prompts: list[list[dict]]
-    """Prompt messages (ending with the user turn)."""
-    responses: list[str]
-    """Answer texts (special tokens removed)."""
-    finished: list[bool]
-    """Whether each answer ended with EOS (False: cut at the token limit)."""
-    meta: list[dict] = field(default_factory=list)
-    """Per-prompt metadata: the data row's extra columns (e.g. ``harmful``, ``keywords``, ``reference``; a
-    preference row converted to a prompt also carries its ``chosen`` answer)."""
-
-
-class RewardSource(Protocol):
-    name: str
-    short_name: str
-
-    def __call__(self, batch: RewardBatch) -> torch.Tensor: ...
+from chatrlhf.rewards.contract import RewardBatch, RewardSource, prompt_texts
 
 
 def _same_vocab(tok_a, tok_b) -> bool:
     return tok_a.get_vocab() == tok_b.get_vocab() and tok_a.chat_template == tok_b.chat_template
 
 
-class RewardModelSource:
+class RewardModelSource(RewardSource):
     """A decoder reward model's score at the answer's last real token."""
+
+    needs_placement = True
 
     def __init__(self, path: str, policy_tokenizer, dtype: str = "float32", trust_remote_code: bool = False):
         from chatrlhf.models import load_reward_model, load_tokenizer
@@ -76,6 +44,7 @@ class RewardModelSource:
         self.model = load_reward_model(path, dtype=dtype, trust_remote_code=trust_remote_code).eval()
         self.tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code, padding_side="right")
         self.shares_tokenizer = _same_vocab(self.tokenizer, policy_tokenizer)
+        self.critic_init = path if self.shares_tokenizer else None
 
     @torch.no_grad()
     def __call__(self, batch: RewardBatch) -> torch.Tensor:
@@ -94,7 +63,7 @@ class RewardModelSource:
         return self.model(ids, mask).float().cpu()
 
 
-class EncoderSource:
+class EncoderSource(RewardSource):
     """An encoder reward model (own tokenizer) reading ``prompt [SEP] response`` text."""
 
     def __init__(self, path: str, trust_remote_code: bool = False):
@@ -112,11 +81,6 @@ def _harmful(meta: dict) -> bool | None:
     return None if value is None else bool(value)
 
 
-def prompt_texts(batch: RewardBatch) -> list[str]:
-    """Each prompt as text: a single user turn as its content, a conversation as ``role: content`` lines."""
-    return [prompt_text(p[-1]["content"] if len(p) == 1 else p) for p in batch.prompts]
-
-
 def rater_inputs(batch: RewardBatch) -> tuple[list[str], list[bool] | None, list[bool]]:
     """(prompt texts, harmful flags or None, truncated flags) for ``SimulatedRater.score``."""
     texts = prompt_texts(batch)
@@ -125,10 +89,11 @@ def rater_inputs(batch: RewardBatch) -> tuple[list[str], list[bool] | None, list
     return texts, harmful, [not f for f in batch.finished]
 
 
-class RaterSource:
+class RaterSource(RewardSource):
     """The simulated rater's overall score in [0, 1] (``chatrlhf.rewards.rater``)."""
 
     name = short_name = "rater"
+    is_gold_judge = True
 
     def __init__(self, rater=None):
         from chatrlhf.rewards.rater import SimulatedRater
@@ -145,7 +110,7 @@ class RaterSource:
 
 # ------------------------------------------------------------------------------------- rewards as code
 _MODULE = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")  # a dotted module path: package.module
-_FUNCTION_FORM = "FILE.py:function or package.module:function"
+FUNCTION_FORM = "FILE.py:function or package.module:function"
 
 
 def is_function_spec(spec: str) -> bool:
@@ -157,7 +122,7 @@ def is_function_spec(spec: str) -> bool:
 def _module_from_file(file: Path, spec: str):
     if not file.is_file():
         raise FileNotFoundError(f"reward function file {file} does not exist (from reward spec {spec!r}); "
-                                f"pass an existing {_FUNCTION_FORM}")
+                                f"pass an existing {FUNCTION_FORM}")
     module_spec = importlib.util.spec_from_file_location(f"chatrlhf_reward_{file.stem}", file)
     module = importlib.util.module_from_spec(module_spec)
     try:
@@ -185,7 +150,7 @@ def load_reward_function(spec: str) -> Callable[[str, str, dict], float]:
     """The function a ``FILE.py:function`` or ``package.module:function`` spec names (raises naming the spec)."""
     where, _, fn_name = spec.rpartition(":")
     if not is_function_spec(spec):
-        raise ValueError(f"reward spec {spec!r} is not of the form {_FUNCTION_FORM}")
+        raise ValueError(f"reward spec {spec!r} is not of the form {FUNCTION_FORM}")
     module = _module_from_file(Path(where), spec) if where.endswith(".py") else _module_from_name(where, spec)
     fn = getattr(module, fn_name, None)
     if not callable(fn):
@@ -204,7 +169,7 @@ def _as_reward(value, spec: str, row: int) -> float:
                      "batch; it must return a finite number (int or float, not NaN or inf)")
 
 
-class FunctionSource:
+class FunctionSource(RewardSource):
     """Rewards as code: ``function(prompt, response, metadata) -> float`` called once per answer.
 
     ``prompt`` is the prompt as text (``prompt_texts``); ``metadata`` is the row's meta plus ``finished``
@@ -228,60 +193,3 @@ class FunctionSource:
                                    f"batch (prompt {prompt[:80]!r}): {err}") from err
             out.append(_as_reward(value, self.spec, i))
         return torch.tensor(out, dtype=torch.float32)  # (B,)
-
-
-# ------------------------------------------------------------------------------------------- builder
-_SPEC_FORMS = f"a reward-model dir, 'rater', 'similarity', 'encoder:DIR', {_FUNCTION_FORM}, or 'W1*SPEC1 + W2*SPEC2'"
-
-
-def _build_single(spec: str, policy_tokenizer, dtype: str, trust_remote_code: bool) -> RewardSource:
-    if spec == "rater":
-        return RaterSource()
-    if spec == "similarity":
-        from chatrlhf.rewards.similarity import SimilaritySource
-
-        return SimilaritySource()
-    if spec.startswith("encoder:"):
-        return EncoderSource(spec.removeprefix("encoder:"), trust_remote_code)
-    path = Path(spec)
-    if is_function_spec(spec) and not path.is_dir():
-        return FunctionSource(spec)
-    meta = path / "chatrlhf_reward.json"
-    if meta.is_file() and json.loads(meta.read_text()).get("kind") == "encoder_reward":
-        return EncoderSource(spec, trust_remote_code)
-    if not (path / "config.json").is_file():
-        hint = " (ensemble terms are joined by ' + ', with spaces)" if "+" in spec else ""
-        raise FileNotFoundError(f"reward model dir {path} not found (no config.json){hint}; pass the dir written "
-                                f"by `chatrlhf rm` (its model/ subdir) or another form: {_SPEC_FORMS}")
-    return RewardModelSource(spec, policy_tokenizer, dtype, trust_remote_code)
-
-
-def _in_term(err: Exception, message: str) -> Exception:
-    """The same kind of error with ``message`` (a plain ValueError where that kind needs other arguments)."""
-    try:
-        return type(err)(message)
-    except Exception:
-        return ValueError(message)
-
-
-def build_reward_source(spec: str, policy_tokenizer, dtype: str = "float32", trust_remote_code: bool = False,
-                        normalize_sources: bool = True) -> RewardSource:
-    """The reward source a spec string names (see the module docstring and docs/rewards.md).
-
-    An ensemble spec (terms joined by `` + `` or a ``W*`` weight prefix) gives an ``EnsembleSource``;
-    ``normalize_sources`` then standardises each term by its own running mean/std before weighting.
-    """
-    spec = spec.strip()
-    if not spec:
-        raise ValueError(f"no reward given: set --reward to {_SPEC_FORMS}")
-    if not is_ensemble_spec(spec):
-        return _build_single(spec, policy_tokenizer, dtype, trust_remote_code)
-    terms = parse_ensemble_spec(spec)
-    sources = []
-    for i, (_, term) in enumerate(terms):
-        try:
-            sources.append(_build_single(term, policy_tokenizer, dtype, trust_remote_code))
-        except (ValueError, OSError, ImportError, AttributeError) as err:
-            raise _in_term(err, f"reward ensemble {spec!r}, term {i + 1} {term!r}: {err}") from err
-    names = unique_names([s.short_name for s in sources])
-    return EnsembleSource(sources, [w for w, _ in terms], names, normalize=normalize_sources)

@@ -89,7 +89,7 @@ class SubBatch:
         self.cache, self.trimmable = make_cache(self.model.config, self.mask.shape[1] + self.sampling.max_new_tokens)
         out = self.model(input_ids=self.input_ids, attention_mask=self.mask,
                          position_ids=position_ids_from_mask(self.mask),  # left padding does not shift positions
-                         past_key_values=self.cache, use_cache=True, **self.logits_to_keep)
+                         cache=self.cache, use_cache=True, **self.logits_to_keep)
         if self.cache.get_seq_length() != self.mask.shape[1]:
             # e.g. activation checkpointing in train mode: transformers then drops the cache silently.
             raise RuntimeError(f"{type(self.model).__name__} did not fill the KV cache it was given (holds "
@@ -101,7 +101,7 @@ class SubBatch:
     def _decode(self) -> torch.Tensor:
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)  # (L, T + 1)
         out = self.model(input_ids=self.next_tokens[:, None], attention_mask=self.mask,
-                         position_ids=self.next_pos[:, None], past_key_values=self.cache, use_cache=True)
+                         position_ids=self.next_pos[:, None], cache=self.cache, use_cache=True)
         self.next_pos = self.next_pos + 1
         return out.logits[:, -1]
 

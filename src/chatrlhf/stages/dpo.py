@@ -25,6 +25,7 @@ from chatrlhf.checkpoint import write_json_atomic
 from chatrlhf.data import PairCollator, encode_records, prepare_records
 from chatrlhf.engine import Engine, init_distributed
 from chatrlhf.models import apply_lora, disable_dropout, load_causal_lm, load_tokenizer
+from chatrlhf.resume import resume_step, save_resumable
 from chatrlhf.stages.dpo_config import DPOConfig
 from chatrlhf.training import (
     MODEL_SUBDIR,
@@ -32,8 +33,6 @@ from chatrlhf.training import (
     MetricsLogger,
     prepare_output_dir,
     rank_batches,
-    resume_or_start,
-    save_training_checkpoint,
     set_seed,
     total_steps,
     write_resolved_config,
@@ -176,6 +175,31 @@ def _prepare_reference(cfg: DPOConfig, engine: Engine, start: int, splits: list[
     return None
 
 
+def _load_policy(cfg: DPOConfig, n_steps: int) -> Engine:
+    """The policy to train (with LoRA adapters when ``--model.lora_r`` > 0) in its engine."""
+    m = cfg.model
+    model = apply_lora(load_causal_lm(m.name_or_path, dtype=m.dtype, trust_remote_code=m.trust_remote_code,
+                                      gradient_checkpointing=m.gradient_checkpointing), m)
+    if cfg.disable_dropout:
+        disable_dropout(model)  # otherwise the policy's log-probs are noisy and h != 0 at step 0
+    return Engine(model, cfg.engine, total_steps=n_steps)
+
+
+def dpo_step(engine: Engine, reference, train: list[dict], collate, plan: BatchPlan, step: int,
+             cfg: DPOConfig) -> dict[str, float]:
+    """One optimizer step over this process's micro-batches of the step's pairs; returns the step's loss,
+    reward margins and accuracy over the pairs of all processes."""
+    epoch, in_epoch = divmod(step, plan.steps_per_epoch)
+    sums = torch.zeros(7, dtype=torch.float64)
+    for micro in plan.local_micro_batches(plan.batch(epoch, in_epoch), engine.rank):
+        terms = _pair_terms(engine, reference, collate([train[i] for i in micro]), cfg, engine.device)
+        # Mean over the pairs of the whole step; x world because DeepSpeed averages gradients over ranks.
+        engine.backward(terms.losses.sum() * (engine.world_size / plan.global_batch))
+        engine.step()
+        sums += _sums(terms, cfg.beta)
+    return _summary(engine.all_reduce(sums.to(engine.device)).cpu())
+
+
 def train_dpo(cfg: DPOConfig) -> dict[str, float]:
     cfg.validate()
     rank, world = init_distributed()
@@ -194,13 +218,8 @@ def train_dpo(cfg: DPOConfig) -> dict[str, float]:
     plan = BatchPlan(len(train), batch_size, cfg.engine.gradient_accumulation_steps, world, cfg.engine.seed)
     plan.check("dpo")
     n_steps = total_steps(plan, cfg.epochs, cfg.max_steps)
-    m = cfg.model
-    model = apply_lora(load_causal_lm(m.name_or_path, dtype=m.dtype, trust_remote_code=m.trust_remote_code,
-                                      gradient_checkpointing=m.gradient_checkpointing), m)
-    if cfg.disable_dropout:
-        disable_dropout(model)  # otherwise the policy's log-probs are noisy and h != 0 at step 0
-    engine = Engine(model, cfg.engine, total_steps=n_steps)
-    start = resume_or_start(out, engine, cfg.run, plan)
+    engine = _load_policy(cfg, n_steps)
+    start = resume_step(out, engine, cfg.run, plan)
     logger = MetricsLogger(out, enabled=engine.is_rank_0, start=start)
     if engine.is_rank_0:
         write_resolved_config(out, cfg)
@@ -216,15 +235,8 @@ def train_dpo(cfg: DPOConfig) -> dict[str, float]:
         logger.log(0, baseline, "eval")
     bar = tqdm(total=n_steps, initial=start, desc="dpo", disable=not (cfg.run.progress and engine.is_rank_0))
     for step in range(start, n_steps):
-        epoch, in_epoch = divmod(step, plan.steps_per_epoch)
-        sums = torch.zeros(7, dtype=torch.float64)
-        for micro in plan.local_micro_batches(plan.batch(epoch, in_epoch), rank):
-            terms = _pair_terms(engine, reference, collate([train[i] for i in micro]), cfg, engine.device)
-            # Mean over the pairs of the whole step; x world because DeepSpeed averages gradients over ranks.
-            engine.backward(terms.losses.sum() * (world / plan.global_batch))
-            engine.step()
-            sums += _sums(terms, cfg.beta)
-        row = _summary(engine.all_reduce(sums.to(engine.device)).cpu())
+        epoch = step // plan.steps_per_epoch
+        row = dpo_step(engine, reference, train, collate, plan, step, cfg)
         done = step + 1
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracy']:.2f}")
@@ -234,7 +246,7 @@ def train_dpo(cfg: DPOConfig) -> dict[str, float]:
         if cfg.run.eval_every and done % cfg.run.eval_every == 0 and done < n_steps:
             logger.log(done, evaluate(engine, reference, evals, collate, batch_size, cfg), "eval")
         if cfg.run.save_every and done % cfg.run.save_every == 0 and done < n_steps:
-            save_training_checkpoint(out, engine, done, cfg.run, plan)
+            save_resumable(out, engine, done, cfg.run, plan)
     bar.close()
 
     # ---- evaluate and save ----------------------------------------------------------------------

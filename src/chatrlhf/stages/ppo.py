@@ -1,12 +1,17 @@
 """On-policy RLHF: PPO (DeepSpeed-Chat step 3) and its critic-free relatives (REINFORCE, RLOO, GRPO, ...).
 
-One iteration: generate (rollouts from the actor's live weights) -> score (old log-probs, reference
-log-probs and, with a critic, values, all in eval mode; the reward source's score) -> advantages (per-token
-rewards: the score at the last answer token, minus beta * KL per token when the KL sits in the reward; then
-the advantage estimator picked by name, GAE for PPO) -> update (PPO epochs over mini-batches: clipped
-policy loss on the actor, plus beta * KL when the KL sits in the loss; clipped value loss on the critic)
--> log / checkpoint. Every choice is listed in docs/ppo.md and docs/rl.md.
-Tensors over answer positions are (B, R); ``P`` is the (left-padded) prompt width of the rollout.
+``train_ppo`` runs one iteration per prompt batch, each phase a function below, in this order:
+  generate_rollouts   answers from the actor's live weights, in inference mode
+  score_rollouts      old log-probs, reference log-probs and, with a critic, values, all in eval mode; the
+                      reward source's score
+  compute_advantages  per-token rewards (the score at the last answer token, minus beta * KL per token when
+                      the KL sits in the reward), then the advantage estimator picked by name (GAE for PPO)
+  ppo_update          PPO epochs over mini-batches: clipped policy loss on the actor, plus beta * KL when the
+                      KL sits in the loss; clipped value loss on the critic
+  iteration_metrics   one metrics row, every value the same on all processes; then log and checkpoint.
+The math is in ``chatrlhf.algorithms`` (``rl``, ``advantages``, ``losses``); every choice is listed in
+docs/ppo.md and docs/rl.md. Tensors over answer positions are (B, R); ``P`` is the (left-padded) prompt
+width of the rollout.
 """
 
 from __future__ import annotations
@@ -17,71 +22,172 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from chatrlhf.algorithms import gather_log_probs, masked_sum, rl
-from chatrlhf.algorithms.advantages import ADVANTAGE_ESTIMATORS
-from chatrlhf.data import PromptCollator, encode_records, prepare_records
+from chatrlhf.algorithms import entropy_from_logits, gather_log_probs, masked_sum, policy_loss, rl, value_loss
+from chatrlhf.algorithms.advantages import stage_name
 from chatrlhf.data.encode import eos_id
-from chatrlhf.engine import Engine, init_distributed
-from chatrlhf.models import load_tokenizer
-from chatrlhf.rewards.sources import RaterSource, RewardBatch
-from chatrlhf.rollout import answer_logits, decode_responses, generate
+from chatrlhf.engine import Engine
+from chatrlhf.resume import resume_rl_step, save_rl_final, save_rl_resumable
+from chatrlhf.rewards.contract import RewardBatch
+from chatrlhf.rollout import Rollout, answer_logits, decode_responses, generate
 from chatrlhf.stages.ppo_config import PPOConfig
-from chatrlhf.stages.rl_support import (
-    EMA,
-    PtxData,
-    load_models,
-    place_frozen,
-    plan_iterations,
-    resume,
-    save_checkpoint,
-    save_final,
-)
-from chatrlhf.training import MetricsLogger, prepare_output_dir, set_seed, write_resolved_config
+from chatrlhf.stages.ppo_setup import RLRun, setup_run
+from chatrlhf.training import MetricsLogger, write_resolved_config
 
 
 @dataclass
 class Experience:
-    """One rollout batch on this process, ready for the PPO update."""
+    """One iteration's rollouts on this process, scored: what the update and the metrics read."""
 
     sequences: torch.Tensor  # (B, P+R)
     attention_mask: torch.Tensor  # (B, P+R)
     mask: torch.Tensor  # (B, R) float: answer tokens, EOS included
-    old_log_probs: torch.Tensor  # (B, R)
-    ref_log_probs: torch.Tensor  # (B, R)
+    finished: torch.Tensor  # (B,) bool: the answer ended with EOS
+    reward_batch: RewardBatch  # prompts and decoded answers, what reward sources read
+    old_logprobs: torch.Tensor  # (B, R) the actor's, at rollout time
+    ref_logprobs: torch.Tensor  # (B, R)
     values: torch.Tensor  # (B, R); zeros without a critic
-    advantages: torch.Tensor  # (B, R)
-    returns: torch.Tensor  # (B, R)
+    raw_scores: torch.Tensor  # (B,) the reward source's scores, as logged
+    scores: torch.Tensor  # (B,) after the missing-EOS penalty and normalisation: what the rewards use
+    rewards: torch.Tensor | None = None  # (B, R) per-token rewards, from compute_advantages
+    advantages: torch.Tensor | None = None  # (B, R)
+    returns: torch.Tensor | None = None  # (B, R)
+
+
+def train_ppo(cfg: PPOConfig) -> dict[str, float]:
+    cfg.validate()
+    run = setup_run(cfg)
+    start = resume_rl_step(run.out, run.actor, run.critic, cfg.run, run.stateful, run.ema, run.mini)
+    logger = _start_logger(run, start)
+    bar = tqdm(total=run.n_iters, initial=start, desc=stage_name(cfg.advantage_estimator),
+               disable=not (cfg.run.progress and run.actor.is_rank_0))
+    history: list[dict] = []
+    for iteration in range(start, run.n_iters):
+        started = time.time()
+        rollout, prompt_batch = generate_rollouts(run, iteration)
+        t_generate = time.time() - started
+        exp = score_rollouts(run, rollout, prompt_batch)
+        exp.rewards, exp.advantages, exp.returns = compute_advantages(run, exp)
+        t_score = time.time() - started - t_generate
+        update_stats = ppo_update(run, exp, iteration)
+        kl, kl_coef = _adapt_kl(run, exp)
+        if run.ema is not None:
+            run.ema.update(run.actor)
+        row = iteration_metrics(run, exp, {"kl": kl, "kl_coef": kl_coef}, update_stats,
+                                {"time/generate": t_generate, "time/score": t_score}, started, iteration)
+        history.append(row)
+        bar.update(1)
+        bar.set_postfix(reward=f"{row['reward/score']:.3f}", kl=f"{kl:.3f}")
+        _log_and_save(run, logger, row, done=iteration + 1)
+    bar.close()
+    summary = save_rl_final(run.out, run.actor, run.critic, run.ema, run.tokenizer, history, run.n_iters,
+                            run.kl_ctl.value, cfg.advantage_estimator)
+    logger.close()
+    return summary
+
+
+def _start_logger(run: RLRun, start: int) -> MetricsLogger:
+    logger = MetricsLogger(run.out, enabled=run.actor.is_rank_0, start=start)
+    if run.actor.is_rank_0:
+        write_resolved_config(run.out, run.cfg)
+        logger.log(start, {"prompts": len(run.prompts), "iterations": run.n_iters, "reward": run.reward.name,
+                           "advantage_estimator": run.cfg.advantage_estimator}, "data")
+    return logger
+
+
+# ---- generate -------------------------------------------------------------------------------------------
+
+
+def generate_rollouts(run: RLRun, iteration: int) -> tuple[Rollout, dict]:
+    """This process's answers to the iteration's prompts (``samples_per_prompt`` each), sampled from the
+    actor's live weights in inference mode; and the collated prompt batch they answer."""
+    cfg, actor = run.cfg, run.actor
+    epoch, step_in_epoch = divmod(iteration, run.plan.steps_per_epoch)
+    (local_idx,) = run.plan.local_micro_batches(run.plan.batch(epoch, step_in_epoch), run.rank)
+    items = [run.prompts[i] for i in local_idx for _ in range(cfg.samples_per_prompt)]
+    batch = {k: v.to(actor.device) if torch.is_tensor(v) else v for k, v in run.collate(items).items()}
+    # Sampling randomness is a pure function of (seed, iteration, rank): a resumed run draws the same.
+    gen = torch.Generator().manual_seed(cfg.actor_engine.seed * 1_000_003 + iteration * run.world + run.rank)
+    with actor.generation_mode() as model:
+        rollout = generate(model, batch["input_ids"], batch["attention_mask"], cfg.generation.sampling(),
+                           eos_token_ids=[eos_id(run.tokenizer)], pad_token_id=run.tokenizer.pad_token_id,
+                           backend=cfg.generation.backend, generator=gen,
+                           sync=actor.all_done if run.world > 1 else None)
+    return rollout, batch
+
+
+# ---- score ----------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def _score(cfg: PPOConfig, actor: Engine, reference, critic: Engine | None, reward, ro, rb: RewardBatch):
-    """(old log-probs, reference log-probs, values) (B, R) each and the reward's scores (B,).
+def score_rollouts(run: RLRun, rollout: Rollout, prompt_batch: dict) -> Experience:
+    """Old and reference log-probs, values and the reward source's scores of the rollouts.
+
+    Answers cut off without EOS lose ``missing_eos_penalty``; with ``normalize_reward`` the scores are
+    normalised by running moments over all processes' scores.
+    """
+    cfg = run.cfg
+    reward_batch = RewardBatch(rollout.sequences, rollout.attention_mask, prompt_batch["prompts"],
+                               decode_responses(run.tokenizer, rollout), rollout.finished.tolist(),
+                               prompt_batch.get("meta", []))
+    old_logprobs, ref_logprobs, values = _logprobs_and_values(run, rollout)
+    raw_scores = run.reward(reward_batch).float()
+    mask = rollout.response_mask.float()  # from the rollout, never from pad ids (pad == eos in SmolLM2)
+    scores = raw_scores - cfg.missing_eos_penalty * (~rollout.finished).float()
+    if cfg.normalize_reward:
+        run.moments.update(run.actor.all_gather(scores))
+        scores = run.moments.normalize(scores)
+    return Experience(rollout.sequences, rollout.attention_mask, mask, rollout.finished, reward_batch,
+                      old_logprobs, ref_logprobs, values, raw_scores, scores)
+
+
+def _logprobs_and_values(run: RLRun, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(old log-probs, reference log-probs, values) (B, R) each, a micro-batch at a time.
 
     The actor and critic run in eval mode (no dropout), so the first PPO ratio is exactly 1. Without a
     critic the values are zeros.
     """
-    seq, attn = ro.sequences, ro.attention_mask
-    n, r_len, chunk = seq.shape[0], ro.response_mask.shape[1], cfg.actor_engine.micro_batch_size
-    temperature = cfg.generation.temperature
-    models = [m for m in (actor, critic) if m is not None]
+    sequences, attention_mask = rollout.sequences, rollout.attention_mask
+    answer_len, chunk = rollout.response_mask.shape[1], run.cfg.actor_engine.micro_batch_size
+    temperature = run.cfg.generation.temperature
+    models = [m for m in (run.actor, run.critic) if m is not None]
     for m in models:
         m.eval()
-    old, ref, values = [], [], []
-    with reference.resident():  # an offloaded reference comes to the device once per scoring pass
-        for i in range(0, n, chunk):
-            s, a, answer = seq[i : i + chunk], attn[i : i + chunk], seq[i : i + chunk, -r_len:]
-            old.append(gather_log_probs(answer_logits(actor, s, a, r_len, temperature), answer))
-            ref.append(gather_log_probs(answer_logits(reference, s, a, r_len, temperature), answer))
-            values.append(_critic_values(critic, s, a, r_len) if critic is not None else torch.zeros_like(old[-1]))
+    old_logprobs, ref_logprobs, values = [], [], []
+    with run.reference.resident():  # an offloaded reference comes to the device once per scoring pass
+        for i in range(0, sequences.shape[0], chunk):
+            seq, attn = sequences[i : i + chunk], attention_mask[i : i + chunk]
+            answer = seq[:, -answer_len:]
+            old_logprobs.append(gather_log_probs(answer_logits(run.actor, seq, attn, answer_len, temperature), answer))
+            ref_logprobs.append(gather_log_probs(answer_logits(run.reference, seq, attn, answer_len, temperature),
+                                                 answer))
+            values.append(_critic_values(run.critic, seq, attn, answer_len) if run.critic is not None
+                          else torch.zeros_like(old_logprobs[-1]))
     for m in models:
         m.train()
-    return torch.cat(old), torch.cat(ref), torch.cat(values), reward(rb).float()
+    return torch.cat(old_logprobs), torch.cat(ref_logprobs), torch.cat(values)
 
 
 def _critic_values(critic, sequences, attention_mask, answer_len: int) -> torch.Tensor:
     """V(s_t) for each answer token t, read at the position before it (as the log-probs): (B, R)."""
     values = critic(sequences, attention_mask, per_token=True)  # (B, P+R)
     return values[:, -answer_len - 1 : -1]
+
+
+# ---- advantages -----------------------------------------------------------------------------------------
+
+
+def compute_advantages(run: RLRun, exp: Experience) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rewards, advantages, returns) (B, R): the score at the last answer token (- beta * KL per token when
+    the KL sits in the reward), then the estimator; advantages whitened over all processes if asked."""
+    cfg = run.cfg
+    kl = rl.KL_ESTIMATORS[cfg.kl_estimator](exp.old_logprobs, exp.ref_logprobs) * exp.mask  # (B, R)
+    beta_in_reward = run.kl_ctl.value if cfg.kl_in == "reward" else 0.0
+    rewards = rl.shaped_rewards(exp.scores, kl, exp.mask, beta_in_reward, cfg.reward_clip)
+    advantages, returns = run.estimator.fn(rewards, exp.mask, exp.values, cfg.samples_per_prompt, cfg.gamma,
+                                           cfg.lam)
+    if run.whiten:
+        advantages = _whiten_global(run.actor, advantages, exp.mask)
+    return rewards, advantages, returns
 
 
 def _whiten_global(engine: Engine, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -92,226 +198,161 @@ def _whiten_global(engine: Engine, x: torch.Tensor, mask: torch.Tensor) -> torch
     return rl.whiten(x, mask, mean=mean, var=sq / max(n, 1.0))
 
 
-def train_ppo(cfg: PPOConfig) -> dict[str, float]:
-    cfg.validate()
-    rank, world = init_distributed()
-    out = prepare_output_dir(cfg.run)
-    seed = cfg.actor_engine.seed
-    set_seed(seed)
-
-    # ---- data -----------------------------------------------------------------------------------------
-    tokenizer = load_tokenizer(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
-    records, _ = prepare_records(cfg.data, kind="prompt", phase=cfg.phase)
-    prompts = encode_records(records, "prompt", tokenizer, cfg.data, progress=False)
-    collate = PromptCollator(pad_id=tokenizer.pad_token_id)
-    plan, n_iters, local_samples, mini = plan_iterations(cfg, len(prompts), world, seed)
-    ptx = PtxData(cfg, tokenizer, rank, world) if cfg.ptx_coef > 0 else None
-
-    # ---- models and engines ---------------------------------------------------------------------------
-    estimator = ADVANTAGE_ESTIMATORS[cfg.advantage_estimator]
-    whiten = estimator.whiten if cfg.whiten_advantages is None else cfg.whiten_advantages
-    actor_model, reference, critic_model, reward = load_models(cfg, tokenizer, with_critic=estimator.critic)
-    n_updates = n_iters * cfg.ppo_epochs * (local_samples // mini)
-    actor = Engine(actor_model, cfg.actor_engine, total_steps=n_updates)
-    critic = Engine(critic_model, cfg.critic_engine, total_steps=n_updates) if estimator.critic else None
-    reference = place_frozen(cfg, reference, reward, actor.device)
-    kl_ctl = (rl.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target
-              else rl.FixedKLController(cfg.kl_coef))
-    moments = rl.RunningMoments()
-    stateful = {"kl_ctl": kl_ctl, "moments": moments, **_reward_state(reward, actor)}
-    ema = EMA(actor, cfg.ema_beta) if cfg.ema_beta > 0 else None
-    gold = reward if isinstance(reward, RaterSource) else (RaterSource() if cfg.gold_every else None)
-    start = resume(out, actor, critic, cfg, stateful, ema, mini)
-    logger = MetricsLogger(out, enabled=actor.is_rank_0, start=start)
-    if actor.is_rank_0:
-        write_resolved_config(out, cfg)
-        logger.log(start, {"prompts": len(prompts), "iterations": n_iters, "reward": reward.name,
-                           "advantage_estimator": cfg.advantage_estimator}, "data")
-
-    sampling = cfg.generation.sampling()
-    eos = [eos_id(tokenizer)]
-    bar = tqdm(total=n_iters, initial=start, desc=cfg.advantage_estimator.replace("gae", "ppo"),
-               disable=not (cfg.run.progress and actor.is_rank_0))
-    history: list[dict] = []
-    for it in range(start, n_iters):
-        t0 = time.time()
-        # ---- generate: the actor's live weights, in inference mode -------------------------------------
-        epoch, in_epoch = divmod(it, plan.steps_per_epoch)
-        (local_idx,) = plan.local_micro_batches(plan.batch(epoch, in_epoch), rank)
-        items = [prompts[i] for i in local_idx for _ in range(cfg.samples_per_prompt)]
-        batch = {k: v.to(actor.device) if torch.is_tensor(v) else v for k, v in collate(items).items()}
-        # Sampling randomness is a pure function of (seed, iteration, rank): a resumed run draws the same.
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + it * world + rank)
-        with actor.generation_mode() as model:
-            ro = generate(model, batch["input_ids"], batch["attention_mask"], sampling, eos_token_ids=eos,
-                          pad_token_id=tokenizer.pad_token_id, backend=cfg.generation.backend, generator=gen,
-                          sync=actor.all_done if world > 1 else None)
-        t_gen = time.time() - t0
-
-        # ---- score: old log-probs, reference log-probs and values, all in eval mode ----------------------
-        rb = RewardBatch(ro.sequences, ro.attention_mask, batch["prompts"], decode_responses(tokenizer, ro),
-                         ro.finished.tolist(), batch.get("meta", []))
-        old_logp, ref_logp, values, raw_scores = _score(cfg, actor, reference, critic, reward, ro, rb)
-        mask = ro.response_mask.float()
-        scores = raw_scores - cfg.missing_eos_penalty * (~ro.finished).float()
-        if cfg.normalize_reward:
-            moments.update(actor.all_gather(scores))
-            scores = moments.normalize(scores)
-
-        # ---- advantages: score at the last answer token (- beta * KL per token), then the estimator -------
-        kl = rl.KL_ESTIMATORS[cfg.kl_estimator](old_logp, ref_logp) * mask
-        beta_in_reward = kl_ctl.value if cfg.kl_in == "reward" else 0.0
-        rewards = rl.shaped_rewards(scores, kl, mask, beta_in_reward, cfg.reward_clip)
-        advantages, returns = estimator.fn(rewards, mask, values, cfg.samples_per_prompt, cfg.gamma, cfg.lam)
-        if whiten:
-            advantages = _whiten_global(actor, advantages, mask)
-        exp = Experience(ro.sequences, ro.attention_mask, mask, old_logp, ref_logp, values, advantages, returns)
-        n = mask.shape[0]
-        t_score = time.time() - t0 - t_gen
-
-        # ---- update: PPO epochs over shuffled mini-batches ----------------------------------------------
-        stats = _update(cfg, actor, critic, exp, ptx, it, world, kl_ctl.value)
-        seq_kl = rl.sequence_kl(rl.kl_k1(old_logp, ref_logp), mask)  # (B,) the KL the plots report
-        mean_kl = actor.all_reduce(seq_kl.sum().double()).item() / (n * world)
-        kl_coef_used = kl_ctl.value
-        kl_ctl.update(mean_kl, n * world)
-        if ema is not None:
-            ema.update(actor)
-
-        # ---- log and checkpoint ---------------------------------------------------------------------------
-        def mean_all(x: torch.Tensor) -> float:
-            return actor.all_reduce(x.double().sum()).item() / (x.numel() * world)
-
-        row = {
-            "reward/score": mean_all(raw_scores),
-            "reward/total": mean_all(masked_sum(rewards, mask, 1)),
-            "kl": mean_kl,
-            "kl_coef": kl_coef_used,
-            "response_length": mean_all(mask.sum(1)),
-            "finished_frac": mean_all(ro.finished.float()),
-            **{f"reward/{name}": mean_all(v) for name, v in getattr(reward, "last_parts", {}).items()},
-            **stats,
-            "lr/actor": actor.lr,
-            "skipped_steps/actor": actor.skipped_steps,
-            "time/generate": t_gen,
-            "time/score": t_score,
-            "time/iteration": time.time() - t0,
-        }
-        if gold is reward:  # training on the rater itself: its score is the gold score, no second pass
-            row["gold/overall"] = row["reward/score"]
-        elif gold is not None and cfg.gold_every and (it + 1) % cfg.gold_every == 0:
-            row["gold/overall"] = mean_all(gold(rb))
-        row.update(_critic_metrics(actor, critic, values, mask))
-        history.append(row)
-        bar.update(1)
-        bar.set_postfix(reward=f"{row['reward/score']:.3f}", kl=f"{mean_kl:.3f}")
-        done = it + 1
-        if done % cfg.run.log_every == 0 or done == n_iters:
-            logger.log(done, row)
-        if cfg.run.save_every and done % cfg.run.save_every == 0 and done < n_iters:
-            save_checkpoint(out, actor, critic, done, cfg, stateful, ema, mini)
-    bar.close()
-
-    # ---- save -------------------------------------------------------------------------------------------
-    summary = save_final(out, actor, critic, ema, tokenizer, history, n_iters, kl_ctl.value, cfg.advantage_estimator)
-    logger.close()
-    return summary
+# ---- update ---------------------------------------------------------------------------------------------
 
 
-def _reward_state(reward, actor: Engine) -> dict:
-    """An ensemble's per-source normalisers: fed from all processes and saved with the checkpoints."""
-    if not hasattr(reward, "state_dict"):
-        return {}
-    reward.gather = actor.all_gather
-    return {"reward": reward}
+def ppo_update(run: RLRun, exp: Experience, iteration: int) -> dict[str, float]:
+    """PPO epochs x shuffled mini-batches, stopping early once the approx KL passes ``kl_stop``.
 
-
-def _critic_metrics(actor: Engine, critic: Engine | None, values: torch.Tensor, mask: torch.Tensor) -> dict:
-    if critic is None:
-        return {}
-    tokens = max(actor.all_reduce(mask.sum().double()).item(), 1.0)
-    return {"value/mean": actor.all_reduce(masked_sum(values, mask).double()).item() / tokens, "lr/critic": critic.lr,
-            "skipped_steps/critic": critic.skipped_steps}
-
-
-def _update(cfg: PPOConfig, actor: Engine, critic: Engine | None, exp: Experience, ptx, it: int, world: int,
-            kl_coef: float) -> dict:
-    """PPO epochs x mini-batches; losses normalised by the answer tokens of the whole mini-batch on all
-    processes, so micro-batching, accumulation and data parallelism give the full mini-batch's gradient.
-    (Dr. GRPO normalises by a constant instead: the mini-batch's answers x max_new_tokens.)"""
-    constant_norm = ADVANTAGE_ESTIMATORS[cfg.advantage_estimator].constant_normalizer
-    micro = cfg.actor_engine.micro_batch_size
-    mini = micro * cfg.actor_engine.gradient_accumulation_steps
-    n = exp.mask.shape[0]
+    Returns each statistic's mean over the updates, plus ``ratio_first`` (the ratio before any update:
+    exactly 1 when rollout and training forwards agree), ``ppo_updates`` and ``early_stop``.
+    """
+    cfg = run.cfg
     sums: dict[str, float] = {}
-    updates, stop, first_ratio = 0, False, float("nan")
-    gen = torch.Generator().manual_seed(cfg.actor_engine.seed + it)  # mini-batch order, resumable
+    updates, early_stop, ratio_first = 0, False, float("nan")
+    gen = torch.Generator().manual_seed(cfg.actor_engine.seed + iteration)  # mini-batch order, resumable
     for _ in range(cfg.ppo_epochs):
-        order = torch.randperm(n, generator=gen)
-        for start in range(0, n, mini):
-            idx = order[start : start + mini]
-            if constant_norm:
-                tokens = float(len(idx) * world * cfg.generation.max_new_tokens)
-            else:
-                tokens = max(actor.all_reduce(exp.mask[idx].sum().double()).item(), 1.0)
-            step: dict[str, float] = {}
-            for j, s in enumerate(idx.split(micro)):
-                st = _micro_step(cfg, actor, critic, exp, s, tokens, world, kl_coef, ptx, (it, updates, j))
-                for k, v in st.items():  # every stat is a share of the mini-batch's: they sum to it
-                    _add(step, k, v)
-            step = {k: actor.all_reduce(torch.tensor(v, dtype=torch.float64)).item() for k, v in step.items()}
-            if updates == 0:  # before any update: exactly 1 when rollout and training forwards agree
-                first_ratio = step["ratio"]
-            for k, v in step.items():
+        order = torch.randperm(exp.mask.shape[0], generator=gen)
+        for start in range(0, len(order), run.mini):
+            stats = _minibatch_step(run, exp, order[start : start + run.mini], iteration, updates)
+            if updates == 0:
+                ratio_first = stats["ratio"]
+            for k, v in stats.items():
                 _add(sums, k, v)
-            _add(sums, "grad_norm/actor", actor.grad_norm or 0.0)
-            if critic is not None:
-                _add(sums, "grad_norm/critic", critic.grad_norm or 0.0)
             updates += 1
-            if cfg.kl_stop is not None and step.get("approx_kl", 0.0) > cfg.kl_stop:
-                stop = True  # every process sees the same all-reduced value, so all stop together
+            if cfg.kl_stop is not None and stats.get("approx_kl", 0.0) > cfg.kl_stop:
+                early_stop = True  # every process sees the same all-reduced value, so all stop together
                 break
-        if stop:
+        if early_stop:
             break
-    out = {k: v / updates for k, v in sums.items()}
-    out["ratio_first"] = first_ratio
-    out["ppo_updates"] = updates
-    out["early_stop"] = float(stop)
-    return out
+    return {**{k: v / updates for k, v in sums.items()}, "ratio_first": ratio_first, "ppo_updates": updates,
+            "early_stop": float(early_stop)}
 
 
-def _micro_step(cfg: PPOConfig, actor: Engine, critic: Engine | None, exp: Experience, s: torch.Tensor,
-                tokens: float, world: int, kl_coef: float, ptx, ptx_key: tuple) -> dict[str, float]:
-    """One micro-batch (rows ``s``): actor loss backward + step, then the critic's; returns its stats (sums
-    over the micro-batch divided by the mini-batch's normaliser ``tokens``)."""
-    r_len = exp.mask.shape[1]
-    seq, attn, mask = exp.sequences[s], exp.attention_mask[s], exp.mask[s]
-    logits = answer_logits(actor, seq, attn, r_len, cfg.generation.temperature)  # (b, R, V)
-    logp = gather_log_probs(logits, seq[:, -r_len:])  # (b, R)
-    pg, st = rl.policy_loss(logp, exp.old_log_probs[s], exp.advantages[s], mask, cfg.clip_eps, tokens)
-    entropy = masked_sum(rl.entropy_from_logits(logits if cfg.entropy_coef else logits.detach()), mask) / tokens
-    loss = pg - cfg.entropy_coef * entropy
-    st = {**st, "loss/policy": pg, "entropy": entropy}
+def _minibatch_step(run: RLRun, exp: Experience, rows: torch.Tensor, iteration: int, update: int) -> dict:
+    """One optimizer step of the actor (and critic) over the mini-batch ``rows``, a micro-batch at a time.
+
+    Losses are normalised by the answer tokens of the whole mini-batch on all processes, counted before the
+    first backward, so micro-batching, accumulation and data parallelism give the full mini-batch's gradient.
+    (Dr. GRPO normalises by a constant instead: the mini-batch's answers x max_new_tokens.) Returns the
+    statistics summed over micro-batches and processes.
+    """
+    if run.estimator.constant_normalizer:
+        tokens = float(len(rows) * run.world * run.cfg.generation.max_new_tokens)
+    else:
+        tokens = max(run.actor.all_reduce(exp.mask[rows].sum().double()).item(), 1.0)
+    stats: dict[str, float] = {}
+    for micro_index, micro_rows in enumerate(rows.split(run.cfg.actor_engine.micro_batch_size)):
+        micro_stats = _actor_step(run, exp, micro_rows, tokens, (iteration, update, micro_index))
+        if run.critic is not None:
+            micro_stats.update(_critic_step(run, exp, micro_rows, tokens))
+        for k, v in micro_stats.items():  # every stat is a share of the mini-batch's: they sum to it
+            _add(stats, k, float(v.detach()) if torch.is_tensor(v) else float(v))
+    stats = {k: run.actor.all_reduce(torch.tensor(v, dtype=torch.float64)).item() for k, v in stats.items()}
+    stats["grad_norm/actor"] = run.actor.grad_norm or 0.0
+    if run.critic is not None:
+        stats["grad_norm/critic"] = run.critic.grad_norm or 0.0
+    return stats
+
+
+def _actor_step(run: RLRun, exp: Experience, rows: torch.Tensor, tokens: float, ptx_key: tuple) -> dict:
+    """Policy loss (- entropy bonus, + beta * KL in the loss, + ptx) on micro-batch ``rows``: backward, step.
+    Statistics are sums over the micro-batch divided by the mini-batch's normaliser ``tokens``."""
+    cfg, actor = run.cfg, run.actor
+    answer_len = exp.mask.shape[1]
+    sequences, mask = exp.sequences[rows], exp.mask[rows]
+    logits = answer_logits(actor, sequences, exp.attention_mask[rows], answer_len, cfg.generation.temperature)
+    logprobs = gather_log_probs(logits, sequences[:, -answer_len:])  # (b, R)
+    pg_loss, stats = policy_loss(logprobs, exp.old_logprobs[rows], exp.advantages[rows], mask, cfg.clip_eps, tokens)
+    entropy = masked_sum(entropy_from_logits(logits if cfg.entropy_coef else logits.detach()), mask) / tokens
+    loss = pg_loss - cfg.entropy_coef * entropy
+    stats = {**stats, "loss/policy": pg_loss, "entropy": entropy}
     if cfg.kl_in == "loss":  # GRPO: + beta * KL(pi || ref) per answer token
-        kl_loss = masked_sum(rl.KL_ESTIMATORS[cfg.kl_estimator](logp, exp.ref_log_probs[s]), mask) / tokens
-        loss = loss + kl_coef * kl_loss
-        st["loss/kl"] = kl_loss
-    if ptx is not None:
-        ptx_loss = ptx.loss(actor, ptx_key)
+        kl_loss = masked_sum(rl.KL_ESTIMATORS[cfg.kl_estimator](logprobs, exp.ref_logprobs[rows]), mask) / tokens
+        loss = loss + run.kl_ctl.value * kl_loss
+        stats["loss/kl"] = kl_loss
+    if run.ptx is not None:
+        ptx_loss = run.ptx.loss(actor, ptx_key)
         loss = loss + cfg.ptx_coef * ptx_loss
-        st["ptx/loss"] = ptx_loss / world  # stats are summed over processes; this one is a per-process mean
-    actor.backward(loss * world)  # x world: DeepSpeed averages gradients over processes
+        stats["ptx/loss"] = ptx_loss / run.world  # stats are summed over processes; this one is a per-process mean
+    actor.backward(loss * run.world)  # x world: DeepSpeed averages gradients over processes
     actor.step()
-    if critic is not None:
-        values = _critic_values(critic, seq, attn, r_len)
-        vl, vst = rl.value_loss(values, exp.values[s], exp.returns[s], mask, cfg.value_clip, tokens)
-        critic.backward(vl * world)
-        critic.step()
-        st = {**st, "loss/value": vl, **vst}
-    return {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in st.items()}
+    return stats
+
+
+def _critic_step(run: RLRun, exp: Experience, rows: torch.Tensor, tokens: float) -> dict:
+    """Clipped value loss on micro-batch ``rows``: backward, step; its statistics, as ``_actor_step``'s."""
+    answer_len = exp.mask.shape[1]
+    values = _critic_values(run.critic, exp.sequences[rows], exp.attention_mask[rows], answer_len)
+    v_loss, v_stats = value_loss(values, exp.values[rows], exp.returns[rows], exp.mask[rows], run.cfg.value_clip,
+                                 tokens)
+    run.critic.backward(v_loss * run.world)
+    run.critic.step()
+    return {"loss/value": v_loss, **v_stats}
 
 
 def _add(d: dict, key: str, value: float) -> None:
     d[key] = d.get(key, 0.0) + value
 
 
+# ---- log and checkpoint ---------------------------------------------------------------------------------
+
+
+def _adapt_kl(run: RLRun, exp: Experience) -> tuple[float, float]:
+    """(mean answer KL over all processes, the beta this iteration used); then the KL controller's step."""
+    n = exp.mask.shape[0] * run.world
+    seq_kl = rl.sequence_kl(rl.kl_k1(exp.old_logprobs, exp.ref_logprobs), exp.mask)  # (B,) the KL the plots report
+    kl = run.actor.all_reduce(seq_kl.sum().double()).item() / n
+    kl_coef = run.kl_ctl.value
+    run.kl_ctl.update(kl, n)
+    return kl, kl_coef
+
+
+def iteration_metrics(run: RLRun, exp: Experience, kl: dict, update_stats: dict, timings: dict, started: float,
+                      iteration: int) -> dict[str, float]:
+    """The iteration's metrics row; every value is over all processes, so the same on each."""
+    actor = run.actor
+
+    def mean_all(x: torch.Tensor) -> float:
+        return actor.all_reduce(x.double().sum()).item() / (x.numel() * run.world)
+
+    row = {
+        "reward/score": mean_all(exp.raw_scores),
+        "reward/total": mean_all(masked_sum(exp.rewards, exp.mask, 1)),
+        **kl,
+        "response_length": mean_all(exp.mask.sum(1)),
+        "finished_frac": mean_all(exp.finished.float()),
+        **{f"reward/{name}": mean_all(v) for name, v in run.reward.logged_parts.items()},
+        **update_stats,
+        "lr/actor": actor.lr,
+        "skipped_steps/actor": actor.skipped_steps,
+        **timings,
+        "time/iteration": time.time() - started,
+    }
+    if run.gold is run.reward:  # training on the rater itself: its score is the gold score, no second pass
+        row["gold/overall"] = row["reward/score"]
+    elif run.gold is not None and run.cfg.gold_every and (iteration + 1) % run.cfg.gold_every == 0:
+        row["gold/overall"] = mean_all(run.gold(exp.reward_batch))
+    row.update(_critic_metrics(run, exp))
+    return row
+
+
+def _critic_metrics(run: RLRun, exp: Experience) -> dict:
+    """The critic's rollout values: their mean, and the explained variance of the returns (CleanRL's
+    ``explained_variance``, from moment sums added over all processes)."""
+    if run.critic is None:
+        return {}
+    tokens = max(run.actor.all_reduce(exp.mask.sum().double()).item(), 1.0)
+    residuals = exp.returns.double() - exp.values.double()
+    sums = run.actor.all_reduce(torch.cat([rl.moment_sums(exp.returns, exp.mask), rl.moment_sums(residuals, exp.mask)]))
+    return {"value/mean": run.actor.all_reduce(masked_sum(exp.values, exp.mask).double()).item() / tokens,
+            "value/explained_variance": rl.explained_variance_from_sums(sums[:3], sums[3:]).item(),
+            "lr/critic": run.critic.lr, "skipped_steps/critic": run.critic.skipped_steps}
+
+
+def _log_and_save(run: RLRun, logger: MetricsLogger, row: dict, done: int) -> None:
+    """Logs every ``log_every`` iterations and the last; a resumable checkpoint every ``save_every``."""
+    if done % run.cfg.run.log_every == 0 or done == run.n_iters:
+        logger.log(done, row)
+    if run.cfg.run.save_every and done % run.cfg.run.save_every == 0 and done < run.n_iters:
+        save_rl_resumable(run.out, run.actor, run.critic, done, run.cfg.run, run.stateful, run.ema, run.mini)

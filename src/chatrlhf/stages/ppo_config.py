@@ -69,7 +69,8 @@ class PPOConfig:
     """Initial beta of the KL penalty (DSC: 0.1, fixed): with ``kl_in=reward`` each answer token's reward
     gets -beta * KL(pi || pi_ref); with ``kl_in=loss`` +beta * KL is added to the policy loss instead."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"
-    """Per-token KL estimate in the reward: k1 = log pi - log pi_ref (DSC), k3 = the non-negative one."""
+    """Per-token KL estimate, in the reward or the loss as ``kl_in`` says: k1 = log pi - log pi_ref (DSC),
+    k3 = the non-negative one (Schulman's blog, "Approximating KL divergence")."""
     kl_target: float | None = None
     """With a target, beta adapts toward this mean per-answer KL (Ziegler et al. 2019); None: fixed beta."""
     kl_horizon: int = 10000

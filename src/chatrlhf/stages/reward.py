@@ -3,7 +3,7 @@
 pairwise: each pair's chosen and rejected sequences go through the model in one batch; the score is
 read at each sequence's last real token; loss = -log sigmoid(r_chosen - r_rejected) averaged over the
 pairs of the whole optimizer step. Eval: pairwise accuracy, mean chosen / rejected scores, margin.
-ratings (seed 003's classifier kind): a K-way head read at the last real token, cross-entropy on the
+ratings (a classifier over the K rating levels): a K-way head read at the last real token, cross-entropy on the
 rating level; the reward is the expected rating. Eval: accuracy, mean absolute error of the expectation.
 """
 
@@ -17,6 +17,7 @@ from chatrlhf.checkpoint import write_json_atomic
 from chatrlhf.data import PairCollator, RatingCollator, check_rating_levels, encode_records, prepare_records
 from chatrlhf.engine import Engine, init_distributed
 from chatrlhf.models import RatingModel, RewardModel, apply_lora, load_tokenizer
+from chatrlhf.resume import resume_step, save_resumable
 from chatrlhf.stages.reward_config import RMConfig
 from chatrlhf.training import (
     MODEL_SUBDIR,
@@ -24,8 +25,6 @@ from chatrlhf.training import (
     MetricsLogger,
     prepare_output_dir,
     rank_batches,
-    resume_or_start,
-    save_training_checkpoint,
     set_seed,
     total_steps,
     write_resolved_config,
@@ -76,30 +75,22 @@ def evaluate(engine: Engine, data: list[dict], collate, batch_size: int, objecti
     return {"loss": loss / n, "accuracy": hits / n, "mae": first / n, "examples": int(n)}
 
 
-def train_reward_model(cfg: RMConfig) -> dict[str, float]:
-    cfg.validate()
-    rank, world = init_distributed()
-    out = prepare_output_dir(cfg.run)
-    set_seed(cfg.engine.seed)
-    pairwise = cfg.objective == "pairwise"
-
-    # ---- data -----------------------------------------------------------------------------------
-    tokenizer = load_tokenizer(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
-    kind = "preference" if pairwise else "rating"
+def _load_data(cfg: RMConfig, tokenizer, progress: bool):
+    """(train items, eval items, collator): preference pairs, or rated answers checked against the levels."""
+    kind = "preference" if cfg.objective == "pairwise" else "rating"
     train_records, eval_records = prepare_records(cfg.data, kind=kind, phase=cfg.phase)
-    train = encode_records(train_records, kind, tokenizer, cfg.data, progress=cfg.run.progress and rank == 0)
+    train = encode_records(train_records, kind, tokenizer, cfg.data, progress=progress)
     evals = encode_records(eval_records, kind, tokenizer, cfg.data, progress=False)
-    if pairwise:
-        collate = PairCollator(pad_id=tokenizer.pad_token_id)
-    else:
-        check_rating_levels(train, cfg.num_levels)  # fail now, not at the batch that holds the bad score
-        check_rating_levels(evals, cfg.num_levels)
-        collate = RatingCollator(pad_id=tokenizer.pad_token_id, num_levels=cfg.num_levels)
+    if kind == "preference":
+        return train, evals, PairCollator(pad_id=tokenizer.pad_token_id)
+    check_rating_levels(train, cfg.num_levels)  # fail now, not at the batch that holds the bad score
+    check_rating_levels(evals, cfg.num_levels)
+    return train, evals, RatingCollator(pad_id=tokenizer.pad_token_id, num_levels=cfg.num_levels)
 
-    # ---- model and engine -----------------------------------------------------------------------
-    plan = BatchPlan(len(train), cfg.engine.micro_batch_size, cfg.engine.gradient_accumulation_steps, world, cfg.engine.seed)
-    plan.check("rm")
-    n_steps = total_steps(plan, cfg.epochs, cfg.max_steps)
+
+def _load_engine(cfg: RMConfig, n_steps: int) -> Engine:
+    """The causal LM's trunk with a new scalar (pairwise) or ratings head, in its engine."""
+    pairwise = cfg.objective == "pairwise"
     model_cls = RewardModel if pairwise else RatingModel
     extra = {} if pairwise else {"num_levels": cfg.num_levels}
     model = model_cls.from_causal_lm(
@@ -108,8 +99,49 @@ def train_reward_model(cfg: RMConfig) -> dict[str, float]:
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model = apply_lora(model, cfg.model)  # adapters on the trunk only; the new head trains in full
-    engine = Engine(model, cfg.engine, total_steps=n_steps)
-    start = resume_or_start(out, engine, cfg.run, plan)
+    return Engine(model, cfg.engine, total_steps=n_steps)
+
+
+def _batch_losses(engine: Engine, batch: dict, objective: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-example losses, correct pairs or predictions) of one micro-batch."""
+    if objective == "pairwise":
+        losses, chosen, rejected = _pair_losses(engine, batch)
+        return losses, (chosen > rejected).sum()
+    losses, logits = _rating_losses(engine, batch)
+    return losses, (logits.argmax(-1) == batch["levels"]).sum()
+
+
+def rm_step(engine: Engine, train: list[dict], collate, plan: BatchPlan, step: int,
+            objective: str) -> tuple[float, float]:
+    """One optimizer step over this process's micro-batches; (mean loss, accuracy) over all processes."""
+    epoch, in_epoch = divmod(step, plan.steps_per_epoch)
+    stats = torch.zeros(2, dtype=torch.float64)  # loss sum, correct pairs / predictions
+    for micro in plan.local_micro_batches(plan.batch(epoch, in_epoch), engine.rank):
+        losses, hits = _batch_losses(engine, collate([train[i] for i in micro]), objective)
+        # Mean over the examples of the whole step; x world because DeepSpeed averages over ranks.
+        engine.backward(losses.sum() * (engine.world_size / plan.global_batch))
+        engine.step()
+        stats += torch.stack([losses.detach().sum(), hits]).double()
+    loss, acc = (engine.all_reduce(stats) / plan.global_batch).tolist()
+    return loss, acc
+
+
+def train_reward_model(cfg: RMConfig) -> dict[str, float]:
+    cfg.validate()
+    rank, world = init_distributed()
+    out = prepare_output_dir(cfg.run)
+    set_seed(cfg.engine.seed)
+
+    # ---- data -----------------------------------------------------------------------------------
+    tokenizer = load_tokenizer(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+    train, evals, collate = _load_data(cfg, tokenizer, progress=cfg.run.progress and rank == 0)
+
+    # ---- model and engine -----------------------------------------------------------------------
+    plan = BatchPlan(len(train), cfg.engine.micro_batch_size, cfg.engine.gradient_accumulation_steps, world, cfg.engine.seed)
+    plan.check("rm")
+    n_steps = total_steps(plan, cfg.epochs, cfg.max_steps)
+    engine = _load_engine(cfg, n_steps)
+    start = resume_step(out, engine, cfg.run, plan)
     logger = MetricsLogger(out, enabled=engine.is_rank_0, start=start)
     if engine.is_rank_0:
         write_resolved_config(out, cfg)
@@ -122,22 +154,7 @@ def train_reward_model(cfg: RMConfig) -> dict[str, float]:
         logger.log(0, baseline, "eval")
     bar = tqdm(total=n_steps, initial=start, desc="rm", disable=not (cfg.run.progress and engine.is_rank_0))
     for step in range(start, n_steps):
-        epoch, in_epoch = divmod(step, plan.steps_per_epoch)
-        global_idx = plan.batch(epoch, in_epoch)
-        stats = torch.zeros(2, dtype=torch.float64)  # loss sum, correct pairs / predictions
-        for micro in plan.local_micro_batches(global_idx, rank):
-            batch = collate([train[i] for i in micro])
-            if pairwise:
-                losses, chosen, rejected = _pair_losses(engine, batch)
-                hits = (chosen > rejected).sum()
-            else:
-                losses, logits = _rating_losses(engine, batch)
-                hits = (logits.argmax(-1) == batch["levels"]).sum()
-            # Mean over the examples of the whole step; x world because DeepSpeed averages over ranks.
-            engine.backward(losses.sum() * (world / plan.global_batch))
-            engine.step()
-            stats += torch.stack([losses.detach().sum(), hits]).double()
-        loss, acc = (engine.all_reduce(stats) / plan.global_batch).tolist()
+        loss, acc = rm_step(engine, train, collate, plan, step, cfg.objective)
         done = step + 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.2f}")
@@ -147,7 +164,7 @@ def train_reward_model(cfg: RMConfig) -> dict[str, float]:
         if cfg.run.eval_every and done % cfg.run.eval_every == 0 and done < n_steps:
             logger.log(done, evaluate(engine, evals, collate, cfg.engine.micro_batch_size, cfg.objective), "eval")
         if cfg.run.save_every and done % cfg.run.save_every == 0 and done < n_steps:
-            save_training_checkpoint(out, engine, done, cfg.run, plan)
+            save_resumable(out, engine, done, cfg.run, plan)
     bar.close()
 
     # ---- evaluate and save ----------------------------------------------------------------------

@@ -17,6 +17,7 @@ from chatrlhf.checkpoint import write_json_atomic
 from chatrlhf.data import SFTCollator, encode_records, prepare_records
 from chatrlhf.engine import Engine, init_distributed
 from chatrlhf.models import apply_lora, load_causal_lm, load_tokenizer
+from chatrlhf.resume import resume_step, save_resumable
 from chatrlhf.stages.sft_config import SFTConfig
 from chatrlhf.training import (
     MODEL_SUBDIR,
@@ -24,8 +25,6 @@ from chatrlhf.training import (
     MetricsLogger,
     prepare_output_dir,
     rank_batches,
-    resume_or_start,
-    save_training_checkpoint,
     set_seed,
     total_steps,
     write_resolved_config,
@@ -62,6 +61,35 @@ def evaluate(engine: Engine, data: list[dict], collate, batch_size: int) -> dict
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(tokens.item())}
 
 
+def _load_engine(cfg: SFTConfig, n_steps: int) -> Engine:
+    """The causal LM to fine-tune (with LoRA adapters when ``--model.lora_r`` > 0) in its engine."""
+    model = load_causal_lm(
+        cfg.model.name_or_path,
+        dtype=cfg.model.dtype,
+        trust_remote_code=cfg.model.trust_remote_code,
+        gradient_checkpointing=cfg.model.gradient_checkpointing,
+    )
+    model = apply_lora(model, cfg.model)  # --model.lora_r 0 (the default): full fine-tuning, model unchanged
+    return Engine(model, cfg.engine, total_steps=n_steps)
+
+
+def sft_step(engine: Engine, train: list[dict], collate, plan: BatchPlan, step: int) -> float:
+    """One optimizer step over this process's micro-batches of the step's batch; returns the mean NLL per
+    labelled token of the whole batch (all processes)."""
+    epoch, in_epoch = divmod(step, plan.steps_per_epoch)
+    global_idx = plan.batch(epoch, in_epoch)
+    n_tokens = max(1, sum(_labelled(train[i]) for i in global_idx))
+    nll_sum = 0.0
+    for micro in plan.local_micro_batches(global_idx, engine.rank):
+        nll, _ = _forward_nll(engine, collate([train[i] for i in micro]))
+        # Sum over tokens / tokens in the whole step: accumulation and ranks add up to the full-batch
+        # mean exactly. x world because DeepSpeed averages gradients over ranks.
+        engine.backward(nll.sum() * (engine.world_size / n_tokens))
+        engine.step()
+        nll_sum += nll.detach().sum().item()
+    return engine.all_reduce(torch.tensor(nll_sum, dtype=torch.float64)).item() / n_tokens
+
+
 def train_sft(cfg: SFTConfig) -> dict[str, float]:
     cfg.validate()
     rank, world = init_distributed()
@@ -79,15 +107,8 @@ def train_sft(cfg: SFTConfig) -> dict[str, float]:
     plan = BatchPlan(len(train), cfg.engine.micro_batch_size, cfg.engine.gradient_accumulation_steps, world, cfg.engine.seed)
     plan.check("sft")
     n_steps = total_steps(plan, cfg.epochs, cfg.max_steps)
-    model = load_causal_lm(
-        cfg.model.name_or_path,
-        dtype=cfg.model.dtype,
-        trust_remote_code=cfg.model.trust_remote_code,
-        gradient_checkpointing=cfg.model.gradient_checkpointing,
-    )
-    model = apply_lora(model, cfg.model)  # --model.lora_r 0 (the default): full fine-tuning, model unchanged
-    engine = Engine(model, cfg.engine, total_steps=n_steps)
-    start = resume_or_start(out, engine, cfg.run, plan)
+    engine = _load_engine(cfg, n_steps)
+    start = resume_step(out, engine, cfg.run, plan)
     logger = MetricsLogger(out, enabled=engine.is_rank_0, start=start)
     if engine.is_rank_0:
         write_resolved_config(out, cfg)
@@ -100,18 +121,8 @@ def train_sft(cfg: SFTConfig) -> dict[str, float]:
         logger.log(0, baseline, "eval")
     bar = tqdm(total=n_steps, initial=start, desc="sft", disable=not (cfg.run.progress and engine.is_rank_0))
     for step in range(start, n_steps):
-        epoch, in_epoch = divmod(step, plan.steps_per_epoch)
-        global_idx = plan.batch(epoch, in_epoch)
-        n_tokens = max(1, sum(_labelled(train[i]) for i in global_idx))
-        nll_sum = 0.0
-        for micro in plan.local_micro_batches(global_idx, rank):
-            nll, _ = _forward_nll(engine, collate([train[i] for i in micro]))
-            # Sum over tokens / tokens in the whole step: accumulation and ranks add up to the full-batch
-            # mean exactly. x world because DeepSpeed averages gradients over ranks.
-            engine.backward(nll.sum() * (world / n_tokens))
-            engine.step()
-            nll_sum += nll.detach().sum().item()
-        loss = engine.all_reduce(torch.tensor(nll_sum, dtype=torch.float64)).item() / n_tokens
+        epoch = step // plan.steps_per_epoch
+        loss = sft_step(engine, train, collate, plan, step)
         done = step + 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
@@ -121,7 +132,7 @@ def train_sft(cfg: SFTConfig) -> dict[str, float]:
         if cfg.run.eval_every and done % cfg.run.eval_every == 0 and done < n_steps:
             logger.log(done, evaluate(engine, evals, collate, cfg.engine.micro_batch_size), "eval")
         if cfg.run.save_every and done % cfg.run.save_every == 0 and done < n_steps:
-            save_training_checkpoint(out, engine, done, cfg.run, plan)
+            save_resumable(out, engine, done, cfg.run, plan)
     bar.close()
 
     # ---- evaluate and save ----------------------------------------------------------------------

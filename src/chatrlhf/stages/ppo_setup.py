@@ -1,0 +1,103 @@
+"""What an RL run builds once, before its first iteration: the processes, the prompts and the iteration
+plan, the models and their engines, the KL controller, the reward normaliser and the EMA actor, gathered in
+``RLRun`` for the phases of ``stages/ppo.py``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from chatrlhf.algorithms import rl
+from chatrlhf.algorithms.advantages import ADVANTAGE_ESTIMATORS, Estimator
+from chatrlhf.data import PromptCollator, encode_records, prepare_records
+from chatrlhf.engine import Engine, FrozenModel, init_distributed
+from chatrlhf.models import load_tokenizer
+from chatrlhf.rewards.sources import RaterSource
+from chatrlhf.stages.ppo_config import PPOConfig
+from chatrlhf.stages.ppo_models import EMA, load_models, place_frozen
+from chatrlhf.stages.ppo_ptx import PtxData
+from chatrlhf.training import BatchPlan, prepare_output_dir, set_seed, total_steps
+
+
+@dataclass
+class RLRun:
+    """What every phase of every iteration reads, built once by ``setup_run``."""
+
+    cfg: PPOConfig
+    rank: int
+    world: int
+    out: Path
+    tokenizer: object
+    prompts: list[dict]  # encoded prompts
+    collate: PromptCollator
+    plan: BatchPlan  # which prompts each iteration draws
+    n_iters: int
+    mini: int  # mini-batch per process (micro_batch_size x gradient_accumulation_steps)
+    estimator: Estimator
+    actor: Engine
+    critic: Engine | None  # None for critic-free estimators
+    reference: FrozenModel
+    reward: object  # the reward source: RewardBatch -> (B,) scores
+    gold: RaterSource | None  # the gold rater logged beside the proxy reward
+    kl_ctl: rl.FixedKLController | rl.AdaptiveKLController
+    moments: rl.RunningMoments  # the running reward normaliser
+    ema: EMA | None
+    ptx: PtxData | None
+    stateful: dict  # name -> object with state_dict, saved with every checkpoint
+
+    @property
+    def whiten(self) -> bool:
+        return self.estimator.whiten if self.cfg.whiten_advantages is None else self.cfg.whiten_advantages
+
+
+def setup_run(cfg: PPOConfig) -> RLRun:
+    """Processes, output dir, prompts, the iteration plan, models and engines, KL controller, EMA."""
+    rank, world = init_distributed()
+    out = prepare_output_dir(cfg.run)
+    seed = cfg.actor_engine.seed
+    set_seed(seed)
+    tokenizer = load_tokenizer(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+    records, _ = prepare_records(cfg.data, kind="prompt", phase=cfg.phase)
+    prompts = encode_records(records, "prompt", tokenizer, cfg.data, progress=False)
+    plan, n_iters, local_samples, mini = plan_iterations(cfg, len(prompts), world, seed)
+    ptx = PtxData(cfg, tokenizer, rank, world) if cfg.ptx_coef > 0 else None
+    estimator = ADVANTAGE_ESTIMATORS[cfg.advantage_estimator]
+    actor_model, reference, critic_model, reward = load_models(cfg, tokenizer, with_critic=estimator.critic)
+    n_updates = n_iters * cfg.ppo_epochs * (local_samples // mini)
+    actor = Engine(actor_model, cfg.actor_engine, total_steps=n_updates)
+    critic = Engine(critic_model, cfg.critic_engine, total_steps=n_updates) if estimator.critic else None
+    reference = place_frozen(cfg, reference, reward, actor.device)
+    kl_ctl = (rl.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target
+              else rl.FixedKLController(cfg.kl_coef))
+    moments = rl.RunningMoments()
+    stateful = {"kl_ctl": kl_ctl, "moments": moments, **_reward_state(reward, actor)}
+    ema = EMA(actor, cfg.ema_beta) if cfg.ema_beta > 0 else None
+    gold = reward if reward.is_gold_judge else (RaterSource() if cfg.gold_every else None)
+    return RLRun(cfg, rank, world, out, tokenizer, prompts, PromptCollator(pad_id=tokenizer.pad_token_id), plan,
+                 n_iters, mini, estimator, actor, critic, reference, reward, gold, kl_ctl, moments, ema, ptx,
+                 stateful)
+
+
+def plan_iterations(cfg: PPOConfig, n_prompts: int, world: int, seed: int):
+    """(prompt plan, iterations, answers per process per iteration, mini-batch per process)."""
+    if cfg.rollout_batch_size % world:
+        raise ValueError(f"rollout_batch_size={cfg.rollout_batch_size} must be divisible by the {world} processes")
+    plan = BatchPlan(n_prompts, cfg.rollout_batch_size // world, 1, world, seed)
+    plan.check("ppo")
+    local_samples = cfg.rollout_batch_size // world * cfg.samples_per_prompt
+    mini = cfg.actor_engine.micro_batch_size * cfg.actor_engine.gradient_accumulation_steps
+    if local_samples % mini:
+        raise ValueError(
+            f"each process gets {local_samples} answers per iteration (rollout_batch_size / processes x "
+            f"samples_per_prompt), not a multiple of the mini-batch {mini} (actor_engine.micro_batch_size x "
+            "gradient_accumulation_steps); change one of them"
+        )
+    return plan, total_steps(plan, cfg.epochs, cfg.max_iterations), local_samples, mini
+
+
+def _reward_state(reward, actor: Engine) -> dict:
+    """An ensemble's per-source normalisers: fed from all processes and saved with the checkpoints."""
+    if not reward.has_state:
+        return {}
+    reward.gather = actor.all_gather
+    return {"reward": reward}
