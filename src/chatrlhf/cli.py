@@ -18,7 +18,7 @@ import sys
 from argparse import ArgumentError
 from importlib import resources
 
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
 from chatrlhf import cli_errors
 from chatrlhf.config import ConfigError
@@ -101,6 +101,7 @@ def build_parser() -> ArgumentParser:
     # exit_on_error=False: parse errors come back as ArgumentError and main() prints them as one line (the
     # default prints the whole usage first). allow_abbrev=False: a misspelt flag such as
     # --engine.learning_rat is an error, not silently taken as the flag it abbreviates.
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # each field's docstring is its --help text
     parser = ArgumentParser(prog="chatrlhf", description="Align chat LLMs with human feedback.",
                             exit_on_error=False, allow_abbrev=False)
     subcommands = parser.add_subcommands(dest="command")

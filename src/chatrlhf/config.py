@@ -75,6 +75,8 @@ class ModelConfig(ModelLoadConfig):
 
 @dataclass
 class DataConfig:
+    """Where the records come from and how they are split and cut: the ``--data.*`` section."""
+
     datasets: list[str] = field(default_factory=lambda: ["demo"])
     """Training sources: local .json/.jsonl/.parquet/.csv files, `datasets` saved dirs or hub names, or
     ``demo`` / ``demo:<name>`` for the built-in demo task."""
@@ -108,6 +110,8 @@ class DataConfig:
 
 @dataclass
 class EngineConfig:
+    """How one model trains (DeepSpeed ZeRO, batch sizes, AdamW, LR schedule): the ``--engine.*`` section."""
+
     zero_stage: Literal[0, 1, 2, 3] = 0
     """DeepSpeed ZeRO stage. 0 = plain data parallel."""
     micro_batch_size: int = 4
@@ -164,6 +168,8 @@ class EngineConfig:
 
 @dataclass
 class RunConfig:
+    """Where a stage writes, and its checkpoints, evaluation and logging: the ``--run.*`` section."""
+
     output_dir: str = "outputs/run"
     """Where the model, resolved config, metrics (metrics.jsonl + TensorBoard) and checkpoints go."""
     overwrite: bool = False
