@@ -22,7 +22,7 @@ returning True; TRL: ``TrainerCallback.on_step_end``); a step's time is the gap 
 stamps, covering the whole iteration: generation, scoring (reward, old / reference log-probs), advantages,
 the update and each library's per-step logging. Model loading and everything after the last step
 (chatrlhf's model save) fall outside; the first --warmup steps (at least 1) are dropped. Generation is timed
-on its own by wrapping the generate call (chatrlhf: ``chatrlhf.stages.ppo.generate``; TRL: the policy's
+on its own by wrapping the generate call (chatrlhf: ``chatrlhf.rollout.ActorRollouts.generate``; TRL: the policy's
 ``generate`` method), which gives each side's generation share of the step.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/grpo_vs_trl.py [--model smollm2-135m-instruct --steps 8
@@ -108,11 +108,12 @@ def prepare_prompts(args, workdir: Path) -> dict:
 def run_chatrlhf(args, workdir: Path) -> dict:
     import chatrlhf.stages.ppo as ppo_stage
     from chatrlhf.engine import Engine
+    from chatrlhf.rollout import ActorRollouts
 
     # The stage has no hooks: stamp the Engine's applied optimizer steps and time each generate call.
     # The stage's own code runs unchanged.
     ends, gen_seconds = [], []
-    engine_step, generate = Engine.step, ppo_stage.generate
+    engine_step, generate = Engine.step, ActorRollouts.generate
 
     def stamped_step(self):
         applied = engine_step(self)
@@ -126,7 +127,7 @@ def run_chatrlhf(args, workdir: Path) -> dict:
         gen_seconds.append(time.perf_counter() - start)
         return rollout
 
-    Engine.step, ppo_stage.generate = stamped_step, timed_generate
+    Engine.step, ActorRollouts.generate = stamped_step, timed_generate
     out = workdir / "chatrlhf-out"
     ppo_stage.train_ppo(grpo_config(args, out))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]

@@ -188,6 +188,11 @@ class RunConfig:
     """Log training metrics every N optimizer steps."""
     progress: bool = True
     """Show progress bars."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """``fp32``: exact, every forward in float32. ``bf16``: mixed precision, fp32 master weights and optimizer
+    state, forwards and backwards in bf16 (autocast), frozen models and the actor's rollout copy in bf16.
+    ``auto``: bf16 where the hardware runs it well (CPU flags amx_bf16 / avx512_bf16, or a CUDA device with
+    bf16), else fp32; the env var CHATRLHF_PRECISION=fp32|bf16 overrides auto. See docs/rollout.md."""
 
     def validate(self, flag: str = "run") -> None:
         if self.keep_last < 1:
@@ -212,8 +217,10 @@ class GenerationConfig:
     """Nucleus sampling mass (1.0 = off). Below 1 the samples are no longer from the policy PPO updates."""
     top_k: int = 0
     """Sample among the k most likely tokens (0 = off)."""
-    backend: Literal["native", "hf"] = "native"
-    """``native``: chatrlhf's KV-cache sampler; ``hf``: transformers ``generate`` (the reference)."""
+    backend: Literal["auto", "native", "hf", "vllm"] = "auto"
+    """``native``: chatrlhf's KV-cache sampler; ``hf``: transformers ``generate`` (the reference); ``vllm``: a
+    colocated vLLM engine (``bash scripts/install.sh --vllm``); ``auto``: the fastest installed, as measured
+    (vllm when installed and the run is in bf16, else native; exact fp32 runs use native)."""
 
     def validate(self, flag: str = "generation") -> None:
         if self.max_new_tokens < 1:

@@ -88,7 +88,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     feedback = _export_feedback(cfg, root)  # no surviving pair stops here, before any stage runs
     root.mkdir(parents=True, exist_ok=True)
     write_resolved_config(root, cfg)
-    summary: dict = {"seconds": {}}
+    summary: dict = {"seconds": {}, "precision": _precision(cfg)}
     if feedback is not None:
         summary["feedback"] = feedback["counts"]
     for name, stage_cfg, fn in stages:
@@ -119,6 +119,16 @@ def _is_rank_0() -> bool:
     import torch.distributed as dist
 
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _precision(cfg) -> dict:
+    """The precision every stage resolves (``--run.precision``), with its reason, for summary.json."""
+    import torch
+
+    from chatrlhf.precision import resolve_precision
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return resolve_precision(cfg.run.precision, device).summary()
 
 
 def _evaluate(cfg: PipelineConfig, root: Path) -> dict:

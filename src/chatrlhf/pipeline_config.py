@@ -43,6 +43,9 @@ class PipelineRunConfig:
     """Checkpoint every N optimizer steps in each stage (0: only the final model)."""
     progress: bool = True
     """Show progress bars."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Every stage's precision: fp32 (exact), bf16 (mixed: fp32 master weights, bf16 forwards, bf16 rollouts)
+    or auto (bf16 where the CPU has amx_bf16 / avx512_bf16 or the GPU supports bf16). See docs/rollout.md."""
 
     def validate(self, flag: str = "run") -> None:
         if self.save_every < 0:
@@ -210,7 +213,7 @@ class PipelineConfig:
         base = base or RunConfig()
         return dataclasses.replace(base, output_dir=f"{self.root()}/{stage}", overwrite=self.run.overwrite,
                                    resume=self.run.resume, progress=self.run.progress,
-                                   save_every=self.run.save_every or base.save_every)
+                                   precision=self.run.precision, save_every=self.run.save_every or base.save_every)
 
     def stage_configs(self) -> tuple[SFTConfig, RMConfig]:
         """The SFT and RM configs this pipeline runs (also written beside each stage's outputs)."""

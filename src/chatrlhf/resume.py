@@ -89,7 +89,7 @@ def resume_rl_step(out: Path, actor: Engine, critic: Engine | None, run: RunConf
 
 
 def save_rl_final(out: Path, actor: Engine, critic: Engine | None, ema, tokenizer, history: list[dict],
-                  n_iters: int, kl_coef: float, estimator: str) -> dict:
+                  n_iters: int, kl_coef: float, estimator: str, extra: dict | None = None) -> dict:
     """The actor (``model/``), the critic (``critic/``), the EMA actor (``model_ema/``) and ``eval.json``."""
     actor.save_hf(out / MODEL_SUBDIR, tokenizer)
     if critic is not None:
@@ -102,7 +102,7 @@ def save_rl_final(out: Path, actor: Engine, critic: Engine | None, ema, tokenize
     summary = {k: sum(h[k] for h in last) / len(last) for k in ("reward/score", "kl", "response_length", "gold/overall")
                if last and all(k in h for h in last)}
     summary.update({"stage": stage_name(estimator), "advantage_estimator": estimator, "iterations": n_iters,
-                    "kl_coef": kl_coef})
+                    "kl_coef": kl_coef, **(extra or {})})
     if actor.is_rank_0:
         write_json_atomic(out / "eval.json", summary)
     return summary

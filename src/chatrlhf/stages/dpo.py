@@ -25,6 +25,7 @@ from chatrlhf.checkpoint import write_json_atomic
 from chatrlhf.data import PairCollator, encode_records, prepare_records
 from chatrlhf.engine import Engine, init_distributed
 from chatrlhf.models import apply_lora, disable_dropout, load_causal_lm, load_tokenizer
+from chatrlhf.precision import announce
 from chatrlhf.resume import resume_step, save_resumable
 from chatrlhf.stages.dpo_config import DPOConfig
 from chatrlhf.training import (
@@ -182,7 +183,10 @@ def _load_policy(cfg: DPOConfig, n_steps: int) -> Engine:
                                       gradient_checkpointing=m.gradient_checkpointing), m)
     if cfg.disable_dropout:
         disable_dropout(model)  # otherwise the policy's log-probs are noisy and h != 0 at step 0
-    return Engine(model, cfg.engine, total_steps=n_steps)
+    engine = Engine(model, cfg.engine, total_steps=n_steps, precision=cfg.run.precision)
+    if engine.is_rank_0:
+        announce(engine.precision)
+    return engine
 
 
 def dpo_step(engine: Engine, reference, train: list[dict], collate, plan: BatchPlan, step: int,
@@ -255,6 +259,7 @@ def train_dpo(cfg: DPOConfig) -> dict[str, float]:
     engine.save_hf(out / MODEL_SUBDIR, tokenizer)
     if engine.is_rank_0:
         write_json_atomic(out / "eval.json", {"stage": "dpo", "objective": cfg.loss, "beta": cfg.beta,
-                                              "steps": n_steps, **metrics, "start": baseline})
+                                              "steps": n_steps, **metrics, "start": baseline,
+                                              "precision": engine.precision.summary()})
     logger.close()
     return metrics

@@ -22,13 +22,22 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from chatrlhf.algorithms import entropy_from_logits, gather_log_probs, masked_sum, policy_loss, rl, value_loss
+from chatrlhf.algorithms import (
+    entropy_from_logits,
+    gather_log_probs,
+    masked_sum,
+    mismatch_stats,
+    policy_loss,
+    rl,
+    tis_weights,
+    value_loss,
+)
 from chatrlhf.algorithms.advantages import stage_name
 from chatrlhf.data.encode import eos_id
 from chatrlhf.engine import Engine
 from chatrlhf.resume import resume_rl_step, save_rl_final, save_rl_resumable
 from chatrlhf.rewards.contract import RewardBatch
-from chatrlhf.rollout import Rollout, answer_logits, decode_responses, generate
+from chatrlhf.rollout import Rollout, answer_logits, decode_responses
 from chatrlhf.stages.ppo_config import PPOConfig
 from chatrlhf.stages.ppo_setup import RLRun, setup_run
 from chatrlhf.training import MetricsLogger, write_resolved_config
@@ -43,7 +52,8 @@ class Experience:
     mask: torch.Tensor  # (B, R) float: answer tokens, EOS included
     finished: torch.Tensor  # (B,) bool: the answer ended with EOS
     reward_batch: RewardBatch  # prompts and decoded answers, what reward sources read
-    old_logprobs: torch.Tensor  # (B, R) the actor's, at rollout time
+    old_logprobs: torch.Tensor  # (B, R) the trainer's, at rollout time (filled by the update when reused)
+    rollout_logprobs: torch.Tensor  # (B, R) the generating engine's own
     ref_logprobs: torch.Tensor  # (B, R)
     values: torch.Tensor  # (B, R); zeros without a critic
     raw_scores: torch.Tensor  # (B,) the reward source's scores, as logged
@@ -69,18 +79,24 @@ def train_ppo(cfg: PPOConfig) -> dict[str, float]:
         exp.rewards, exp.advantages, exp.returns = compute_advantages(run, exp)
         t_score = time.time() - started - t_generate
         update_stats = ppo_update(run, exp, iteration)
+        run.rollouts.weights_changed()
+        t_update = time.time() - started - t_generate - t_score
         kl, kl_coef = _adapt_kl(run, exp)
         if run.ema is not None:
             run.ema.update(run.actor)
         row = iteration_metrics(run, exp, {"kl": kl, "kl_coef": kl_coef}, update_stats,
-                                {"time/generate": t_generate, "time/score": t_score}, started, iteration)
+                                {"time/generate": t_generate, "time/score": t_score, "time/update": t_update},
+                                started, iteration)
         history.append(row)
         bar.update(1)
         bar.set_postfix(reward=f"{row['reward/score']:.3f}", kl=f"{kl:.3f}")
         _log_and_save(run, logger, row, done=iteration + 1)
     bar.close()
+    run.rollouts.close()
     summary = save_rl_final(run.out, run.actor, run.critic, run.ema, run.tokenizer, history, run.n_iters,
-                            run.kl_ctl.value, cfg.advantage_estimator)
+                            run.kl_ctl.value, cfg.advantage_estimator,
+                            {"precision": run.actor.precision.summary(), "rollout_backend": run.rollouts.backend,
+                             "rollout_form": run.rollouts.form})
     logger.close()
     return summary
 
@@ -107,11 +123,9 @@ def generate_rollouts(run: RLRun, iteration: int) -> tuple[Rollout, dict]:
     batch = {k: v.to(actor.device) if torch.is_tensor(v) else v for k, v in run.collate(items).items()}
     # Sampling randomness is a pure function of (seed, iteration, rank): a resumed run draws the same.
     gen = torch.Generator().manual_seed(cfg.actor_engine.seed * 1_000_003 + iteration * run.world + run.rank)
-    with actor.generation_mode() as model:
-        rollout = generate(model, batch["input_ids"], batch["attention_mask"], cfg.generation.sampling(),
-                           eos_token_ids=[eos_id(run.tokenizer)], pad_token_id=run.tokenizer.pad_token_id,
-                           backend=cfg.generation.backend, generator=gen,
-                           sync=actor.all_done if run.world > 1 else None)
+    rollout = run.rollouts.generate(batch["input_ids"], batch["attention_mask"], cfg.generation.sampling(),
+                                    eos_token_ids=[eos_id(run.tokenizer)], pad_token_id=run.tokenizer.pad_token_id,
+                                    generator=gen, sync=actor.all_done if run.world > 1 else None)
     return rollout, batch
 
 
@@ -137,14 +151,15 @@ def score_rollouts(run: RLRun, rollout: Rollout, prompt_batch: dict) -> Experien
         run.moments.update(run.actor.all_gather(scores))
         scores = run.moments.normalize(scores)
     return Experience(rollout.sequences, rollout.attention_mask, mask, rollout.finished, reward_batch,
-                      old_logprobs, ref_logprobs, values, raw_scores, scores)
+                      old_logprobs, rollout.log_probs.float(), ref_logprobs, values, raw_scores, scores)
 
 
 def _logprobs_and_values(run: RLRun, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(old log-probs, reference log-probs, values) (B, R) each, a micro-batch at a time.
 
     The actor and critic run in eval mode (no dropout), so the first PPO ratio is exactly 1. Without a
-    critic the values are zeros.
+    critic the values are zeros. When the update reuses its own forward as the old log-probs
+    (``run.reuse_update_logprobs``), the actor is not run here and the old log-probs start as zeros.
     """
     sequences, attention_mask = rollout.sequences, rollout.attention_mask
     answer_len, chunk = rollout.response_mask.shape[1], run.cfg.actor_engine.micro_batch_size
@@ -157,11 +172,12 @@ def _logprobs_and_values(run: RLRun, rollout: Rollout) -> tuple[torch.Tensor, to
         for i in range(0, sequences.shape[0], chunk):
             seq, attn = sequences[i : i + chunk], attention_mask[i : i + chunk]
             answer = seq[:, -answer_len:]
-            old_logprobs.append(gather_log_probs(answer_logits(run.actor, seq, attn, answer_len, temperature), answer))
             ref_logprobs.append(gather_log_probs(answer_logits(run.reference, seq, attn, answer_len, temperature),
                                                  answer))
+            old_logprobs.append(torch.zeros_like(ref_logprobs[-1]) if run.reuse_update_logprobs else
+                                gather_log_probs(answer_logits(run.actor, seq, attn, answer_len, temperature), answer))
             values.append(_critic_values(run.critic, seq, attn, answer_len) if run.critic is not None
-                          else torch.zeros_like(old_logprobs[-1]))
+                          else torch.zeros_like(ref_logprobs[-1]))
     for m in models:
         m.train()
     return torch.cat(old_logprobs), torch.cat(ref_logprobs), torch.cat(values)
@@ -170,7 +186,7 @@ def _logprobs_and_values(run: RLRun, rollout: Rollout) -> tuple[torch.Tensor, to
 def _critic_values(critic, sequences, attention_mask, answer_len: int) -> torch.Tensor:
     """V(s_t) for each answer token t, read at the position before it (as the log-probs): (B, R)."""
     values = critic(sequences, attention_mask, per_token=True)  # (B, P+R)
-    return values[:, -answer_len - 1 : -1]
+    return values[:, -answer_len - 1 : -1].float()
 
 
 # ---- advantages -----------------------------------------------------------------------------------------
@@ -263,7 +279,11 @@ def _actor_step(run: RLRun, exp: Experience, rows: torch.Tensor, tokens: float, 
     sequences, mask = exp.sequences[rows], exp.mask[rows]
     logits = answer_logits(actor, sequences, exp.attention_mask[rows], answer_len, cfg.generation.temperature)
     logprobs = gather_log_probs(logits, sequences[:, -answer_len:])  # (b, R)
-    pg_loss, stats = policy_loss(logprobs, exp.old_logprobs[rows], exp.advantages[rows], mask, cfg.clip_eps, tokens)
+    if run.reuse_update_logprobs:  # the one update: this forward IS the rollout-time policy
+        exp.old_logprobs[rows] = logprobs.detach()
+    old = exp.old_logprobs[rows]
+    weights = tis_weights(old, exp.rollout_logprobs[rows], run.tis_cap) if run.tis_cap else None
+    pg_loss, stats = policy_loss(logprobs, old, exp.advantages[rows], mask, cfg.clip_eps, tokens, weights)
     entropy = masked_sum(entropy_from_logits(logits if cfg.entropy_coef else logits.detach()), mask) / tokens
     loss = pg_loss - cfg.entropy_coef * entropy
     stats = {**stats, "loss/policy": pg_loss, "entropy": entropy}
@@ -334,7 +354,19 @@ def iteration_metrics(run: RLRun, exp: Experience, kl: dict, update_stats: dict,
     elif run.gold is not None and run.cfg.gold_every and (iteration + 1) % run.cfg.gold_every == 0:
         row["gold/overall"] = mean_all(run.gold(exp.reward_batch))
     row.update(_critic_metrics(run, exp))
+    row.update(_mismatch_metrics(run, exp))
     return row
+
+
+def _mismatch_metrics(run: RLRun, exp: Experience) -> dict:
+    """The generating engine vs the trainer on the sampled tokens (``mismatch_stats``), over all processes."""
+    local = mismatch_stats(exp.old_logprobs, exp.rollout_logprobs, exp.mask, run.tis_cap or run.cfg.tis_cap)
+    n = exp.mask.sum().double()
+    parts = run.actor.all_gather(torch.tensor([[local["mismatch_kl"], local["max_ratio"], local["min_ratio"],
+                                                local["tis_clipfrac"], n]], dtype=torch.float64))  # (world, 5)
+    weight = parts[:, 4] / parts[:, 4].sum().clamp(min=1.0)
+    return {"rollout/mismatch_kl": float((parts[:, 0] * weight).sum()), "rollout/max_ratio": float(parts[:, 1].max()),
+            "rollout/min_ratio": float(parts[:, 2].min()), "rollout/tis_clipfrac": float((parts[:, 3] * weight).sum())}
 
 
 def _critic_metrics(run: RLRun, exp: Experience) -> dict:

@@ -117,6 +117,10 @@ class PPOConfig:
     """Stop an iteration's PPO epochs early once the mean approximate KL(old || new) exceeds this."""
     disable_dropout: bool = True
     """Set the actor's and critic's dropout to 0, so the first PPO ratio is exactly 1 (as OpenRLHF/TRL)."""
+    tis_cap: float = 2.0
+    """Truncated importance sampling: when the rollout engine's numeric form differs from the trainer's (bf16
+    copy or vLLM), each token's policy loss is weighted by min(p_train / p_rollout, tis_cap) (Yao et al. 2025;
+    2 as there). 0 = off. Exact fp32 rollouts from the live weights need no correction and get none."""
     # --- Extras ------------------------------------------------------------------------------------------
     ptx_coef: float = 0.0
     """PPO-ptx (InstructGPT): add ptx_coef x LM loss on ``ptx_data`` to the actor loss (0 = off)."""
@@ -175,6 +179,8 @@ class PPOConfig:
             raise ConfigError(f"--{p}kl_target must be > 0 (or null for a fixed kl_coef), got {self.kl_target}")
         if self.ptx_coef > 0 and not self.ptx_data:
             raise ConfigError(f"--{p}ptx_coef > 0 needs --{p}ptx_data: the SFT or pretraining sources to mix in")
+        if not self.tis_cap >= 0:
+            raise ConfigError(f"--{p}tis_cap must be >= 0 (0 = off), got {self.tis_cap}")
         if not 0 <= self.ema_beta < 1:
             raise ConfigError(f"--{p}ema_beta must be in [0, 1), got {self.ema_beta}")
         for name in ("gamma", "lam"):

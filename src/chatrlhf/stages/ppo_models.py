@@ -55,12 +55,14 @@ def load_critic(cfg: PPOConfig, reward) -> RewardModel:
     return critic
 
 
-def place_frozen(cfg: PPOConfig, reference, reward, device) -> FrozenModel:
-    """The reference, and the model of every reward-model source, placed as ``cfg`` asks (see FrozenModel)."""
+def place_frozen(cfg: PPOConfig, reference, reward, device, dtype: torch.dtype | None = None) -> FrozenModel:
+    """The reference, and the model of every reward-model source, cast to ``dtype`` if given (bf16 in mixed
+    precision) and placed as ``cfg`` asks (see FrozenModel)."""
+    cast = (lambda m: m.to(dtype)) if dtype is not None else (lambda m: m)  # noqa: E731
     for source in reward.sources:
         if source.needs_placement:
-            source.model = FrozenModel(source.model, cfg.reward_placement, device)
-    return FrozenModel(reference, cfg.reference_placement, device)
+            source.model = FrozenModel(cast(source.model), cfg.reward_placement, device)
+    return FrozenModel(cast(reference), cfg.reference_placement, device)
 
 
 class EMA:

@@ -12,7 +12,10 @@ from chatrlhf.algorithms.advantages import ADVANTAGE_ESTIMATORS, Estimator
 from chatrlhf.data import PromptCollator, encode_records, prepare_records
 from chatrlhf.engine import Engine, FrozenModel, init_distributed
 from chatrlhf.models import load_tokenizer
+from chatrlhf.models.loading import resolve_model
+from chatrlhf.precision import announce
 from chatrlhf.rewards.sources import RaterSource
+from chatrlhf.rollout import ActorRollouts, resolve_backend
 from chatrlhf.stages.ppo_config import PPOConfig
 from chatrlhf.stages.ppo_models import EMA, load_models, place_frozen
 from chatrlhf.stages.ppo_ptx import PtxData
@@ -44,6 +47,19 @@ class RLRun:
     ema: EMA | None
     ptx: PtxData | None
     stateful: dict  # name -> object with state_dict, saved with every checkpoint
+    rollouts: ActorRollouts  # how the actor generates: live weights, a bf16 copy or vLLM
+
+    @property
+    def reuse_update_logprobs(self) -> bool:
+        """One optimizer step per rollout batch and no KL in the reward: the old log-probs are then the update
+        forward's own (detached, taken before the step), so scoring skips its actor forward."""
+        local_samples = self.cfg.rollout_batch_size // self.world * self.cfg.samples_per_prompt
+        return self.cfg.ppo_epochs == 1 and self.mini == local_samples and self.cfg.kl_in == "loss"
+
+    @property
+    def tis_cap(self) -> float:
+        """The truncated-importance-sampling cap in force (0: none; the rollouts are the trainer's own form)."""
+        return self.cfg.tis_cap if self.rollouts.differs else 0.0
 
     @property
     def whiten(self) -> bool:
@@ -64,9 +80,12 @@ def setup_run(cfg: PPOConfig) -> RLRun:
     estimator = ADVANTAGE_ESTIMATORS[cfg.advantage_estimator]
     actor_model, reference, critic_model, reward = load_models(cfg, tokenizer, with_critic=estimator.critic)
     n_updates = n_iters * cfg.ppo_epochs * (local_samples // mini)
-    actor = Engine(actor_model, cfg.actor_engine, total_steps=n_updates)
-    critic = Engine(critic_model, cfg.critic_engine, total_steps=n_updates) if estimator.critic else None
-    reference = place_frozen(cfg, reference, reward, actor.device)
+    actor = Engine(actor_model, cfg.actor_engine, total_steps=n_updates, precision=cfg.run.precision)
+    critic = (Engine(critic_model, cfg.critic_engine, total_steps=n_updates, precision=actor.precision)
+              if estimator.critic else None)
+    reference = place_frozen(cfg, reference, reward, actor.device,
+                             actor.precision.compute_dtype if actor.precision.mixed else None)
+    rollouts = _rollouts(cfg, actor, rank)
     kl_ctl = (rl.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target
               else rl.FixedKLController(cfg.kl_coef))
     moments = rl.RunningMoments()
@@ -75,7 +94,19 @@ def setup_run(cfg: PPOConfig) -> RLRun:
     gold = reward if reward.is_gold_judge else (RaterSource() if cfg.gold_every else None)
     return RLRun(cfg, rank, world, out, tokenizer, prompts, PromptCollator(pad_id=tokenizer.pad_token_id), plan,
                  n_iters, mini, estimator, actor, critic, reference, reward, gold, kl_ctl, moments, ema, ptx,
-                 stateful)
+                 stateful, rollouts)
+
+
+def _rollouts(cfg: PPOConfig, actor: Engine, rank: int) -> ActorRollouts:
+    """The actor's generation form, chosen (and announced) from the precision and ``--generation.backend``."""
+    backend, why = resolve_backend(cfg.generation.backend, actor.precision)
+    rollouts = ActorRollouts(actor, backend, actor.precision, model_dir=resolve_model(cfg.model.name_or_path),
+                             max_model_len=cfg.data.max_prompt_len + cfg.generation.max_new_tokens,
+                             seed=cfg.actor_engine.seed, trust_remote_code=cfg.model.trust_remote_code)
+    if rank == 0:
+        announce(actor.precision)
+        print(f"[chatrlhf] rollouts: {backend} backend, {rollouts.form} form ({why})", flush=True)
+    return rollouts
 
 
 def plan_iterations(cfg: PPOConfig, n_prompts: int, world: int, seed: int):

@@ -17,6 +17,7 @@ from chatrlhf.checkpoint import write_json_atomic
 from chatrlhf.data import PairCollator, RatingCollator, check_rating_levels, encode_records, prepare_records
 from chatrlhf.engine import Engine, init_distributed
 from chatrlhf.models import RatingModel, RewardModel, apply_lora, load_tokenizer
+from chatrlhf.precision import announce
 from chatrlhf.resume import resume_step, save_resumable
 from chatrlhf.stages.reward_config import RMConfig
 from chatrlhf.training import (
@@ -99,7 +100,10 @@ def _load_engine(cfg: RMConfig, n_steps: int) -> Engine:
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model = apply_lora(model, cfg.model)  # adapters on the trunk only; the new head trains in full
-    return Engine(model, cfg.engine, total_steps=n_steps)
+    engine = Engine(model, cfg.engine, total_steps=n_steps, precision=cfg.run.precision)
+    if engine.is_rank_0:
+        announce(engine.precision)
+    return engine
 
 
 def _batch_losses(engine: Engine, batch: dict, objective: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,7 +177,8 @@ def train_reward_model(cfg: RMConfig) -> dict[str, float]:
     engine.save_hf(out / MODEL_SUBDIR, tokenizer)
     if engine.is_rank_0:
         write_json_atomic(
-            out / "eval.json", {"stage": "rm", "objective": cfg.objective, "steps": n_steps, **metrics, "start": baseline}
+            out / "eval.json", {"stage": "rm", "objective": cfg.objective, "steps": n_steps, **metrics, "start": baseline,
+                             "precision": engine.precision.summary()}
         )
     logger.close()
     return metrics

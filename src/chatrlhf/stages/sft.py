@@ -17,6 +17,7 @@ from chatrlhf.checkpoint import write_json_atomic
 from chatrlhf.data import SFTCollator, encode_records, prepare_records
 from chatrlhf.engine import Engine, init_distributed
 from chatrlhf.models import apply_lora, load_causal_lm, load_tokenizer
+from chatrlhf.precision import announce
 from chatrlhf.resume import resume_step, save_resumable
 from chatrlhf.stages.sft_config import SFTConfig
 from chatrlhf.training import (
@@ -70,7 +71,10 @@ def _load_engine(cfg: SFTConfig, n_steps: int) -> Engine:
         gradient_checkpointing=cfg.model.gradient_checkpointing,
     )
     model = apply_lora(model, cfg.model)  # --model.lora_r 0 (the default): full fine-tuning, model unchanged
-    return Engine(model, cfg.engine, total_steps=n_steps)
+    engine = Engine(model, cfg.engine, total_steps=n_steps, precision=cfg.run.precision)
+    if engine.is_rank_0:
+        announce(engine.precision)
+    return engine
 
 
 def sft_step(engine: Engine, train: list[dict], collate, plan: BatchPlan, step: int) -> float:
@@ -140,6 +144,7 @@ def train_sft(cfg: SFTConfig) -> dict[str, float]:
     logger.log(n_steps, metrics, "eval")
     engine.save_hf(out / MODEL_SUBDIR, tokenizer)
     if engine.is_rank_0:
-        write_json_atomic(out / "eval.json", {"stage": "sft", "steps": n_steps, **metrics, "start": baseline})
+        write_json_atomic(out / "eval.json", {"stage": "sft", "steps": n_steps, **metrics, "start": baseline,
+                                              "precision": engine.precision.summary()})
     logger.close()
     return metrics
