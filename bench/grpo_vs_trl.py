@@ -2,12 +2,15 @@
 
 Two runs, each in its own fresh Python process, one after the other, with the same torch thread count:
 
-    chatrlhf   chatrlhf.stages.ppo.train_ppo(GRPOConfig): rollouts from its native KV-cache sampler
-               (--backend hf: transformers' generate), then old and reference log-probs, the reward,
-               group-normalised advantages and one update with the k3 KL in the loss
-    trl        trl.GRPOTrainer, generation by transformers' generate (no vLLM)
+    chatrlhf   chatrlhf.stages.ppo.train_ppo(GRPOConfig) with its defaults: --run.precision auto (bf16
+               mixed precision where the CPU has amx_bf16 / avx512_bf16, else fp32) and
+               --generation.backend auto (the run prints what it picked); --precision fp32 --backend
+               native gives the exact path. Rollouts, then reference (and, unless the update reuses its
+               own forward, old) log-probs, the reward, group-normalised advantages and one update with
+               the k3 KL in the loss
+    trl        trl.GRPOTrainer, fp32, generation by transformers' generate (no vLLM)
 
-Same work on both sides: the same model (fp32, CPU), the same demo prompts (demo:prompts_train) in the same
+Same work on both sides: the same model (loaded in fp32, CPU), the same demo prompts (demo:prompts_train) in the same
 order (TRL reads them unshuffled in the order chatrlhf's seeded plan draws them; the TRL worker checks that
 its chat-template tokens equal chatrlhf's), --prompts prompts x --group answers per step, sampled at
 temperature 1.0, top_p 1.0, no top-k, natural EOS stopping, at most --max-new-tokens tokens; the same
@@ -74,7 +77,7 @@ def grpo_config(args, out: Path):
                                   lr_scheduler="constant", warmup_steps=0, max_grad_norm=MAX_GRAD_NORM,
                                   seed=args.seed),
         run=RunConfig(output_dir=str(out), overwrite=True, save_every=0, eval_at_start=False, log_every=1,
-                      progress=False),
+                      progress=False, precision=args.precision),
         rollout_batch_size=args.prompts, samples_per_prompt=args.group, max_iterations=args.warmup + args.steps,
         ppo_epochs=1, kl_coef=args.beta,
         # Scoring with the simulated rater each iteration (the over-optimisation plot's gold reward) is not
@@ -134,7 +137,7 @@ def run_chatrlhf(args, workdir: Path) -> dict:
     rows = [r for r in rows if "train/response_length" in r]
     return {"ends": ends, "gen_seconds": gen_seconds, "lengths": [r["train/response_length"] for r in rows],
             "rewards": [r["train/reward/score"] for r in rows],
-            "generation": f"chatrlhf.rollout.generate(backend={args.backend!r})",
+            "generation": f"chatrlhf ActorRollouts (backend {args.backend!r}, precision {args.precision!r})",
             "optimizer": "Engine: torch.optim.AdamW, fused kernel (ZeRO 0)"}
 
 
@@ -263,7 +266,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=64, help="completion length limit")
     p.add_argument("--micro-batch", type=int, default=8,
                    help="answers per forward/backward; must divide --prompts x --group (the rest is accumulation)")
-    p.add_argument("--backend", choices=("native", "hf"), default="native", help="chatrlhf's generation backend")
+    p.add_argument("--backend", choices=("auto", "native", "hf", "vllm"), default="auto",
+                   help="chatrlhf's generation backend (auto: as chatrlhf picks it, printed by the run)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="chatrlhf's --run.precision (auto: bf16 where the CPU has amx_bf16/avx512_bf16)")
     p.add_argument("--lr", type=float, default=5e-6, help="constant learning rate, no warm-up")
     p.add_argument("--beta", type=float, default=0.04, help="KL coefficient (k3 estimator, in the loss)")
     p.add_argument("--threads", type=int, default=usable_cores(), help="torch.set_num_threads for every run")

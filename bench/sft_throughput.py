@@ -7,7 +7,9 @@ loss on assistant tokens only:
     plain     AutoModelForCausalLM + torch.optim.AdamW + masked cross-entropy, a hand-written loop
     trl       trl.SFTTrainer via its Python API, fed the same input_ids and labels (no packing, no eval,
               no saving, logging off, 0 dataloader workers, fp32, no gradient checkpointing)
-    chatrlhf  chatrlhf.stages.sft.train_sft(cfg) itself (Engine, token_nll, chatrlhf.data)
+    chatrlhf  chatrlhf.stages.sft.train_sft(cfg) itself (Engine, token_nll, chatrlhf.data), --run.precision fp32
+    chatrlhf-bf16  the same in mixed precision (--run.precision bf16: fp32 master weights and AdamW state,
+              forwards and backwards under bf16 autocast); its ratio to `plain` is the mixed-precision speed-up
 
 Every conversation is longer than --max-len and cut to it, so every batch is exactly (batch, max_len)
 whatever order an implementation draws the records in, and all tokens are real (no padding).
@@ -50,7 +52,7 @@ from common import (
     usable_cores,
 )
 
-IMPLS = ("plain", "trl", "chatrlhf")
+IMPLS = ("plain", "trl", "chatrlhf", "chatrlhf-bf16")
 MODEL = "smollm2-135m-instruct"
 
 # ---- data: synthetic multi-turn conversations ----------------------------------------------------------
@@ -225,7 +227,7 @@ def run_trl(args, workdir: Path, baton: Baton) -> dict:
     return {"mean_loss": result.training_loss, "optimizer": f"optim={optim_name} (SFTConfig.optim)"}
 
 
-def run_chatrlhf(args, workdir: Path, baton: Baton) -> dict:
+def run_chatrlhf(args, workdir: Path, baton: Baton, precision: str = "fp32") -> dict:
     from chatrlhf.config import DataConfig, EngineConfig, ModelConfig, RunConfig
     from chatrlhf.engine import Engine
     from chatrlhf.stages.sft import train_sft
@@ -246,7 +248,7 @@ def run_chatrlhf(args, workdir: Path, baton: Baton) -> dict:
         return applied
 
     Engine.__call__, Engine.step = forward_in_turn, step_in_turn
-    out = workdir / "chatrlhf"
+    out = workdir / f"chatrlhf-{precision}"
     cfg = SFTConfig(
         model=ModelConfig(name_or_path=MODEL, dtype="float32"),
         data=DataConfig(datasets=[str(workdir / "records.jsonl")], data_split="1,0,0", eval_fraction=0.0,
@@ -255,17 +257,24 @@ def run_chatrlhf(args, workdir: Path, baton: Baton) -> dict:
         engine=EngineConfig(micro_batch_size=args.batch_size, gradient_accumulation_steps=1, learning_rate=args.lr,
                             weight_decay=0.0, adam_betas=ADAM_BETAS, adam_eps=ADAM_EPS, lr_scheduler="constant",
                             warmup_steps=0, max_grad_norm=MAX_GRAD_NORM, seed=args.seed),
-        run=RunConfig(output_dir=str(out), overwrite=True, save_every=0, eval_every=0, log_every=1, progress=False),
+        run=RunConfig(output_dir=str(out), overwrite=True, save_every=0, eval_every=0, log_every=1, progress=False,
+                      precision=precision),
         epochs=1,
         max_steps=args.warmup + args.steps,
     )
     train_sft(cfg)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     losses = [r["train/loss"] for r in rows if "train/loss" in r]
-    return {"mean_loss": sum(losses) / len(losses), "optimizer": "Engine: torch.optim.AdamW, default kernel"}
+    return {"mean_loss": sum(losses) / len(losses), "optimizer": "Engine: torch.optim.AdamW, default kernel",
+            "precision": precision}
 
 
-WORKERS = {"plain": run_plain, "trl": run_trl, "chatrlhf": run_chatrlhf}
+def run_chatrlhf_bf16(args, workdir: Path, baton: Baton) -> dict:
+    """chatrlhf in mixed precision (--run.precision bf16): fp32 master weights, bf16 autocast forwards."""
+    return run_chatrlhf(args, workdir, baton, precision="bf16")
+
+
+WORKERS = {"plain": run_plain, "trl": run_trl, "chatrlhf": run_chatrlhf, "chatrlhf-bf16": run_chatrlhf_bf16}
 
 
 def worker(impl: str, workdir: Path, conn) -> None:
