@@ -325,3 +325,65 @@ def test_zero_new_tokens_and_bad_inputs(model, prompts):
         generate(model, right_padded, right_mask, GREEDY, eos_token_ids=[PAD], pad_token_id=PAD)
     with pytest.raises(ValueError, match="backend"):
         generate(model, ids, mask, GREEDY, eos_token_ids=[PAD], pad_token_id=PAD, backend="vllm")
+
+
+# ---- the accelerator decode policy, run on the CPU ---------------------------------------------------
+@pytest.fixture
+def accelerator_policy(monkeypatch):
+    """Makes the CPU decode as on CUDA: looks at ended rows every 3rd step, host-decided SDPA masks."""
+    import chatrlhf.rollout.sampler as sampler
+
+    policy = sampler.DecodePolicy(check_every=3, host_mask=True)
+    monkeypatch.setattr(sampler, "decode_policy", lambda device: policy)
+    return policy
+
+
+def test_accelerator_policy_greedy_equals_hf_and_drops_rows_at_looks(model, prompts, eos_ids, accelerator_policy):
+    """Rows that ended stay in the batch until the next look (every 3rd token); what they sample after
+    their EOS is discarded, so the rollout equals transformers' (and the every-step policy's)."""
+    ids, mask = prompts
+    log = _ForwardLog(model)
+    masks = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: masks.append(kw["attention_mask"]), with_kwargs=True)
+    try:
+        r = generate(model, ids, mask, GREEDY, eos_token_ids=eos_ids, pad_token_id=PAD)
+    finally:
+        log.handle.remove()
+        hook.remove()
+    hf = generate(model, ids, mask, GREEDY, eos_token_ids=eos_ids, pad_token_id=PAD, backend="hf")
+    _assert_same(r, hf)
+    _assert_well_formed(r, eos_ids, MAX_NEW)
+    # Decode step t runs the rows live at the last look (t rounded down to a multiple of 3; none yet: all 6).
+    lengths, k = r.response_lengths, accelerator_policy.check_every
+    expected = [int((lengths > t // k * k).sum()) for t in range(1, int(lengths.max()))]
+    assert [b for b, _, _ in log.calls[1:]] == expected and expected[-1] < expected[0]
+    assert masks[0].ndim == 2 and all(m.ndim == 4 and m.dtype == torch.bool for m in masks[1:])  # padded rows
+
+
+def test_accelerator_policy_without_padding_passes_no_mask(model, eos_ids, accelerator_policy):
+    """Prompts of one length: no padding column, so decode forwards get no mask (what transformers' own
+    check concludes from an all-ones mask), and the rollout still equals transformers'."""
+    ids, mask = pad_sequences([[5, 6, 7], [10, 11, 12], [30, 40, 50]], PAD, side="left")
+    masks = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: masks.append(kw["attention_mask"]), with_kwargs=True)
+    try:
+        r = generate(model, ids, mask, GREEDY, eos_token_ids=eos_ids, pad_token_id=PAD)
+    finally:
+        hook.remove()
+    _assert_same(r, generate(model, ids, mask, GREEDY, eos_token_ids=eos_ids, pad_token_id=PAD, backend="hf"))
+    assert len(masks) > 2 and all(m is None for m in masks[1:])
+
+
+def test_accelerator_policy_sampled_rollout_is_well_formed(model, prompts, eos_ids, accelerator_policy):
+    """Sampling with ended rows kept in the batch: responses stop at their first EOS, padding after it,
+    and the log-probs are those a training forward recomputes."""
+    ids, mask = prompts
+    r = generate(model, ids, mask, SAMPLED, eos_token_ids=eos_ids, pad_token_id=PAD,
+                 generator=torch.Generator().manual_seed(1))
+    _assert_well_formed(r, eos_ids, MAX_NEW)
+    assert r.finished.any()
+    expected = _training_log_probs(model, r, SAMPLED.logprob_temperature)
+    torch.testing.assert_close(r.log_probs, expected, rtol=1e-5, atol=1e-5)
+    for max_batch in (1, 4):  # sub-batches: one look schedule each
+        split = generate(model, ids, mask, GREEDY, eos_token_ids=eos_ids, pad_token_id=PAD, max_batch=max_batch)
+        _assert_same(split, generate(model, ids, mask, GREEDY, eos_token_ids=eos_ids, pad_token_id=PAD))
