@@ -43,6 +43,43 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+BF16_FLAGS = ("amx_bf16", "avx512_bf16", "amx_tile", "avx512f")
+"""CPU flags that decide how fast bf16 runs: AMX tiles and their bf16 ops, AVX-512 and its bf16 dot products.
+Without them torch emulates bf16 matmuls, slower than fp32."""
+
+
+def lscpu_model() -> str:
+    """``lscpu``'s "Model name" (the name the vendor gives the virtual CPU), else ``cpu_model()``."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        out = ""
+    for line in out.splitlines():
+        if line.strip().startswith("Model name:"):
+            return line.split(":", 1)[1].strip()
+    return cpu_model()
+
+
+def cpu_flags() -> set[str]:
+    """The feature flags of the first CPU in /proc/cpuinfo (empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def bf16_description() -> str:
+    """One line: the lscpu model name and which of ``BF16_FLAGS`` this CPU has, e.g.
+    ``lscpu: Intel(R) Xeon(R) Processor | amx_bf16 yes, avx512_bf16 yes, amx_tile yes, avx512f yes``."""
+    flags = cpu_flags()
+    found = ", ".join(f"{flag} {'yes' if flag in flags else 'no'}" for flag in BF16_FLAGS)
+    return f"lscpu: {lscpu_model()} | {found}"
+
+
 def usable_cores() -> int:
     """Cores this process may run on (the affinity mask, which containers narrow), not the host's count."""
     try:
