@@ -6,7 +6,8 @@ tokens, micro-batch 8, a critic initialised from the reward model):
 
     landed   --run.precision fp32 --generation.backend native: exact fp32 everywhere, rollouts from the
              live weights (what chatrlhf did before mixed precision)
-    new      the defaults: --run.precision auto, --generation.backend auto (printed by the run)
+    new      the defaults: --run.precision auto, --generation.backend auto (printed by the run);
+             --backend picks another backend for this side
 
 The reward model is SmolLM2 with a seeded random value head (the timing does not depend on what it
 scores). Each phase's time comes from the run's own metrics (``time/generate``, ``time/score``,
@@ -51,7 +52,7 @@ def run_side(name: str, args, workdir: Path, reward: Path) -> tuple[list[dict], 
            "--run.progress", "false", "--gold_every", "0", "--max_iterations", str(args.iterations),
            "--kl_coef", "0.1", "--missing_eos_penalty", "0.1", "--generation.max_new_tokens", str(args.max_new_tokens),
            "--actor_engine.learning_rate", "1.5e-5", "--critic_engine.learning_rate", "5e-5",
-           *SIDES[name]]
+           *SIDES[name], *(["--generation.backend", args.backend] if name == "new" else [])]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     env.pop("CHATRLHF_PRECISION", None)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -70,6 +71,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--backend", choices=("auto", "native", "hf", "vllm"), default="auto",
+                   help="the new side's --generation.backend")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     print(machine_description(args.threads))

@@ -85,6 +85,7 @@ def test_rollout_copy_follows_the_trained_weights(tiny_dir, lora):
     mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
     before = greedy(rollouts, ids, mask)
     assert rollouts._copy.dtype == torch.bfloat16
+    assert engine.module.config.dtype == torch.float32  # the trained model's config (and so its saves) untouched
     same(before, greedy(bf16_reference(engine), ids, mask))
     batch = worker.make_batches(engine.module.config.vocab_size, n_batches=1)
     for _ in range(3):

@@ -12,6 +12,7 @@ PPO stage logs the mismatch and corrects it by truncated importance sampling (do
 
 from __future__ import annotations
 
+import copy as copy_module
 import importlib.util
 
 import torch
@@ -35,8 +36,9 @@ def resolve_backend(choice: str, precision: Precision) -> tuple[str, str]:
 
 
 def _empty_copy(model: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
-    """A fresh instance of ``model``'s transformers class, in ``dtype`` on ``device``, in eval mode."""
-    copy = type(model)._from_config(model.config, dtype=dtype)
+    """A fresh instance of ``model``'s transformers class, in ``dtype`` on ``device``, in eval mode. It gets its
+    own config: building sets the config's dtype, which must not leak into the trained model's saves."""
+    copy = type(model)._from_config(copy_module.deepcopy(model.config), dtype=dtype)
     return copy.to(device).eval().requires_grad_(False)
 
 
