@@ -64,15 +64,24 @@ def fit_history(
     return ids, turns
 
 
-def load_for_chat(model_cfg: ModelLoadConfig):
-    """(model in eval mode on the best device, tokenizer, device); a missing model is a FileNotFoundError."""
-    from chatrlhf.evaluation.answers import model_device
-    from chatrlhf.models import builtin_names, load_causal_lm, load_tokenizer
+def load_for_chat(model_cfg: ModelLoadConfig, backend: str = "native", *, seed: int = 0, max_model_len: int = 2048):
+    """(generation engine, tokenizer, eos ids) for ``model_cfg`` with ``--generation.backend backend``: the model
+    in eval mode on the best device, or a vLLM engine built from its directory (its Hugging Face weights are
+    then not loaded). A missing model is a FileNotFoundError."""
+    from chatrlhf.evaluation.answers import eos_token_ids
+    from chatrlhf.models import builtin_names, load_causal_lm, load_tokenizer, resolve_model
+    from chatrlhf.models.loading import check_model_dir
+    from chatrlhf.rollout.inference import InferenceEngine, inference_backend
 
-    ref = model_cfg.name_or_path
+    ref, trust = model_cfg.name_or_path, model_cfg.trust_remote_code
+    chosen, _ = inference_backend(backend, model_cfg.dtype)
+    model = None
     try:
-        tokenizer = load_tokenizer(ref, trust_remote_code=model_cfg.trust_remote_code)
-        model = load_causal_lm(ref, dtype=model_cfg.dtype, trust_remote_code=model_cfg.trust_remote_code)
+        tokenizer = load_tokenizer(ref, trust_remote_code=trust)
+        if chosen == "vllm":
+            check_model_dir(ref, trust)  # the checks load_causal_lm makes, before vLLM reads the dir
+        else:
+            model = load_causal_lm(ref, dtype=model_cfg.dtype, trust_remote_code=trust)
     except FileNotFoundError:
         raise
     except OSError as err:
@@ -84,8 +93,34 @@ def load_for_chat(model_cfg: ModelLoadConfig):
             + f" ({err.__class__.__name__}). Pass a saved model dir (holding config.json), a reachable "
             f"hub id or one of {', '.join(builtin_names())}."
         ) from err
-    model = model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
-    return model, tokenizer, model_device(model)
+    if model is not None:
+        model = model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    model_dir = resolve_model(ref)
+    engine = InferenceEngine(chosen, model=model, model_dir=model_dir, dtype=model_cfg.dtype, seed=seed,
+                             max_model_len=_fit_positions(model_dir, max_model_len), trust_remote_code=trust)
+    generation_config = model.generation_config if model is not None else _generation_config(model_dir)
+    return engine, tokenizer, eos_token_ids(tokenizer, generation_config=generation_config)
+
+
+def _generation_config(model_dir: str):
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(model_dir)
+    except OSError:  # no generation_config.json: the tokenizer's eos only
+        return None
+
+
+def _fit_positions(model_dir: str, max_model_len: int) -> int:
+    """``max_model_len`` capped at the model's positions (vLLM refuses a longer one); a longer conversation
+    keeps its last turns (``fit_history``), a longer single prompt then fails naming the limit."""
+    from transformers import AutoConfig
+
+    try:
+        limit = getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings", None)
+    except (OSError, ValueError):
+        return max_model_len
+    return min(max_model_len, limit) if limit else max_model_len
 
 
 def run_chat(cfg: ChatConfig, input_fn=input, output: TextIO = sys.stdout) -> None:
@@ -97,6 +132,13 @@ def run_chat(cfg: ChatConfig, input_fn=input, output: TextIO = sys.stdout) -> No
 
     session = ChatSession(cfg)
     say(f"chatrlhf chat: {cfg.model.name_or_path}. {HELP}")
+    try:
+        _chat_loop(session, input_fn, say)
+    finally:
+        session.close()
+
+
+def _chat_loop(session: ChatSession, input_fn, say) -> None:
     while True:
         try:
             line = input_fn("user> ")
@@ -120,19 +162,22 @@ class ChatSession:
     """One conversation: the model, its sampler state and the turns so far."""
 
     def __init__(self, cfg: ChatConfig):
-        from chatrlhf.evaluation.answers import eos_token_ids
-
         self.cfg = cfg
-        self.model, self.tokenizer, self.device = load_for_chat(cfg.model)
+        self.engine, self.tokenizer, self.eos = load_for_chat(
+            cfg.model, cfg.generation.backend, seed=cfg.seed,
+            max_model_len=cfg.max_history_tokens + cfg.generation.max_new_tokens)
+        self.device = self.engine.device
         self.sampling = cfg.generation.sampling()
-        self.eos = eos_token_ids(self.tokenizer, self.model)
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos[0]
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.history: list[dict] = []
 
+    def close(self) -> None:
+        self.engine.close()
+
     def answer(self, line: str) -> list[str]:
         """The lines to show for one user message (notes, then the answer); the history grows by one exchange."""
-        from chatrlhf.rollout import decode_responses, generate
+        from chatrlhf.rollout import decode_responses
 
         cfg, notes = self.cfg, []
         ids, kept = fit_history(self.tokenizer, cfg.system, self.history + [{"role": "user", "content": line}],
@@ -141,8 +186,8 @@ class ChatSession:
             notes.append(f"[history over {cfg.max_history_tokens} tokens: oldest turns dropped]")
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)  # (1, P)
         try:
-            rollout = generate(self.model, input_ids, torch.ones_like(input_ids), self.sampling, eos_token_ids=self.eos,
-                               pad_token_id=self.pad, backend=cfg.generation.backend, generator=self.generator)
+            rollout = self.engine.generate(input_ids, torch.ones_like(input_ids), self.sampling, eos_token_ids=self.eos,
+                                           pad_token_id=self.pad, generator=self.generator)
         except KeyboardInterrupt:
             return notes + ["\n[interrupted; the message was not added to the history]"]
         answer = decode_responses(self.tokenizer, rollout)[0]

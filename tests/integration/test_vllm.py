@@ -104,9 +104,14 @@ def _build(path, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
+def tiny_dir(tmp_path_factory):
     # Untied embeddings: the tied random model only repeats its last input token.
-    engine, model, states = _build(_tiny(tmp_path_factory.mktemp("vllm_tiny"), tie_word_embeddings=False))
+    return _tiny(tmp_path_factory.mktemp("vllm_tiny"), tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="module")
+def built(tiny_dir):
+    engine, model, states = _build(tiny_dir)
     yield engine, model, states
     engine.close()
 
@@ -293,3 +298,42 @@ def test_process_group_ownership(tmp_path):
     out = subprocess.run([sys.executable, "-c", _PROCESS_GROUP_SCRIPT, str(path), str(tmp_path / "store")],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout[-3000:] + out.stderr[-3000:]
+
+
+def test_inference_commands_generate_with_vllm(built, tiny_dir):
+    """chat, serve's answerer and eval's sampling with --generation.backend vllm build one engine from the
+    model dir and answer as the native backend does (greedy)."""
+    from chatrlhf.chat import ChatConfig, ChatSession
+    from chatrlhf.config import GenerationConfig, ModelLoadConfig
+    from chatrlhf.evaluation.answers import sample_answers
+    from chatrlhf.evaluation.prompts import EvalPrompt
+    from chatrlhf.feedback.answerer import Answerer
+    from chatrlhf.models import load_tokenizer
+    from chatrlhf.rollout.inference import InferenceEngine
+
+    model_cfg = ModelLoadConfig(name_or_path=str(tiny_dir))
+    generation = {b: GenerationConfig(max_new_tokens=8, temperature=0, backend=b) for b in ("native", "vllm")}
+    sessions = {b: ChatSession(ChatConfig(model=model_cfg, generation=g, max_history_tokens=48))
+                for b, g in generation.items()}
+    try:
+        assert sessions["vllm"].engine.vllm is not None and sessions["native"].engine.vllm is None
+        for line in ("hello there", "what is the capital of france"):
+            assert sessions["vllm"].answer(line) == sessions["native"].answer(line)
+    finally:
+        for session in sessions.values():
+            session.close()
+    answerers = {b: Answerer([model_cfg], g, max_history_tokens=48) for b, g in generation.items()}
+    try:
+        messages = [{"role": "user", "content": "how do i cook rice"}]
+        assert answerers["vllm"].answer(0, messages, seed=3).text == answerers["native"].answer(0, messages, seed=3).text
+    finally:
+        for answerer in answerers.values():
+            answerer.close()
+    tok, model = load_tokenizer(tiny_dir, padding_side="left"), built[1]
+    prompts = [EvalPrompt(str(i), [{"role": "user", "content": t}], t, False)
+               for i, t in enumerate(["yes no good", "the quick brown fox", "paris"])]
+    with InferenceEngine("vllm", model=model, model_dir=str(tiny_dir), max_model_len=64) as engine:
+        via_vllm = sample_answers(model, tok, prompts, GREEDY, batch_size=2, seed=0, engine=engine)
+    native = sample_answers(model, tok, prompts, GREEDY, batch_size=2, seed=0)
+    assert [a.text for a in via_vllm] == [a.text for a in native]
+    assert [a.num_tokens for a in via_vllm] == [a.num_tokens for a in native]

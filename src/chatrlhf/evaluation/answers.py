@@ -25,6 +25,7 @@ from chatrlhf.rollout.logprobs import answer_logits
 
 if TYPE_CHECKING:
     from chatrlhf.rollout import Rollout, SamplingConfig
+    from chatrlhf.rollout.inference import InferenceEngine
 
 
 @dataclass
@@ -58,10 +59,11 @@ class Answers(list):
         return out
 
 
-def eos_token_ids(tokenizer, model=None) -> list[int]:
-    """The tokenizer's end-of-turn token, then any other eos of the model's generation config."""
+def eos_token_ids(tokenizer, model=None, generation_config=None) -> list[int]:
+    """The tokenizer's end-of-turn token, then any other eos of the generation config (``model``'s, or the
+    one given: a vLLM-only caller has no Hugging Face model loaded)."""
     ids = [eos_id(tokenizer)]
-    gen = getattr(model, "generation_config", None)
+    gen = generation_config if generation_config is not None else getattr(model, "generation_config", None)
     extra = getattr(gen, "eos_token_id", None)
     for token in extra if isinstance(extra, (list, tuple)) else [extra]:
         if token is not None and int(token) not in ids:
@@ -84,15 +86,19 @@ def sample_answers(
     max_prompt_len: int = 256,
     backend: str = "native",
     progress: bool = False,
+    engine: InferenceEngine | None = None,
 ) -> Answers:
-    """Samples one answer per prompt with ``chatrlhf.rollout.generate``; returns :class:`Answers`.
+    """Samples one answer per prompt with ``chatrlhf.rollout.generate`` (or ``engine``, e.g. a vLLM one built
+    once for the model, which ``backend`` then does not choose); returns :class:`Answers`.
 
     The model is switched to eval mode while sampling (no dropout) and back to its previous mode after.
     """
-    from chatrlhf.rollout import decode_responses, generate
+    from chatrlhf.rollout import decode_responses
+    from chatrlhf.rollout.inference import InferenceEngine
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    engine = engine or InferenceEngine(backend, model=model)
     eos = eos_token_ids(tokenizer, model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     encoded = [
@@ -101,23 +107,25 @@ def sample_answers(
     # Batches of similar prompt lengths waste little compute on padding; the sort is stable, so models
     # sharing a tokenizer get identical batches.
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    device = model_device(model)
+    device = engine.device if model is None else model_device(model)
     generator = torch.Generator(device=device).manual_seed(seed)
     collate = PromptCollator(pad)
     answers = Answers([None] * len(prompts))
     answers.batches = []
-    was_training = model.training
-    model.eval()
+    was_training = model is not None and model.training
+    if model is not None:
+        model.eval()
     try:
         starts = range(0, len(order), batch_size)
         for start in tqdm(starts, desc="sample", disable=not progress, leave=False):
             indices = order[start : start + batch_size]
             batch = collate([{"input_ids": encoded[i]} for i in indices])
-            rollout = generate(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), sampling,
-                               eos_token_ids=eos, pad_token_id=pad, backend=backend, generator=generator)
+            rollout = engine.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device), sampling,
+                                      eos_token_ids=eos, pad_token_id=pad, generator=generator)
             _store_answers(answers, indices, rollout, decode_responses(tokenizer, rollout))
     finally:
-        model.train(was_training)
+        if model is not None:
+            model.train(was_training)
     return answers
 
 

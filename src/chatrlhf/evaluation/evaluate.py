@@ -85,24 +85,19 @@ def _sample_all(
     with_log_probs: bool,
     progress: bool,
 ) -> dict[str, _ModelRun]:
-    from chatrlhf.models import load_causal_lm, load_tokenizer
+    from chatrlhf.models import load_causal_lm, load_tokenizer, resolve_model
+    from chatrlhf.rollout.inference import InferenceEngine
 
     runs: dict[str, _ModelRun] = {}
     for name, path in models.items():
         _say(progress, f"sampling {len(prompts)} answers from {name} ({path})")
         tokenizer = load_tokenizer(path, padding_side="left")
         model = load_causal_lm(path, dtype=dtype).to(device).eval()
-        answers = sample_answers(
-            model,
-            tokenizer,
-            prompts,
-            sampling,
-            batch_size=batch_size,
-            seed=seed,
-            max_prompt_len=max_prompt_len,
-            backend=backend,
-            progress=progress,
-        )
+        # One engine per model, built once for all its batches (a vLLM one from the model's directory).
+        with InferenceEngine(backend, model=model, model_dir=resolve_model(path), dtype=dtype, seed=seed,
+                             max_model_len=max_prompt_len + sampling.max_new_tokens) as engine:
+            answers = sample_answers(model, tokenizer, prompts, sampling, batch_size=batch_size, seed=seed,
+                                     max_prompt_len=max_prompt_len, progress=progress, engine=engine)
         log_probs = None
         if with_log_probs:
             log_probs = [response_log_probs(model, r, batch_size) for r in answers.rollouts]

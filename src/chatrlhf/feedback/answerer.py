@@ -39,7 +39,6 @@ class Answerer:
     def __init__(self, models: list[ModelLoadConfig], generation: GenerationConfig | None = None, *, seed: int = 0,
                  system: str | None = None, max_history_tokens: int = 1536):
         from chatrlhf.chat import load_for_chat
-        from chatrlhf.evaluation.answers import eos_token_ids
 
         if not models:
             raise ValueError("--model.name_or_path: name a model dir or built-in model")
@@ -47,13 +46,24 @@ class Answerer:
         self.names = [m.name_or_path for m in models]
         self.system, self.seed, self.max_history_tokens = system, seed, max_history_tokens
         self.backend, self.sampling = generation.backend, generation.sampling()
-        self._loaded = []
-        for model_cfg in models:
-            model, tokenizer, device = load_for_chat(model_cfg)
-            eos = eos_token_ids(tokenizer, model)
-            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-            self._loaded.append((model, tokenizer, device, eos, pad))
+        self._loaded = []  # (engine, tokenizer, eos ids, pad id) per model; a vLLM engine is built once here
         self._lock = threading.Lock()
+        try:
+            for model_cfg in models:
+                engine, tokenizer, eos = load_for_chat(model_cfg, generation.backend, seed=seed,
+                                                       max_model_len=max_history_tokens + generation.max_new_tokens)
+                pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+                self._loaded.append((engine, tokenizer, eos, pad))
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Frees the models' generation engines (vLLM ones hold memory until closed), after the answer being
+        generated, if any."""
+        with self._lock:
+            for engine, *_ in self._loaded:
+                engine.close()
 
     def answer(self, model_index: int, messages: list[dict], seed: int) -> Answer:
         """One sampled answer of model ``model_index`` to the conversation ``messages`` (ends with a user turn)."""
@@ -62,17 +72,17 @@ class Answerer:
     def _sample(self, model_index: int, messages: list[dict], seed: int, n: int) -> list[Answer]:
         """``n`` answers to ``messages`` sampled as one batch (one generator seeded with ``seed``)."""
         from chatrlhf.chat import fit_history
-        from chatrlhf.rollout import decode_responses, generate
+        from chatrlhf.rollout import decode_responses
 
         if not 0 <= model_index < len(self.names):
             raise IndexError(f"model must be 0..{len(self.names) - 1}, got {model_index}")
-        model, tokenizer, device, eos, pad = self._loaded[model_index]
+        engine, tokenizer, eos, pad = self._loaded[model_index]
         ids, _ = fit_history(tokenizer, self.system, messages, self.max_history_tokens)
-        input_ids = torch.tensor([ids] * n, dtype=torch.long, device=device)  # (n, P)
+        input_ids = torch.tensor([ids] * n, dtype=torch.long, device=engine.device)  # (n, P)
         with self._lock, torch.no_grad():
-            generator = torch.Generator(device=device).manual_seed(seed)
-            rollout = generate(model, input_ids, torch.ones_like(input_ids), self.sampling, eos_token_ids=eos,
-                               pad_token_id=pad, backend=self.backend, generator=generator)
+            generator = torch.Generator(device=engine.device).manual_seed(seed)
+            rollout = engine.generate(input_ids, torch.ones_like(input_ids), self.sampling, eos_token_ids=eos,
+                                      pad_token_id=pad, generator=generator)
         settings = {**asdict(self.sampling), "seed": seed, "system": self.system}
         return [Answer(text, bool(done), self.names[model_index], {**settings, "sample": i})
                 for i, (text, done) in enumerate(zip(decode_responses(tokenizer, rollout), rollout.finished.tolist()))]

@@ -121,6 +121,9 @@ def run_serve(cfg: ServeConfig) -> None:
         print(f"[chatrlhf] serve: feedback app at {url} (database {cfg.db}); Ctrl-C stops it", flush=True)
 
     server.startup = startup
-    server.run()
-    if worker is not None:
-        worker.stop()
+    try:
+        server.run()
+    finally:
+        if worker is not None:
+            worker.stop()
+        answerer.close()
