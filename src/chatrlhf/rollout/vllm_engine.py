@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import gc
 import importlib.util
+import os
 from collections.abc import Iterable
 
 import torch
@@ -138,7 +139,9 @@ class VLLMEngine:
     def _env(self) -> dict[str, str | None]:
         # Set only while vLLM is imported and built; a user's VLLM_CPU_KVCACHE_SPACE (vLLM's older spelling
         # of the KV size on CPU, whole GiB) would override kv_cache_memory_bytes, so it is unset meanwhile.
-        return {**_ENGINE_ENV, "VLLM_CPU_KVCACHE_SPACE": None}
+        # vLLM logs its start-up at INFO on stdout (read when it is first imported): warnings only, unless set.
+        return {**_ENGINE_ENV, "VLLM_CPU_KVCACHE_SPACE": None,
+                "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
 
     def _device_args(self) -> dict:
         if not self.cuda:
