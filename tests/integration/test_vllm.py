@@ -261,6 +261,14 @@ def test_host_state_contained(built, tied, prompts, eos_ids):
     torch.set_num_threads(threads)
 
 
+def test_unsupported_head_dim_is_refused_before_building(built, tmp_path):
+    """The built-in tiny-random-llama has head_dim 16, which vLLM's CPU attention cannot run."""
+    path, live = build_tiny_llama(tmp_path, seed=0), ve.VLLMEngine._live
+    with pytest.raises(ValueError, match="head_dim 16.*--generation.backend native"):
+        ve.VLLMEngine(str(path), dtype="float32", max_model_len=64, kv_cache_gb=0.05)
+    assert ve.VLLMEngine._live == live  # no engine was started
+
+
 def test_generate_validates_lengths(built, prompts):
     with pytest.raises(ValueError, match="max_model_len 64"):
         built[0].generate(*prompts, SamplingConfig(max_new_tokens=60), eos_token_ids=[PAD], pad_token_id=PAD)

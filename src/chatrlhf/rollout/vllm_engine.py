@@ -92,6 +92,21 @@ def _unfiltered_logprobs(worker) -> bool:
     return True
 
 
+def _check_cpu_head_dim(model_dir: str, trust_remote_code: bool) -> None:
+    """vLLM's CPU attention has kernels for some head sizes only and fails at the first forward otherwise
+    (``Unsupported CPU attention configuration: head_dim=16``); say so before building the engine."""
+    from transformers import AutoConfig
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    heads = getattr(config, "num_attention_heads", None)
+    head_dim = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else None)
+    sizes = CPUAttentionBackend.get_supported_head_sizes()
+    if head_dim is not None and head_dim not in sizes:
+        raise ValueError(f"vLLM's CPU attention has no kernel for head_dim {head_dim} of {model_dir} (it supports "
+                         f"{', '.join(map(str, sizes))}); use --generation.backend native for this model")
+
+
 def _engine_model(worker):
     """Runs inside the vLLM worker: its model (kept to check that pushed weights arrived)."""
     return worker.model_runner.get_model()
@@ -123,6 +138,8 @@ class VLLMEngine:
         kv_bytes = int((kv_cache_gb if kv_cache_gb is not None else DEFAULT_KV_CACHE_GB) * _GIB)
         with contained(self._env()):
             vllm = _import_vllm()
+            if not self.cuda:
+                _check_cpu_head_dim(self.model_dir, trust_remote_code)
             if VLLMEngine._live == 0:
                 VLLMEngine._owns_process_group = not torch.distributed.is_initialized()
             self._llm = vllm.LLM(model=self.model_dir, dtype=dtype, max_model_len=max_model_len, seed=seed,
