@@ -7,7 +7,7 @@ tokens, micro-batch 8, a critic initialised from the reward model):
     landed   --run.precision fp32 --generation.backend native: exact fp32 everywhere, rollouts from the
              live weights (what chatrlhf did before mixed precision)
     new      the defaults: --run.precision auto, --generation.backend auto (printed by the run);
-             --backend picks another backend for this side
+             --backends native,vllm runs one "new" side per backend instead
 
 The reward model is SmolLM2 with a seeded random value head (the timing does not depend on what it
 scores). Each phase's time comes from the run's own metrics (``time/generate``, ``time/score``,
@@ -29,7 +29,7 @@ from pathlib import Path
 
 from common import machine_description, markdown_table
 
-SIDES = {"landed": ["--run.precision", "fp32", "--generation.backend", "native"], "new": []}
+LANDED = ["--run.precision", "fp32", "--generation.backend", "native"]
 PHASES = ("generate", "score", "update", "iteration")
 
 
@@ -45,14 +45,14 @@ def make_reward_model(model: str, out: Path) -> Path:
     return out
 
 
-def run_side(name: str, args, workdir: Path, reward: Path) -> tuple[list[dict], str]:
+def run_side(name: str, flags: list[str], args, workdir: Path, reward: Path) -> tuple[list[dict], str]:
     out = workdir / name
     cmd = [sys.executable, "-m", "chatrlhf.cli", "ppo", "--model.name_or_path", args.model, "--reward", str(reward),
            "--data.datasets", "[demo:prompts_train]", "--data.data_split", "0,0,1", "--run.output_dir", str(out),
            "--run.progress", "false", "--gold_every", "0", "--max_iterations", str(args.iterations),
            "--kl_coef", "0.1", "--missing_eos_penalty", "0.1", "--generation.max_new_tokens", str(args.max_new_tokens),
            "--actor_engine.learning_rate", "1.5e-5", "--critic_engine.learning_rate", "5e-5",
-           *SIDES[name], *(["--generation.backend", args.backend] if name == "new" else [])]
+           *flags]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     env.pop("CHATRLHF_PRECISION", None)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -71,27 +71,30 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--backend", choices=("auto", "native", "hf", "vllm"), default="auto",
-                   help="the new side's --generation.backend")
+    p.add_argument("--backends", default="auto", help="comma-separated --generation.backend of the new sides")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     print(machine_description(args.threads))
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         reward = make_reward_model(args.model, workdir / "rm")
+        sides = {"landed": LANDED}
+        for backend in args.backends.split(","):
+            sides["new" if backend == "auto" else f"new ({backend})"] = ["--generation.backend", backend]
         results = {}
-        for name in SIDES:
-            rows, chosen = run_side(name, args, workdir, reward)
+        for name, flags in sides.items():
+            rows, chosen = run_side(name, flags, args, workdir, reward)
             timed = rows[args.warmup:] or rows
             results[name] = {phase: statistics.median(r[f"train/time/{phase}"] for r in timed) for phase in PHASES}
             results[name]["chosen"] = chosen
             results[name]["mismatch_kl"] = statistics.mean(r.get("train/rollout/mismatch_kl", 0.0) for r in timed)
             print(f"{name}: {chosen}", flush=True)
-    table = [[phase, f"{results['landed'][phase]:.2f}", f"{results['new'][phase]:.2f}",
-              f"{results['landed'][phase] / results['new'][phase]:.2f}x"] for phase in PHASES]
-    print(markdown_table(["phase (median s per iteration)", "landed", "new", "speed-up"], table))
-    print(f"rollout/mismatch_kl (mean): landed {results['landed']['mismatch_kl']:.2e}, "
-          f"new {results['new']['mismatch_kl']:.2e}")
+    new = [n for n in results if n != "landed"]
+    table = [[phase, f"{results['landed'][phase]:.2f}",
+              *(f"{results[n][phase]:.2f} ({results['landed'][phase] / results[n][phase]:.2f}x)" for n in new)]
+             for phase in PHASES]
+    print(markdown_table(["phase (median s per iteration)", "landed", *(f"{n} (speed-up)" for n in new)], table))
+    print("rollout/mismatch_kl (mean): " + ", ".join(f"{n} {r['mismatch_kl']:.2e}" for n, r in results.items()))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 

@@ -77,3 +77,16 @@ def test_resume_with_vllm_continues_as_the_uninterrupted_run(inputs, tmp_path):
         y = resumed[x["step"]]
         for key in ("train/reward/score", "train/loss/policy", "train/kl", "train/response_length"):
             assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-6), (x["step"], key)
+
+
+def test_auto_falls_back_to_native_for_a_model_vllm_cannot_run(inputs, tmp_path):
+    tiny16 = build_tiny_llama(tmp_path / "head16", seed=0)  # head_dim 16: no vLLM CPU attention kernel
+    out = tmp_path / "run"
+    argv = grpo_args({**inputs, "model": str(tiny16)}, out, 1)
+    argv[argv.index("--generation.backend") + 1] = "auto"
+    argv[argv.index("--run.precision") + 1] = "bf16"
+    assert main(argv) == 0
+    summary = json.loads((out / "eval.json").read_text())
+    assert (summary["rollout_backend"], summary["rollout_form"]) == ("native", "copy")
+    argv[argv.index("--generation.backend") + 1] = "vllm"  # asked for by name: the error, not a fallback
+    assert main([*argv, "--run.overwrite", "true"]) != 0

@@ -71,28 +71,30 @@ def train_ppo(cfg: PPOConfig) -> dict[str, float]:
     bar = tqdm(total=run.n_iters, initial=start, desc=stage_name(cfg.advantage_estimator),
                disable=not (cfg.run.progress and run.actor.is_rank_0))
     history: list[dict] = []
-    for iteration in range(start, run.n_iters):
-        started = time.time()
-        rollout, prompt_batch = generate_rollouts(run, iteration)
-        t_generate = time.time() - started
-        exp = score_rollouts(run, rollout, prompt_batch)
-        exp.rewards, exp.advantages, exp.returns = compute_advantages(run, exp)
-        t_score = time.time() - started - t_generate
-        update_stats = ppo_update(run, exp, iteration)
-        run.rollouts.weights_changed()
-        t_update = time.time() - started - t_generate - t_score
-        kl, kl_coef = _adapt_kl(run, exp)
-        if run.ema is not None:
-            run.ema.update(run.actor)
-        row = iteration_metrics(run, exp, {"kl": kl, "kl_coef": kl_coef}, update_stats,
-                                {"time/generate": t_generate, "time/score": t_score, "time/update": t_update},
-                                started, iteration)
-        history.append(row)
-        bar.update(1)
-        bar.set_postfix(reward=f"{row['reward/score']:.3f}", kl=f"{kl:.3f}")
-        _log_and_save(run, logger, row, done=iteration + 1)
+    try:  # a vLLM engine left to the garbage collector would tear down the trainer's process groups
+        for iteration in range(start, run.n_iters):
+            started = time.time()
+            rollout, prompt_batch = generate_rollouts(run, iteration)
+            t_generate = time.time() - started
+            exp = score_rollouts(run, rollout, prompt_batch)
+            exp.rewards, exp.advantages, exp.returns = compute_advantages(run, exp)
+            t_score = time.time() - started - t_generate
+            update_stats = ppo_update(run, exp, iteration)
+            run.rollouts.weights_changed()
+            t_update = time.time() - started - t_generate - t_score
+            kl, kl_coef = _adapt_kl(run, exp)
+            if run.ema is not None:
+                run.ema.update(run.actor)
+            row = iteration_metrics(run, exp, {"kl": kl, "kl_coef": kl_coef}, update_stats,
+                                    {"time/generate": t_generate, "time/score": t_score, "time/update": t_update},
+                                    started, iteration)
+            history.append(row)
+            bar.update(1)
+            bar.set_postfix(reward=f"{row['reward/score']:.3f}", kl=f"{kl:.3f}")
+            _log_and_save(run, logger, row, done=iteration + 1)
+    finally:
+        run.rollouts.close()
     bar.close()
-    run.rollouts.close()
     summary = save_rl_final(run.out, run.actor, run.critic, run.ema, run.tokenizer, history, run.n_iters,
                             run.kl_ctl.value, cfg.advantage_estimator,
                             {"precision": run.actor.precision.summary(), "rollout_backend": run.rollouts.backend,

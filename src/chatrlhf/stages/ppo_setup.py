@@ -100,9 +100,19 @@ def setup_run(cfg: PPOConfig) -> RLRun:
 def _rollouts(cfg: PPOConfig, actor: Engine, rank: int) -> ActorRollouts:
     """The actor's generation form, chosen (and announced) from the precision and ``--generation.backend``."""
     backend, why = resolve_backend(cfg.generation.backend, actor.precision)
-    rollouts = ActorRollouts(actor, backend, actor.precision, model_dir=resolve_model(cfg.model.name_or_path),
+
+    def build(backend: str) -> ActorRollouts:
+        return ActorRollouts(actor, backend, actor.precision, model_dir=resolve_model(cfg.model.name_or_path),
                              max_model_len=cfg.data.max_prompt_len + cfg.generation.max_new_tokens,
                              seed=cfg.actor_engine.seed, trust_remote_code=cfg.model.trust_remote_code)
+
+    try:
+        rollouts = build(backend)
+    except ValueError as err:  # a model vLLM cannot run (e.g. a head size its CPU attention lacks)
+        if cfg.generation.backend != "auto":
+            raise
+        backend, why = "native", f"auto: vLLM cannot run this model ({err}) -> native engine"
+        rollouts = build(backend)
     if rank == 0:
         announce(actor.precision)
         print(f"[chatrlhf] rollouts: {backend} backend, {rollouts.form} form ({why})", flush=True)
