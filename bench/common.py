@@ -60,21 +60,11 @@ def lscpu_model() -> str:
     return cpu_model()
 
 
-def cpu_flags() -> set[str]:
-    """The feature flags of the first CPU in /proc/cpuinfo (empty where it cannot be read)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def bf16_description() -> str:
     """One line: the lscpu model name and which of ``BF16_FLAGS`` this CPU has, e.g.
     ``lscpu: Intel(R) Xeon(R) Processor | amx_bf16 yes, avx512_bf16 yes, amx_tile yes, avx512f yes``."""
+    from chatrlhf.precision import cpu_flags
+
     flags = cpu_flags()
     found = ", ".join(f"{flag} {'yes' if flag in flags else 'no'}" for flag in BF16_FLAGS)
     return f"lscpu: {lscpu_model()} | {found}"
