@@ -169,8 +169,8 @@ def mismatch_stats(old_log_probs: Tensor, rollout_log_probs: Tensor, mask: Tenso
     """
     keep = mask.bool()
     log_ratio = (old_log_probs.float() - rollout_log_probs.float())[keep]  # (N,)
-    n = max(log_ratio.numel(), 1)
-    if log_ratio.numel() == 0:
+    n = log_ratio.numel()
+    if n == 0:
         return {"mismatch_kl": 0.0, "max_ratio": 1.0, "min_ratio": 1.0, "tis_clipfrac": 0.0}
     ratio = log_ratio.exp()
     return {"mismatch_kl": float(-log_ratio.sum() / n), "max_ratio": float(ratio.max()),
