@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from chatrlhf.rollout.sampler import plan_groups
-from chatrlhf.rollout.types import Rollout, SamplingConfig, merge_rollouts
+from chatrlhf.rollout.types import Rollout, SamplingConfig, cut_at_first_eos, merge_rollouts
 
 
 class _LogProbRecorder:
@@ -70,18 +70,9 @@ def _generate_ids(model, input_ids, attention_mask, sampling: SamplingConfig, eo
 
 def _to_rollout(input_ids, attention_mask, response, recorder: _LogProbRecorder, eos: torch.Tensor,
                 pad_token_id: int) -> Rollout:
-    width = response.shape[1]
-    if width == 0:
-        mask = torch.zeros(response.shape, dtype=torch.bool, device=response.device)
-        return Rollout(input_ids, attention_mask, response, mask.to(attention_mask.dtype), mask.any(1),
-                       torch.zeros(response.shape, dtype=torch.float32, device=response.device))
-    is_eos = torch.isin(response, eos)  # (B, R) generate pads finished rows with pad (often == eos)
-    finished = is_eos.any(1)  # (B,)
-    lengths = torch.where(finished, is_eos.int().argmax(1) + 1, width)  # (B,) up to and including the first EOS
-    mask = torch.arange(width, device=response.device) < lengths[:, None]  # (B, R)
-    log_probs = recorder.log_probs(response) * mask
-    return Rollout(input_ids, attention_mask, response.masked_fill(~mask, pad_token_id),
-                   mask.to(attention_mask.dtype), finished, log_probs)
+    # generate pads finished rows with pad (often == eos): the first EOS ends each response
+    log_probs = recorder.log_probs(response) if response.shape[1] else response.float()
+    return cut_at_first_eos(input_ids, attention_mask, response, log_probs, eos, pad_token_id)
 
 
 def generate_hf(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampling: SamplingConfig, *,

@@ -30,7 +30,7 @@ import torch
 from chatrlhf.algorithms.masking import position_ids_from_mask
 from chatrlhf.rollout.cache import compact, make_cache
 from chatrlhf.rollout.sampling import choose_tokens
-from chatrlhf.rollout.types import Rollout, SamplingConfig, merge_rollouts
+from chatrlhf.rollout.types import Rollout, SamplingConfig, cut_at_first_eos, merge_rollouts
 
 
 def plan_groups(prompt_lengths: torch.Tensor, max_batch: int | None) -> list[torch.Tensor]:
@@ -184,16 +184,8 @@ class SubBatch:
 
     def result(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> Rollout:
         """Each response runs to its first EOS (``finished``) or to the last step; the rest is padding."""
-        tokens = self.tokens[:, :self.t]  # (b, t)
-        is_eos = torch.isin(tokens, self.eos)  # (b, t)
-        finished = is_eos.any(-1)  # (b,)
-        # argmax of a 0/1 row is its first EOS; a row without one ran to the last step (0 steps: all 0)
-        lengths = torch.where(finished, is_eos.int().argmax(-1) + 1, self.t) if self.t else finished.long()  # (b,)
-        width = int(lengths.max()) if len(lengths) else 0
-        response_mask = torch.arange(width, device=lengths.device) < lengths[:, None]  # (b, R)
-        return Rollout(prompt_ids, prompt_mask, tokens[:, :width].masked_fill(~response_mask, self.pad_token_id),
-                       response_mask.to(prompt_mask.dtype), finished,
-                       self.log_probs[:, :width].masked_fill(~response_mask, 0.0))
+        return cut_at_first_eos(prompt_ids, prompt_mask, self.tokens[:, :self.t], self.log_probs[:, :self.t],
+                                self.eos, self.pad_token_id)
 
 
 def _dummy_forward(model, pad_token_id: int, device: torch.device) -> None:

@@ -97,3 +97,19 @@ def merge_rollouts(parts: list[tuple[torch.Tensor, Rollout]], prompt_ids: torch.
         log_probs[rows, :w] = part.log_probs
         finished[rows] = part.finished
     return Rollout(prompt_ids, prompt_mask, response_ids, response_mask, finished, log_probs)
+
+
+def cut_at_first_eos(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, tokens: torch.Tensor,
+                     log_probs: torch.Tensor, eos: torch.Tensor, pad_token_id: int) -> Rollout:
+    """A ``Rollout`` of generated ``tokens`` (B, T) and their ``log_probs``: each response runs to its first
+    EOS (``finished``) or to the last step; after it come padding (pad id, mask 0, log-prob 0), and the width
+    is cut to the longest response. Example: eos 2, tokens [[5, 2, 7], [5, 6, 7]] -> lengths [2, 3]."""
+    steps = tokens.shape[1]
+    is_eos = torch.isin(tokens, eos)  # (B, T)
+    finished = is_eos.any(-1)  # (B,)
+    # argmax of a 0/1 row is its first EOS; a row without one ran to the last step (0 steps: all 0)
+    lengths = torch.where(finished, is_eos.int().argmax(-1) + 1, steps) if steps else finished.long()  # (B,)
+    width = int(lengths.max()) if len(lengths) else 0
+    mask = torch.arange(width, device=tokens.device) < lengths[:, None]  # (B, R)
+    return Rollout(prompt_ids, prompt_mask, tokens[:, :width].masked_fill(~mask, pad_token_id),
+                   mask.to(prompt_mask.dtype), finished, log_probs[:, :width].float().masked_fill(~mask, 0.0))
