@@ -13,7 +13,6 @@ PPO stage logs the mismatch and corrects it by truncated importance sampling (do
 from __future__ import annotations
 
 import copy as copy_module
-import importlib.util
 
 import torch
 
@@ -30,7 +29,9 @@ def resolve_backend(choice: str, precision: Precision) -> tuple[str, str]:
         return choice, f"--generation.backend {choice}"
     if not precision.mixed:
         return "native", "auto: exact fp32 run -> native engine on the live weights"
-    if importlib.util.find_spec("vllm") is not None:
+    from chatrlhf.rollout.vllm_engine import vllm_available
+
+    if vllm_available():
         return "vllm", "auto: vllm is installed and the run is in bf16 (fastest measured)"
     return "native", "auto: bf16 run, vllm not installed (bash scripts/install.sh --vllm) -> native engine"
 
