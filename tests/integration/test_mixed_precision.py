@@ -14,6 +14,7 @@ from chatrlhf.config import EngineConfig
 from chatrlhf.engine import Engine
 from chatrlhf.precision import Precision
 from chatrlhf.rollout import ActorRollouts, SamplingConfig, generate
+from integration.tiny_data import write_jsonl
 
 pytestmark = pytest.mark.slow
 BF16 = Precision("bf16", "test")
@@ -103,10 +104,9 @@ def grpo(tiny_dir: Path, tmp_path: Path, precision: str, *extra: str) -> list[di
     from chatrlhf.cli import main
 
     tmp_path.mkdir(parents=True, exist_ok=True)
-    data = tmp_path / "prompts.jsonl"
     words = "the quick brown fox jumps over lazy dog good bad answer question hello world".split()
-    data.write_text("".join(json.dumps({"prompt": f"say {words[i % 14]} {words[(3 * i) % 14]}"}) + "\n"
-                            for i in range(64)))
+    data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"say {words[i % 14]} {words[(3 * i) % 14]}"}
+                                                    for i in range(64)])
     out = tmp_path / f"grpo-{precision}"
     main(["grpo", "--model.name_or_path", str(tiny_dir), "--reward", "chatrlhf.rewards.examples:length_reward",
           "--data.datasets", f"[{data}]", "--data.data_split", "0,0,1", "--run.output_dir", str(out),

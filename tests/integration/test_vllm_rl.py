@@ -14,6 +14,7 @@ import pytest
 from chatrlhf.cli import main
 from chatrlhf.models.tiny import build_tiny_llama
 from chatrlhf.rollout import vllm_engine as ve
+from integration.tiny_data import train_rows, write_jsonl
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -31,10 +32,9 @@ def inputs(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("vllm-rl")
     model = build_tiny_llama(root / "model", seed=0, num_attention_heads=2, num_key_value_heads=1)
     words = "the quick brown fox jumps over lazy dog good bad answer question hello world".split()
-    data = root / "prompts.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"say {words[i % 14]} {words[(3 * i) % 14]}"}) + "\n"
-                            for i in range(64)))
-    return {"model": str(model), "data": str(data)}
+    data = write_jsonl(root / "prompts.jsonl", [{"prompt": f"say {words[i % 14]} {words[(3 * i) % 14]}"}
+                                                for i in range(64)])
+    return {"model": str(model), "data": data}
 
 
 def grpo_args(x: dict, out: Path, iterations: int) -> list[str]:
@@ -46,17 +46,12 @@ def grpo_args(x: dict, out: Path, iterations: int) -> list[str]:
             "--actor_engine.learning_rate", "1e-2", "--kl_coef", "0.01", "--max_iterations", str(iterations)]
 
 
-def rows(out: Path) -> list[dict]:
-    lines = (out / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if "train/reward/score" in r]
-
-
 def test_grpo_with_vllm_learns_a_rule_reward(inputs, tmp_path):
     out = tmp_path / "run"
     assert main(grpo_args(inputs, out, 10)) == 0
     summary = json.loads((out / "eval.json").read_text())
     assert (summary["rollout_backend"], summary["rollout_form"]) == ("vllm", "vllm")
-    r = rows(out)
+    r = list(train_rows(out).values())
     assert sum(x["train/reward/score"] for x in r[-3:]) > sum(x["train/reward/score"] for x in r[:3]) + 0.1, r
     for x in r:  # fp32 vLLM vs the fp32 trainer: the same policy up to kernel rounding, so weights stay ~1
         assert abs(x["train/rollout/mismatch_kl"]) < 1e-3
@@ -71,12 +66,12 @@ def test_resume_with_vllm_continues_as_the_uninterrupted_run(inputs, tmp_path):
     for d in ("model", "eval.json"):
         shutil.rmtree(cut / d) if (cut / d).is_dir() else (cut / d).unlink()
     assert main([*grpo_args(inputs, cut, 4), "--run.save_every", "2", "--run.resume", "true"]) == 0
-    resumed = {x["step"]: x for x in rows(cut)}
-    assert sorted(resumed) == [1, 2, 3, 4]
-    for x in rows(full)[2:]:  # a new vLLM engine, given the checkpoint's weights, samples the same answers
-        y = resumed[x["step"]]
+    resumed, uninterrupted = train_rows(cut), train_rows(full)
+    assert sorted(resumed) == sorted(uninterrupted) == [1, 2, 3, 4]
+    for step in (3, 4):  # a new vLLM engine, given the checkpoint's weights, samples the same answers
+        x, y = uninterrupted[step], resumed[step]
         for key in ("train/reward/score", "train/loss/policy", "train/kl", "train/response_length"):
-            assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-6), (x["step"], key)
+            assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-6), (step, key)
 
 
 def test_auto_falls_back_to_native_for_a_model_vllm_cannot_run(inputs, tmp_path):
