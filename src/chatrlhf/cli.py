@@ -241,6 +241,7 @@ def _launch(argv: list[str]) -> int:
 
 def _run(command: str, cfg, prefix: str) -> int:
     """Runs the command's function; several launched processes leave the process group together."""
+    from chatrlhf import run_lock
     from chatrlhf.checkpoint import CheckpointError  # imports torch: only once the config is known to be good
 
     try:
@@ -253,6 +254,8 @@ def _run(command: str, cfg, prefix: str) -> int:
               "the checkpoints dir to resume from the previous complete one, or start over with --run.overwrite "
               "true instead of --run.resume.", file=sys.stderr)
         return EXIT_INPUT_ERROR
+    finally:
+        run_lock.release_all()  # the output dirs this command locked (the kernel would at exit; tests run on)
     if _under_launcher():
         from chatrlhf.engine import shutdown_distributed
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from chatrlhf.checkpoint import write_json_atomic
 from chatrlhf.config import ConfigError
 from chatrlhf.pipeline_config import PipelineConfig
-from chatrlhf.training import MODEL_SUBDIR, write_resolved_config
+from chatrlhf.training import MODEL_SUBDIR, lock_output_dir, write_resolved_config
 
 
 def _finished(stage_dir: str) -> dict | None:
@@ -83,8 +83,12 @@ def _export_feedback(cfg: PipelineConfig, root: Path) -> dict | None:
 def run_pipeline(cfg: PipelineConfig) -> dict:
     cfg.validate()  # every stage's section: all config errors before the first hour of training, not after it
     stages = _stages(cfg)
-    _refuse_finished(cfg, stages)
     root = Path(cfg.run.output_dir)
+    from chatrlhf.engine import init_distributed
+
+    init_distributed()
+    lock_output_dir(root)  # each stage locks its own dir as well; this one holds config.yaml and the report
+    _refuse_finished(cfg, stages)
     feedback = _export_feedback(cfg, root)  # no surviving pair stops here, before any stage runs
     root.mkdir(parents=True, exist_ok=True)
     write_resolved_config(root, cfg)

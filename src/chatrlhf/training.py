@@ -29,13 +29,36 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def lock_output_dir(out: Path, flag: str = "--run.output_dir") -> None:
+    """One writer per output dir (``chatrlhf.run_lock``): rank 0 takes the lock; with several processes every
+    rank learns whether it got it, so all stop together, with the same message, when another run holds it."""
+    import torch.distributed as dist
+
+    from chatrlhf import run_lock
+
+    several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    error = None
+    if not several or dist.get_rank() == 0:
+        try:
+            run_lock.acquire(out, flag)
+        except ConfigError as err:
+            error = str(err)
+    if several:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise ConfigError(error)
+
+
 def prepare_output_dir(run: RunConfig) -> Path:
-    """Create ``run.output_dir``; refuse to clobber a finished model unless asked.
+    """Lock ``run.output_dir`` (creating it), then refuse to clobber a finished model unless asked.
 
     With ``overwrite`` the old model stays in place until the new one is complete (``Engine.save_hf``
     writes to a temporary dir and renames), so a failed run never leaves the dir without a model.
     """
     out = Path(run.output_dir)
+    lock_output_dir(out)  # before the checks: a run writing here now would make them stale at once
     if (out / MODEL_SUBDIR / "config.json").exists() and not (run.overwrite or run.resume):
         raise ConfigError(
             f"{out / MODEL_SUBDIR} already holds a finished model. Pass --run.overwrite true to replace it "
@@ -51,7 +74,6 @@ def prepare_output_dir(run: RunConfig) -> Path:
             "--run.resume true to continue it, --run.overwrite true to start over (its checkpoints are replaced "
             "as the new run saves), or choose another --run.output_dir."
         )
-    out.mkdir(parents=True, exist_ok=True)
     for scratch in (out, out / CHECKPOINTS_SUBDIR):  # what a killed run left half-written
         clean_stale(scratch)
     return out
