@@ -15,24 +15,27 @@ Every write route takes a form (the pages; answered with a redirect) or JSON (sc
     GET  /api/progress     the counters as JSON
 
 Security (``security.py``, docs/feedback.md): a token or a loopback Host, no cross-site POST, capped
-bodies, a strict Content-Security-Policy.
+bodies, a strict Content-Security-Policy. Errors (``errors.py``): ``{"error": "..."}`` for JSON clients,
+the error page for browsers, a 4xx for every bad request and never a traceback.
 """
 
 from __future__ import annotations
 
-import json
 import secrets
 import tempfile
 from pathlib import Path
+from typing import Annotated
 from urllib.parse import quote, unquote
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
-from fastapi.templating import Jinja2Templates
 from starlette.concurrency import run_in_threadpool
 
-from chatrlhf.feedback.schema import DIMENSIONS, FeedbackError, NotFound, check_messages, check_name
+from chatrlhf.feedback import errors
+from chatrlhf.feedback.errors import is_json, templates, wants_json
+from chatrlhf.feedback.inputs import ID_MAX, read_int, read_payload, read_seed, read_upload
+from chatrlhf.feedback.schema import DIMENSIONS, FeedbackError, NotFound, check_messages, check_name, shown
 from chatrlhf.feedback.security import LOOPBACK_HOSTS, secure
 from chatrlhf.feedback.store import FeedbackStore
 
@@ -40,6 +43,8 @@ HERE = Path(__file__).resolve().parent
 NAME_COOKIE = "chatrlhf_annotator"
 MAX_CHAT_MESSAGES = 64
 MAX_MESSAGE_CHARS = 8000
+# A row id from the query: SQLite's ids are int64 from 1; a larger number would overflow its binding (a 500).
+RowId = Annotated[int | None, Query(ge=1, le=ID_MAX)]
 
 
 def create_app(store: FeedbackStore, answerer, worker=None, *, token: str | None = None,
@@ -51,20 +56,12 @@ def create_app(store: FeedbackStore, answerer, worker=None, *, token: str | None
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     app.state.store, app.state.answerer, app.state.worker = store, answerer, worker
     secure(app, token, allowed_hosts, max_request_bytes)
-    app.add_exception_handler(FeedbackError, _refused)
+    errors.install(app)
     app.include_router(router)
     return app
 
 
-async def _refused(request: Request, err: FeedbackError):
-    status = 404 if isinstance(err, NotFound) else 400
-    if _wants_json(request):
-        return JSONResponse({"error": str(err)}, status_code=status)
-    return _page(request, "error.html", status_code=status, message=str(err))
-
-
 # ---------------------------------------------------------------------------------- pages and routes
-templates = Jinja2Templates(directory=HERE / "templates")
 router = APIRouter()
 
 
@@ -97,7 +94,7 @@ def _need_name(request: Request, page: str) -> Response | None:
 
 
 def _saved(request: Request, saved, page: str) -> Response:
-    if _wants_json(request):
+    if wants_json(request):
         return JSONResponse({"id": saved.id, "created": saved.created}, status_code=201 if saved.created else 200)
     return RedirectResponse(f"{page}?saved=1", status_code=303)
 
@@ -114,7 +111,7 @@ def home(request: Request, next: str = ""):
 
 @router.post("/annotator")
 async def set_annotator(request: Request):
-    data = await _payload(request)
+    data = await read_payload(request)
     name = check_name(data.get("annotator"))
     response = RedirectResponse(_local_path(data.get("next") or "/"), status_code=303)
     response.set_cookie(NAME_COOKIE, quote(name), samesite="strict", max_age=365 * 24 * 3600)
@@ -134,16 +131,14 @@ def chat_page(request: Request):
 @router.post("/api/chat")
 async def chat(request: Request):
     store, answerer = request.app.state.store, request.app.state.answerer
-    data = await _payload(request)
+    data = await read_payload(request, json_only=True)
     model = data.get("model", 0)
     if isinstance(model, bool) or not isinstance(model, int) or not 0 <= model < len(answerer.names):
-        raise FeedbackError(f"model must be an index 0..{len(answerer.names) - 1}, got {model!r}")
+        raise FeedbackError(f"model must be an index 0..{len(answerer.names) - 1}, got {shown(model)}")
     messages = check_messages(data.get("messages"))
     if len(messages) > MAX_CHAT_MESSAGES or any(len(m["content"]) > MAX_MESSAGE_CHARS for m in messages):
         raise FeedbackError(f"a chat keeps at most {MAX_CHAT_MESSAGES} messages of {MAX_MESSAGE_CHARS} characters")
-    seed = data.get("seed", secrets.randbelow(2**31))
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise FeedbackError(f"seed must be an integer, got {seed!r}")
+    seed = read_seed(data.get("seed", secrets.randbelow(2**31)))
     ans = await run_in_threadpool(answerer.answer, model, messages, seed)
     store.add_prompts([messages], source="chat", queued=False)
     prompt_id = store.prompt_id_for(messages)
@@ -153,7 +148,7 @@ async def chat(request: Request):
 
 
 @router.get("/compare", response_class=HTMLResponse)
-def compare_page(request: Request, prompt_id: int | None = None, saved: int = 0):
+def compare_page(request: Request, prompt_id: RowId = None, saved: int = 0):
     if redirect := _need_name(request, "/compare"):
         return redirect
     store = request.app.state.store
@@ -174,15 +169,15 @@ def compare_page(request: Request, prompt_id: int | None = None, saved: int = 0)
 
 @router.post("/compare")
 async def compare(request: Request):
-    data = await _payload(request)
+    data = await read_payload(request)
     saved = request.app.state.store.add_comparison(
-        data.get("request_id"), _int(data, "prompt_id"), _int(data, "answer_a"), _int(data, "answer_b"),
+        data.get("request_id"), read_int(data, "prompt_id"), read_int(data, "answer_a"), read_int(data, "answer_b"),
         data.get("choice"), _who(request, data), data.get("comment", ""))
     return _saved(request, saved, "/compare")
 
 
 @router.get("/rate", response_class=HTMLResponse)
-def rate_page(request: Request, answer_id: int | None = None, saved: int = 0):
+def rate_page(request: Request, answer_id: RowId = None, saved: int = 0):
     if redirect := _need_name(request, "/rate"):
         return redirect
     store = request.app.state.store
@@ -201,9 +196,9 @@ def rate_page(request: Request, answer_id: int | None = None, saved: int = 0):
 
 @router.post("/rate")
 async def rate(request: Request):
-    data = await _payload(request)
+    data = await read_payload(request)
     scores = {k: data.get(k) for k in ("overall", *DIMENSIONS)}
-    saved = request.app.state.store.add_rating(data.get("request_id"), _int(data, "answer_id"), scores,
+    saved = request.app.state.store.add_rating(data.get("request_id"), read_int(data, "answer_id"), scores,
                                                _who(request, data), data.get("comment", ""))
     return _saved(request, saved, "/rate")
 
@@ -216,23 +211,20 @@ def queue_page(request: Request, imported: str = ""):
 @router.post("/queue")
 async def import_prompts(request: Request):
     state = request.app.state
-    if _is_json(request):
-        data = await _payload(request)
+    if is_json(request):
+        data = await read_payload(request)
         prompts = data.get("prompts")
         if not isinstance(prompts, list) or not prompts:
             raise FeedbackError("prompts must be a non-empty list of prompts (text, or message lists)")
         source = "api"
     else:
-        form = await request.form()
-        upload = form.get("file")
-        if upload is None or not getattr(upload, "filename", ""):
-            raise FeedbackError("file: choose a prompt file (.jsonl, .json, .csv or .parquet with a 'prompt' column)")
+        upload = await read_upload(request, "file")
         source = Path(upload.filename).name
         prompts = _read_prompt_file(source, await upload.read())
     added, present = state.store.add_prompts(prompts, source=source)
     if state.worker is not None:
         state.worker.wake()
-    if _wants_json(request):
+    if wants_json(request):
         return JSONResponse({"added": added, "already_present": present}, status_code=201)
     return RedirectResponse(f"/queue?imported={added},{present}", status_code=303)
 
@@ -261,45 +253,16 @@ def export_file(request: Request, name: str, min_margin: float = 1.0, min_agreem
 
 
 # ---------------------------------------------------------------------------------- request helpers
-def _is_json(request: Request) -> bool:
-    return request.headers.get("content-type", "").split(";")[0].strip() == "application/json"
-
-
-def _wants_json(request: Request) -> bool:
-    return _is_json(request) or request.url.path.startswith("/api/") or \
-        "application/json" in request.headers.get("accept", "")
-
-
-async def _payload(request: Request) -> dict:
-    if _is_json(request):
-        try:
-            data = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise FeedbackError(f"the request body is not valid JSON ({err})") from None
-        if not isinstance(data, dict):
-            raise FeedbackError("the request body must be a JSON object")
-        return data
-    return dict(await request.form())
-
-
-def _int(data: dict, field: str) -> int:
-    value = data.get(field)
-    try:
-        if isinstance(value, (bool, float)) or value is None:  # int(1.9) would quietly be id 1
-            raise ValueError
-        return int(value)
-    except (TypeError, ValueError):
-        raise FeedbackError(f"{field} must be an integer id, got {value!r}") from None
-
-
 def _annotator(request: Request) -> str | None:
     raw = request.cookies.get(NAME_COOKIE)
     return unquote(raw) if raw else None
 
 
 def _who(request: Request, data: dict) -> str:
-    name = data.get("annotator") or _annotator(request)
-    if not name:
+    name = data.get("annotator")
+    if name is None or name == "":  # absent or a blank form field: the cookie's; any other value is checked
+        name = _annotator(request)
+    if name is None or name == "":
         raise FeedbackError("annotator: give your name (the home page sets it, or send 'annotator')")
     return name
 

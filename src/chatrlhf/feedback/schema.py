@@ -118,14 +118,21 @@ def check_name(name) -> str:
     return name
 
 
+def shown(value) -> str:
+    """``repr(value)`` cut to one short line: an error message echoes what was sent, not 2 MB of it."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:45]}...{text[-12:]}"
+
+
 def check_score(value, field: str) -> int:
     """An integer score 1-5 (``"4"`` from a form is accepted, ``4.5`` or ``6`` are not)."""
     try:
-        score = int(value)
-    except (TypeError, ValueError):
+        # A form sends text; over 10 characters it is no score (and int() of 5,000 digits is a ValueError).
+        score = int(value) if not isinstance(value, str) or len(value) <= 10 else None
+    except (TypeError, ValueError, OverflowError):  # OverflowError: JSON's 1e999 is read as inf
         score = None
     if score is None or isinstance(value, bool) or str(value).strip() != str(score) or not 1 <= score <= 5:
-        raise FeedbackError(f"{field} must be an integer from 1 to 5, got {value!r}")
+        raise FeedbackError(f"{field} must be an integer from 1 to 5, got {shown(value)}")
     return score
 
 
