@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 from argparse import ArgumentError
 from importlib import resources
@@ -21,7 +22,7 @@ from importlib import resources
 from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
 from chatrlhf import cli_errors
-from chatrlhf.config import ConfigError
+from chatrlhf.config import ConfigError, check_numbers
 
 EXIT_INPUT_ERROR = 2
 """Flags, YAML, data, model dirs or checkpoints are wrong: fix the input and run again."""
@@ -188,12 +189,29 @@ def _check_renamed(argv: list[str], command: str | None) -> None:
                                   f"mapping, e.g. 'run:' then '  output_dir: ...')")
 
 
+_NEGATIVE = re.compile(r"^-(\d|\.\d|inf\b|nan\b)", re.IGNORECASE)
+
+
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """``--engine.learning_rate -1e-3`` -> ``--engine.learning_rate=-1e-3``: argparse takes a value that starts
+    with ``-`` for a flag unless it looks like a plain ``-12`` / ``-.5``, so ``-1e-3`` would be "expected one
+    argument" (validation then names the value as out of range, or it is a legitimate negative number)."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and _NEGATIVE.match(arg):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def parse(argv: list[str]):
     """Returns (command name, the stage's config dataclass). Raises ConfigError with a one-line message."""
-    argv = _expand_preset(_strip_local_rank(argv))
+    argv = _join_negative_values(_expand_preset(_strip_local_rank(argv)))
     argv = _collect_repeated(argv, REPEATABLE.get(_command_of(argv), ()))
     for value in cli_errors.config_files(argv):
         cli_errors.check_config_file(value)
+    cli_errors.check_flag_values(argv)
     _check_renamed(argv, _command_of(argv))
     parser = build_parser()
     try:
@@ -216,13 +234,16 @@ def _under_launcher() -> bool:
 
 
 def _one_line(err: BaseException) -> str:
-    # Some library messages span lines; the error stays one line so it reads as one in logs and scripts.
-    return " ".join(str(err).split())
+    # Some library messages span lines; the error stays one line so it reads as one in logs and scripts,
+    # and a short one: a message quoting a huge value is cut in the middle.
+    line = " ".join(str(err).split())
+    return line if len(line) <= 2000 else f"{line[:1000]} [...] {line[-900:]}"
 
 
 def check_command(argv: list[str]) -> None:
     """Parses and validates a chatrlhf command line (what ``chatrlhf launch`` checks before it starts processes)."""
     _, cfg = parse(argv)
+    check_numbers(cfg)
     cfg.validate()
 
 
@@ -239,6 +260,61 @@ def _launch(argv: list[str]) -> int:
     return 0
 
 
+def _disk_full_errno(err: BaseException) -> int | None:
+    """ENOSPC, EDQUOT or EFBIG behind ``err`` (or its causes): an OSError's errno, or the ``(os error N)`` that
+    safetensors' Rust writer puts in its message (its exception carries no errno)."""
+    import errno
+    import re
+
+    for _ in range(8):  # causes and contexts, a few deep
+        code = err.errno if isinstance(err, OSError) else None
+        if code is None and (m := re.search(r"\(os error (\d+)\)", str(err))):
+            code = int(m.group(1))
+        if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return code
+        err = err.__cause__ or err.__context__
+        if err is None:
+            break
+    return None
+
+
+def _file_being_written(err: BaseException) -> str | None:
+    """The file a failed write was writing. Python names it only when open() fails, and safetensors' error
+    has no path, so the innermost frame that holds one tells: an open file object, or a ``filename`` argument
+    (safetensors' ``save_file``)."""
+    import traceback
+
+    if isinstance(err, OSError) and err.filename:
+        return str(err.filename)
+    for frame, _ in reversed(list(traceback.walk_tb(err.__traceback__))):
+        for value in frame.f_locals.values():
+            if hasattr(value, "write") and isinstance(getattr(value, "name", None), str) and \
+                    any(c in str(getattr(value, "mode", "")) for c in "wax+"):
+                return value.name
+        if isinstance(frame.f_locals.get("filename"), (str, os.PathLike)):
+            return str(frame.f_locals["filename"])
+    return None
+
+
+def _disk_full_message(err: BaseException, cfg) -> str | None:
+    """One line for a write that failed because the disk (or quota, or file-size limit) is full; None for
+    any other error. Saves are atomic, so the last complete checkpoint is intact: resuming is the fix."""
+    import errno
+
+    code = _disk_full_errno(err)
+    if code is None:
+        return None
+    run = getattr(cfg, "run", None)
+    out = getattr(run, "output_dir", None)
+    what = _file_being_written(err) or f"a file under {out or 'the output dir'}"
+    # EFBIG: the file outgrew a size limit, not the disk; a full disk is the usual reason to have one set.
+    limit = ": past the file-size limit, ulimit -f, or the file system's largest file" if code == errno.EFBIG else ""
+    fix = f"free space on the disk of {out or what}" + (" or raise that limit" if limit else "")
+    if hasattr(run, "resume"):
+        fix += ", then run the same command with --run.resume true: it continues from the last complete checkpoint"
+    return f"could not write {what}: disk full ({os.strerror(code)}{limit}). Fix: {fix}."
+
+
 def _run(command: str, cfg, prefix: str) -> int:
     """Runs the command's function; several launched processes leave the process group together."""
     from chatrlhf import run_lock
@@ -253,6 +329,14 @@ def _run(command: str, cfg, prefix: str) -> int:
         print(f"{prefix}: error: checkpoint: {_one_line(err)}. If the checkpoint is damaged: move its step dir out of "
               "the checkpoints dir to resume from the previous complete one, or start over with --run.overwrite "
               "true instead of --run.resume.", file=sys.stderr)
+        return EXIT_INPUT_ERROR
+    except Exception as err:
+        # A full disk fails a write deep in a library (safetensors raises its own error type, with no
+        # path): it is said as one line naming the file, instead of a traceback or "[Errno 28]" alone.
+        message = _disk_full_message(err, cfg)
+        if message is None:
+            raise
+        print(f"{prefix}: error: {message}", file=sys.stderr)
         return EXIT_INPUT_ERROR
     finally:
         run_lock.release_all()  # the output dirs this command locked (the kernel would at exit; tests run on)
@@ -272,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         command, cfg = parse(argv)
         prefix = f"chatrlhf {command}"
         # Config mistakes fail here, in a second, before the stage imports torch, DeepSpeed and the model.
+        check_numbers(cfg, name_of=lambda key: cli_errors.source_of(key, argv))
         cfg.validate()
         return _run(command, cfg, prefix)
     except (ConfigError, ValueError, OSError, ImportError) as err:

@@ -29,30 +29,53 @@ def config_files(argv: list[str]) -> list[str]:
 
 
 def check_config_file(value: str) -> None:
-    """Reads one ``--config`` file up front, so a missing file, a YAML syntax error or a file that is not
-    a mapping is reported with the file's name, line and column instead of jsonargparse's generic text."""
+    """Reads one ``--config`` file (or inline YAML) up front, through ``chatrlhf.limits``, so a missing file, a
+    YAML syntax error, a key given twice, an alias bomb, a file that is not a mapping or not UTF-8 is
+    reported with the file's name, line and column instead of jsonargparse's generic text."""
     import yaml
 
-    if "\n" in value or value.lstrip().startswith("{"):
-        return  # an inline YAML/JSON string, which jsonargparse accepts as well
+    from chatrlhf.limits import InputError, decode_utf8, load_yaml
+
+    inline = "\n" in value or value.lstrip().startswith("{")
     path = Path(value).expanduser()
-    if not path.is_file():
+    if not inline and not path.is_file():
         what = "is a directory" if path.is_dir() else "does not exist"
         raise ConfigError(f"--config {value} {what}. Fix: pass the path of a YAML file of options "
                           "(relative paths start at the working directory).")
+    where = "--config (inline)" if inline else f"--config {value}"
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml(value if inline else decode_utf8(path.read_bytes(), where), where)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"--config {value} is not valid YAML: {problem}{where}. Fix: correct the YAML "
+        raise ConfigError(f"{where} is not valid YAML: {problem}{at}. Fix: correct the YAML "
                           "syntax there (a mapping of option: value lines).") from None
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"--config {value} is not UTF-8 text ({err.reason}). Fix: save it as UTF-8 YAML.") from None
+    except InputError as err:
+        raise ConfigError(str(err)) from None
     if data is not None and not isinstance(data, dict):
-        raise ConfigError(f"--config {value} holds a YAML {type(data).__name__}, not a mapping of options. "
+        raise ConfigError(f"{where} holds a YAML {type(data).__name__}, not a mapping of options. "
                           "Fix: write option: value lines, e.g. 'engine:' then '  learning_rate: 1.0e-5'.")
+
+
+def check_flag_values(argv: list[str]) -> None:
+    """Flag values jsonargparse reads as YAML (``--data.datasets '[a, b]'``) go through the same limits
+    (aliases, depth, duplicate keys) as a ``--config`` file."""
+    import yaml
+
+    from chatrlhf.limits import InputError, load_yaml
+
+    for i, arg in enumerate(argv):
+        flag, eq, value = arg.partition("=")
+        if not eq:
+            flag, value = (argv[i - 1], arg) if i and argv[i - 1].startswith("--") else ("", "")
+        if flag.startswith("--") and flag != "--config" and value.lstrip()[:1] in ("[", "{", "&", "!"):
+            try:
+                load_yaml(value, f"{flag} value")
+            except yaml.YAMLError:
+                pass  # jsonargparse reports the syntax error with the flag
+            except InputError as err:
+                raise ConfigError(str(err)) from None
 
 
 def flag_names(cls, prefix: str = "") -> list[str]:
@@ -98,6 +121,16 @@ def flag_or_key(key: str, got: str, argv: list[str]) -> str:
     return f"'{key}' in --config {', '.join(files)}" if files else flag
 
 
+def source_of(key: str, argv: list[str]) -> str:
+    """Where option ``key`` (dotted) was set: ``--KEY`` when given as a flag, else the --config file(s)
+    that set it, else ``--KEY`` (a default, or a preset)."""
+    flag = f"--{key.split('[')[0]}"
+    if any(arg == flag or arg.startswith(flag + "=") for arg in argv):
+        return f"--{key}"
+    files = [f for f in config_files(argv) if yaml_has_key(f, key.split("[")[0])]
+    return f"'{key}' in --config {', '.join(files)}" if files else f"--{key}"
+
+
 def simplify_expected(text: str) -> str:
     """jsonargparse's ``Expected a typing.Literal[0, 1]`` / ``<class 'int'>`` in words."""
     text = re.sub(r"Expected a typing\.Literal\[(.*?)\]\.", r"must be one of \1.", text)
@@ -111,7 +144,7 @@ def parse_error_message(err: ArgumentError, argv: list[str], command: str | None
     if m := re.match(r'Parser key "([^"]+)": (.*?)(?: Got value: (.*))?$', msg):
         key, problem, got = m.groups()
         where = flag_or_key(key, got or "", argv)
-        bad = f" {got!r}" if got is not None else ""
+        bad = f" {got[:200]!r}{'...' if len(got) > 200 else ''}" if got is not None else ""
         return f"{where}: bad value{bad}: {simplify_expected(problem)} Fix: give a valid value ({help_hint})."
     if m := re.match(r"Subcommand '\w+' does not accept option '([^']+)'", msg):
         key = m.group(1)

@@ -12,6 +12,7 @@ it sits at, e.g. ``ppo.actor_engine``) and never rewrites a value behind the use
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Literal
@@ -160,6 +161,10 @@ class EngineConfig:
             "max_grad_norm": (self.max_grad_norm >= 0, ">= 0 (0 disables)"),
             "warmup_steps": (self.warmup_steps >= 0, ">= 0"),
             "max_consecutive_nonfinite": (self.max_consecutive_nonfinite >= 0, ">= 0 (0: never stop)"),
+            "weight_decay": (self.weight_decay >= 0, ">= 0"),
+            "adam_eps": (self.adam_eps > 0, "> 0 (e.g. 1e-8)"),
+            # torch's AdamW would say "Invalid beta parameter at index 0" without naming the flag
+            "adam_betas": (all(0 <= b < 1 for b in self.adam_betas), "two numbers in [0, 1) (e.g. [0.9, 0.95])"),
         }
         for name, (ok, rule) in rules.items():
             if not ok:
@@ -239,6 +244,30 @@ class GenerationConfig:
         # Temperature 0 means greedy decoding (then temperature, top_p and top_k are unused).
         return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature or 1.0,
                               top_p=self.top_p, top_k=self.top_k, do_sample=self.temperature > 0)
+
+
+INT64 = (-(2**63), 2**63 - 1)
+
+
+def check_numbers(cfg, prefix: str = "", name_of=lambda key: f"--{key}") -> None:
+    """Every number of a config, in every nested section, list and tuple: floats finite, integers within 64
+    bits; raises ConfigError naming the flag. Whether a value is in range is each section's ``validate``.
+    YAML reads ``.inf`` and ``.nan`` as floats, and an infinite learning rate trains a model of NaNs.
+    ``name_of`` turns a dotted key into the flag or file that set it (``chatrlhf.cli_errors.source_of``)."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            check_numbers(value, f"{prefix}{f.name}.", name_of)
+            continue
+        items = enumerate(value) if isinstance(value, (list, tuple)) else [(None, value)]
+        for i, item in items:
+            flag = name_of(f"{prefix}{f.name}" + (f"[{i}]" if i is not None else ""))
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ConfigError(f"{flag} must be a finite number, got {item}. Fix: give a number (YAML's .inf "
+                                  "and .nan are not)")
+            if isinstance(item, int) and not isinstance(item, bool) and not INT64[0] <= item <= INT64[1]:
+                raise ConfigError(f"{flag} is beyond 64 bits, got {str(item)[:30]}. Fix: give an integer in "
+                                  "[-2**63, 2**63 - 1]")
 
 
 def check_epochs(epochs: int, max_steps: int, prefix: str = "", steps: str = "max_steps") -> None:

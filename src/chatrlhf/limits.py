@@ -9,7 +9,7 @@ Data files, ``--config`` files, checkpoint state and the feedback app's request 
   otherwise cost seconds and a gigabyte in whatever walks the result);
 - integers beyond 64 bits, which no field of chatrlhf can hold and which overflow in numpy/torch/SQLite;
 - strings holding a lone UTF-16 surrogate (JSON's ``"\\ud800"``), which UTF-8 tokenizers and files cannot hold;
-- JSON's non-standard ``NaN`` / ``Infinity`` constants.
+- JSON's non-standard ``NaN`` / ``Infinity`` constants, and numbers too large for a float (``1e999``).
 
 Torch-free, so the CLI can use it before anything heavy is imported.
 """
@@ -17,6 +17,7 @@ Torch-free, so the CLI can use it before anything heavy is imported.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 MAX_DEPTH = 100
@@ -61,6 +62,8 @@ def check_value(value: Any, where: str) -> Any:
                              "is beyond 64 bits. Fix: use a number in [-2**63, 2**63 - 1]")
         elif isinstance(node, str):
             _check_text(node, where, path)
+        elif isinstance(node, float) and not math.isfinite(node):  # JSON's 1e999 parses as inf
+            raise InputError(f"{_at(where, path)}: {node} is not a finite number. Fix: write a finite number")
     return value
 
 

@@ -44,7 +44,11 @@ def _merged(module: torch.nn.Module, lora: bool):
 
 
 class NonFiniteError(FloatingPointError):
-    """Too many optimizer steps in a row had a NaN/inf loss or gradient."""
+    """Too many optimizer steps in a row had a NaN/inf loss or gradient, or the weights to save hold NaN/inf."""
+
+
+def _first_nonfinite(state: dict[str, torch.Tensor]) -> str | None:
+    return next((name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
 
 
 class Engine:
@@ -333,16 +337,24 @@ class Engine:
 
         out = Path(directory)
         state = self._ds._zero3_consolidated_16bit_state_dict() if self.cfg.zero_stage == 3 else None
+        bad = None
         if self.is_rank_0:
             if not hasattr(self.module, "save_pretrained"):
                 raise TypeError(f"save_hf needs a Hugging Face model, got {type(self.module).__name__}")
+            model, state = merged_for_save(self.module, state)
+            bad = _first_nonfinite(model.state_dict() if state is None else state)
+        # Every rank stops together: a model of NaNs is never saved, nor published over a good one.
+        if self.all_reduce(torch.tensor(float(bad is not None))).item():
+            raise NonFiniteError(f"the final weights hold NaN or inf (first: {bad or 'on rank 0'}); nothing was "
+                                 f"saved to {out}, and a model already there is untouched. Fix: lower the learning "
+                                 "rate or clip gradients (engine.max_grad_norm), then train again")
+        if self.is_rank_0:
             out.parent.mkdir(parents=True, exist_ok=True)
             tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
             if tmp.exists():
                 import shutil
 
                 shutil.rmtree(tmp)
-            model, state = merged_for_save(self.module, state)
             model.save_pretrained(tmp, state_dict=state)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
