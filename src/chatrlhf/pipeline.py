@@ -3,7 +3,9 @@ then an evaluation of base, SFT and PPO models on held-out prompts and a run rep
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import time
 from pathlib import Path
 
@@ -103,7 +105,10 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             continue
         print(f"[chatrlhf] stage {name} -> {stage_cfg.run.output_dir}")
         t0 = time.time()
-        summary[name] = fn(stage_cfg)
+        try:
+            summary[name] = fn(stage_cfg)
+        except ConfigError as err:
+            raise ConfigError(f"stage {name}: {_pipeline_flags(str(err), cfg, name)}") from err
         summary["seconds"][name] = round(time.time() - t0, 1)
     if cfg.eval.enabled and _is_rank_0():
         t0 = time.time()
@@ -117,6 +122,18 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             report = write_report(root, summary.get("evaluation"), {n: root / n for n, _, _ in stages})
             print(f"[chatrlhf] run report: {report}")
     return summary
+
+
+_FROM_PIPELINE = {"model", "data", "run", "reward"}  # a stage's sections that the pipeline's own flags set
+
+
+def _pipeline_flags(message: str, cfg: PipelineConfig, stage: str) -> str:
+    """A stage names its flags as its own command does (``--engine.micro_batch_size``); under ``train`` they
+    are the stage section's (``--sft.engine.micro_batch_size``, ``--ppo.actor_engine.learning_rate``)."""
+    section = stage if stage in ("sft", "rm") else cfg.rl_section()
+    names = {f.name for f in dataclasses.fields(getattr(cfg, section))} - _FROM_PIPELINE
+    pattern = re.compile(rf"(?<![\w.-])(?:--)?({'|'.join(sorted(names, key=len, reverse=True))})(?=\.[\w*]|=)")
+    return pattern.sub(lambda m: f"--{section}.{m.group(1)}", message)
 
 
 def _is_rank_0() -> bool:

@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 
 from chatrlhf import checkpoint as ckpt
-from chatrlhf.config import EngineConfig
+from chatrlhf.config import ConfigError, EngineConfig
 from chatrlhf.engine.distributed import init_distributed
 from chatrlhf.engine.optim import build_optimizer, deepspeed_config, model_dtype
 from chatrlhf.precision import Precision, resolve_precision
@@ -67,21 +67,26 @@ class Engine:
         total_steps: int,
         dtype: Literal["float32", "bfloat16", "float16"] | None = None,
         precision: str | Precision = "fp32",
+        flag: str = "engine",
     ):
         import deepspeed
 
-        cfg.validate()
+        cfg.validate(flag)
         dtype = dtype or model_dtype(model)
-        optimizer, scheduler = build_optimizer(model, cfg, total_steps)
         self.cfg, self.total_steps, self.dtype = cfg, total_steps, dtype
         self.rank, self.world_size = init_distributed()
         # Plain fp32 data parallel: we clip ourselves, because DeepSpeed's stage-0 clip discards the norm.
         # Everywhere else DeepSpeed owns the (partitioned / master) gradients, so it clips and reports.
         self._own_clip = cfg.zero_stage == 0 and dtype == "float32"
-        self._ds, _, _, self._scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler,
-            config=deepspeed_config(cfg, dtype, self.world_size, self._own_clip),
-        )
+        try:
+            optimizer, scheduler = build_optimizer(model, cfg, total_steps)
+            self._ds, _, _, self._scheduler = deepspeed.initialize(
+                model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                config=deepspeed_config(cfg, dtype, self.world_size, self._own_clip),
+            )
+        except (ValueError, AssertionError) as err:  # torch's and DeepSpeed's checks of these settings
+            raise ConfigError(f"--{flag}.*: the engine settings were refused by {type(err).__module__.split('.')[0]}: "
+                              f"{' '.join(str(err).split())[:500]}. Fix: correct the --{flag}.* value it names") from err
         if self.world_size == 1 and cfg.zero_stage == 0:
             # Averaging over one process is the identity, yet DeepSpeed would still flatten every gradient
             # into a bucket, all-reduce it and copy it back each step (~9% of a small model's step time).

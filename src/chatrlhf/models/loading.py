@@ -83,13 +83,60 @@ def _check_weight_files(root: Path) -> None:
             ) from None
 
 
+_SIZE_FIELDS = {  # field -> the names model families give it
+    "hidden": ("hidden_size", "n_embd", "d_model"),
+    "layers": ("num_hidden_layers", "n_layer", "num_layers"),
+    "vocab": ("vocab_size",),
+    "intermediate": ("intermediate_size", "n_inner", "ffn_dim"),
+}
+
+
+def _size_field(path: Path, config: dict, kind: str) -> int | None:
+    name = next((n for n in _SIZE_FIELDS[kind] if config.get(n) is not None), None)
+    if name is None:
+        return None
+    value = config[name]
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ModelDirError(f"{path}: '{name}' must be a positive integer, got {str(value)[:40]}. Fix: restore the "
+                            "file from the model's source.")
+    return value
+
+
+def estimate_parameters(path: Path, config: dict) -> int | None:
+    """Parameters of a decoder from its config.json (embeddings, attention and a gated MLP per layer; within
+    about 20% for Llama/Qwen/GPT-2-like models); None when the config lacks the sizes (encoder-decoders...)."""
+    hidden, layers, vocab = (_size_field(path, config, k) for k in ("hidden", "layers", "vocab"))
+    if None in (hidden, layers, vocab):
+        return None
+    intermediate = _size_field(path, config, "intermediate") or 4 * hidden
+    embeddings = vocab * hidden * (1 if config.get("tie_word_embeddings", True) else 2)
+    return embeddings + layers * (4 * hidden * hidden + 3 * hidden * intermediate)
+
+
+def _check_size(path: Path, config: dict) -> None:
+    """Refuses, before any weight is allocated, a model whose weights alone would not fit in the memory this
+    machine has free: transformers would otherwise spend minutes building (or swapping) it, then die."""
+    import psutil
+
+    params = estimate_parameters(path, config)
+    if params is None:
+        return
+    need, free = params * 2, psutil.virtual_memory().available  # bf16 at the least; training needs ~8x more
+    if need > free:
+        sizes = ", ".join(f"{n}={config[n]}" for names in _SIZE_FIELDS.values() for n in names if n in config)
+        raise ModelDirError(f"{path} describes a model of about {params:.3g} parameters ({need / 2**30:.1f} GiB even "
+                            f"in bf16; {sizes}), more than the {free / 2**30:.1f} GiB of memory free here. Fix: "
+                            "check those sizes in config.json, or use a machine with more memory.")
+
+
 def check_model_dir(name_or_path: str | os.PathLike, trust_remote_code: bool = False,
                     require_config: bool = True) -> None:
     """Checks a local model dir before transformers reads it; hub ids and built-in names pass through.
 
     Raises ``ModelDirError`` for: no ``config.json`` (with ``require_config``), a ``config.json`` or
     ``tokenizer_config.json`` that is not a JSON object, an ``auto_map`` (remote code) in either while
-    ``trust_remote_code`` is off, or a safetensors weights file whose header cannot be read.
+    ``trust_remote_code`` is off, sizes in ``config.json`` that are not positive integers or describe a model
+    larger than the free memory, or a safetensors weights file whose header cannot be read.
     """
     root = Path(resolve_model(name_or_path))
     if not root.is_dir():
@@ -104,6 +151,7 @@ def check_model_dir(name_or_path: str | os.PathLike, trust_remote_code: bool = F
         if (root / name).is_file():
             _refuse_remote_code(root / name, _read_json(root / name), trust_remote_code)
     if require_config:
+        _check_size(config, _read_json(config))
         _check_weight_files(root)
 
 

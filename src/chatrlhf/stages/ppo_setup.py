@@ -80,8 +80,10 @@ def setup_run(cfg: PPOConfig) -> RLRun:
     estimator = ADVANTAGE_ESTIMATORS[cfg.advantage_estimator]
     actor_model, reference, critic_model, reward = load_models(cfg, tokenizer, with_critic=estimator.critic)
     n_updates = n_iters * cfg.ppo_epochs * (local_samples // mini)
-    actor = Engine(actor_model, cfg.actor_engine, total_steps=n_updates, precision=cfg.run.precision)
-    critic = (Engine(critic_model, cfg.critic_engine, total_steps=n_updates, precision=actor.precision)
+    actor = Engine(actor_model, cfg.actor_engine, total_steps=n_updates, precision=cfg.run.precision,
+                   flag="actor_engine")
+    critic = (Engine(critic_model, cfg.critic_engine, total_steps=n_updates, precision=actor.precision,
+                     flag="critic_engine")
               if estimator.critic else None)
     reference = place_frozen(cfg, reference, reward, actor.device,
                              actor.precision.compute_dtype if actor.precision.mixed else None)
