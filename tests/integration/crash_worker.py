@@ -2,15 +2,20 @@
 
     python tests/integration/crash_worker.py PHASE STEP -- sft --model.name_or_path DIR ...
 
-Started by tests/integration/test_crash_safety.py. Saves of other steps complete normally; the save of
-checkpoint ``STEP`` is cut at ``PHASE`` (``final_model`` ignores ``STEP``: it cuts the final model save).
-SIGKILL is used because it cannot be caught: no ``finally`` block, ``atexit`` hook or buffered write
-runs, which is what a power cut, the OOM killer or a preempted node does to a training job.
+tests/integration/test_crash_safety.py runs it in a fresh process without the interpreter's start-up, as
+``fresh_process.run_cli(argv, setup=("crash_worker", "install", (PHASE, STEP)))``. Saves of other steps
+complete normally; the save of checkpoint ``STEP`` is cut at ``PHASE`` (``final_model`` ignores ``STEP``: it
+cuts the final model save). SIGKILL is used because it cannot be caught: no ``finally`` block, ``atexit``
+hook or buffered write runs, which is what a power cut, the OOM killer or a preempted node does to a
+training job.
 
 The hooks wrap the functions of ``chatrlhf.checkpoint`` and ``chatrlhf.tensor_files`` that
 ``chatrlhf.engine.state.save_engines`` and ``Engine.save_hf`` call through those modules (``ckpt.<name>``,
-``tensor_files.<name>``), plus ``os.rename``/``os.replace``, so the code under test runs unchanged. If the phase is never reached the worker exits with status 3, so a hook
-that stops matching the save protocol fails the test instead of passing it vacuously.
+``tensor_files.<name>``), plus ``os.rename``/``os.replace``, so the code under test runs unchanged. If the
+phase is never reached the worker exits with status 3, so a hook that stops matching the save protocol
+fails the test instead of passing it vacuously.
+
+``fill_disk`` (tests/integration/test_disk_full.py) is the other way a save fails: the disk fills up.
 """
 
 from __future__ import annotations
@@ -135,6 +140,73 @@ class Trap:
         self.real["rename"](src, dst, *args, **kwargs)
         if self.at("rotate") and self.rotating:
             _die()
+
+
+# ---- a disk that fills up (tests/integration/test_disk_full.py) ---------------------------------------------
+
+FILL_AT = {
+    "checkpoint": "the save of step FULL_STEP begins (ckpt.begin_step)",
+    "trainer_state": "the save of step FULL_STEP writes trainer_state.json (ckpt.save_trainer_state)",
+    "final_model": "training is done; the final model save begins (Engine.save_hf)",
+}
+FULL_STEP = 4
+
+
+def fill_disk(at: str, limit: int):
+    """The ``setup`` of ``fresh_process.run_cli``: from the moment ``at`` (FILL_AT) on, no file this process
+    writes may grow past ``limit`` bytes (RLIMIT_FSIZE), as on a disk with ``limit`` bytes left. SIGXFSZ is
+    ignored, so a write past it fails with EFBIG instead of killing the process; everything else, and the
+    code under test, is unchanged."""
+    import resource
+
+    from chatrlhf import checkpoint as ckpt
+    from chatrlhf import training
+    from chatrlhf.engine.engine import Engine
+
+    if at not in FILL_AT:
+        raise SystemExit(f"crash_worker: unknown fill moment {at!r}; choose one of {', '.join(FILL_AT)}")
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+    def fill() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    def hook(owner, name: str, moment: str, when=lambda *args: True) -> None:
+        real = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            if at == moment and when(*args):
+                fill()
+            return real(*args, **kwargs)
+
+        setattr(owner, name, wrapper)
+
+    hook(ckpt, "begin_step", "checkpoint", lambda root, step: step == FULL_STEP)
+    hook(ckpt, "save_trainer_state", "trainer_state", lambda directory, state: state.step == FULL_STEP)
+    hook(Engine, "save_hf", "final_model")
+    # TensorBoard writes from a thread of its own: one of its writes failing prints that thread's traceback
+    # (a separate issue). Waiting for it after each row keeps it idle when the disk fills, so the test sees
+    # what the training loop's own writes do.
+    log = training.MetricsLogger.log
+
+    def log_and_flush(logger, *args, **kwargs):
+        log(logger, *args, **kwargs)
+        if logger.enabled:
+            logger._writer.flush()
+
+    training.MetricsLogger.log = log_and_flush
+
+
+def install(phase: str, step: int):
+    """The ``setup`` of ``fresh_process.run_cli``: the trap in, and the check that it fired."""
+    Trap(phase, step).install()
+
+    def after(rc: int) -> int:
+        if rc != 0:
+            return rc
+        print(f"crash_worker: phase {phase!r} of the save of step {step} was never reached", file=sys.stderr)
+        return NOT_REACHED
+
+    return after
 
 
 def main(argv: list[str]) -> int:

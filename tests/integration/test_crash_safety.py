@@ -1,24 +1,24 @@
 """SIGKILL at each phase of a checkpoint save: the previous checkpoint stays usable and a resumed run
 reproduces the uninterrupted run's loss curve and final weights bit for bit.
 
-Each case runs tests/integration/crash_worker.py, which kills its own process (SIGKILL: no cleanup code
-runs) at one phase of the save of step 4, or of the final model save, and then restarts the run with
-``--run.resume true`` in a fresh process. ``--run.keep_last 1`` makes rotation delete step-2 right after
-step-4 is committed, the case where a wrong order would lose every checkpoint.
+Each case runs the CLI with tests/integration/crash_worker.py's hooks, which kill the process (SIGKILL: no
+cleanup code runs) at one phase of the save of step 4, or of the final model save, and then restarts the run
+with ``--run.resume true`` in a fresh process (both forked by ``fresh_process.run_cli``).
+``--run.keep_last 1`` makes rotation delete step-2 right after step-4 is committed, the case where a wrong
+order would lose every checkpoint.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import re
 import signal
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from fresh_process import Result, run_cli
 from tiny_data import copy_rows
 
 from chatrlhf import checkpoint
@@ -27,7 +27,6 @@ from chatrlhf.models.tiny import build_tiny_llama
 
 pytestmark = pytest.mark.slow
 
-WORKER = Path(__file__).with_name("crash_worker.py")
 KILLED_STEP = 4  # saves happen after steps 2 and 4 (--max_steps 6 --run.save_every 2; none at the last step)
 # The checkpoint ``latest_checkpoint`` must pick after the kill. Up to the rename, step-4 does not exist;
 # at pointer_tmp it does, complete, but the pointer still names step-2, and the pointer is what decides.
@@ -35,15 +34,7 @@ LATEST_AFTER_KILL = {
     "begin": 2, "weights": 2, "optimizer": 2, "rng": 2, "manifest": 2, "pointer_tmp": 2,
     "rotate": 4, "final_model": 4,
 }  # fmt: skip
-SUBPROCESS_TIMEOUT_S = 300
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-
-
-def _run(cmd: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
+SCRATCH = re.compile(r"^\..+\.(tmp|old)-\d+$")  # an atomic write's or publish_dir's scratch (.model.tmp-PID)
 
 
 def _train_curve(out: Path) -> dict[int, tuple[float, float]]:
@@ -97,14 +88,14 @@ def reference(flags, tmp_path_factory) -> Path:
 @dataclass
 class Crash:
     out: Path
-    killed: subprocess.CompletedProcess
+    killed: Result
     # Right after the kill (the resume rotates step-2 away, so it is looked at before):
     latest: Path | None  # what latest_checkpoint() picks
     latest_complete: bool  # is_complete() of it
     latest_step: int | None  # the step its trainer_state.json records
     entries: list[str]  # the names in checkpoints/
     out_entries: list[str]  # the names in the output dir
-    resumed: subprocess.CompletedProcess
+    resumed: Result
 
 
 @pytest.fixture(scope="module")
@@ -115,14 +106,14 @@ def crash(flags, tmp_path_factory):
     def run(phase: str) -> Crash:
         if phase not in done:
             out = tmp_path_factory.mktemp(f"crash-{phase}") / "run"
-            killed = _run([sys.executable, str(WORKER), phase, str(KILLED_STEP), "--", *flags(out)])
+            killed = run_cli(flags(out), setup=("crash_worker", "install", (phase, KILLED_STEP)))
             root = out / "checkpoints"
             latest = checkpoint.latest_checkpoint(root)
             complete = latest is not None and checkpoint.is_complete(latest)
             step = checkpoint.load_trainer_state(latest).step if complete else None
             entries = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
             out_entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-            resumed = _run([sys.executable, "-m", "chatrlhf.cli", *flags(out), "--run.resume", "true"])
+            resumed = run_cli([*flags(out), "--run.resume", "true"])
             done[phase] = Crash(out, killed, latest, complete, step, entries, out_entries, resumed)
         return done[phase]
 
@@ -132,7 +123,7 @@ def crash(flags, tmp_path_factory):
 @pytest.mark.parametrize("phase", list(LATEST_AFTER_KILL))
 def test_kill_leaves_previous_checkpoint_and_resume_matches(phase, crash, reference):
     c = crash(phase)
-    assert c.killed.returncode == -signal.SIGKILL, (c.killed.returncode, c.killed.stderr[-3000:])
+    assert c.killed.returncode == -signal.SIGKILL, (c.killed.returncode, c.killed.output[-3000:])
 
     # What the kill left: a complete checkpoint that latest_checkpoint() picks, never the half-written one.
     want = LATEST_AFTER_KILL[phase]
@@ -145,8 +136,8 @@ def test_kill_leaves_previous_checkpoint_and_resume_matches(phase, crash, refere
             c.out_entries
         )
 
-    assert c.resumed.returncode == 0, c.resumed.stderr[-3000:]
-    assert f"resumed from {c.latest} at step {want}" in c.resumed.stdout
+    assert c.resumed.returncode == 0, c.resumed.output[-3000:]
+    assert f"resumed from {c.latest} at step {want}" in c.resumed.output
 
     # Same loss curve, same final weights, same held-out loss as the run that was never interrupted.
     assert _train_curve(c.out) == _train_curve(reference)
@@ -161,7 +152,7 @@ def test_kill_leaves_previous_checkpoint_and_resume_matches(phase, crash, refere
 @pytest.mark.parametrize("phase", list(LATEST_AFTER_KILL))
 def test_resumed_run_leaves_no_scratch(phase, crash):
     c = crash(phase)
-    assert c.resumed.returncode == 0, c.resumed.stderr[-3000:]
+    assert c.resumed.returncode == 0, c.resumed.output[-3000:]
     assert sorted(p.name for p in (c.out / "checkpoints").iterdir()) == ["latest", "step-4"]
-    scratch = [p.name for p in c.out.iterdir() if p.name.startswith(".")]
+    scratch = [p.name for p in c.out.iterdir() if SCRATCH.match(p.name)]
     assert scratch == [], scratch
