@@ -186,6 +186,18 @@ class PPOConfig:
         for name in ("gamma", "lam"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"--{p}{name} must be in [0, 1], got {getattr(self, name)}")
+        rules = {  # name -> (holds, rule); None means off for the optional ones
+            "kl_coef": (self.kl_coef >= 0, ">= 0 (0: no KL term)"),
+            "clip_eps": (self.clip_eps > 0, "> 0 (e.g. 0.2)"),
+            "value_clip": (self.value_clip is None or self.value_clip > 0, "> 0, or null for no value clipping"),
+            "reward_clip": (self.reward_clip is None or self.reward_clip > 0, "> 0, or null for no clipping"),
+            "kl_stop": (self.kl_stop is None or self.kl_stop > 0, "> 0, or null for no early stop"),
+            "ptx_coef": (self.ptx_coef >= 0, ">= 0 (0: no pretraining loss)"),
+            "missing_eos_penalty": (self.missing_eos_penalty >= 0, ">= 0 (subtracted from a cut-off answer's score)"),
+        }
+        for name, (holds, rule) in rules.items():
+            if not holds:
+                raise ConfigError(f"--{p}{name} must be {rule}, got {getattr(self, name)}")
 
 
 @dataclass
