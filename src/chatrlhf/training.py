@@ -65,18 +65,38 @@ def prepare_output_dir(run: RunConfig) -> Path:
             f"(the old one is kept until the new one is complete), --run.resume true to continue, "
             f"or choose another --run.output_dir."
         )
+    from chatrlhf import run_lock
     from chatrlhf.checkpoint import clean_stale, complete_checkpoints
 
     found = complete_checkpoints(out / CHECKPOINTS_SUBDIR)
     if found and not (run.overwrite or run.resume):
         raise ConfigError(
             f"{out / CHECKPOINTS_SUBDIR} holds checkpoints of an earlier run (latest: step {found[-1][0]}). Pass "
-            "--run.resume true to continue it, --run.overwrite true to start over (its checkpoints are replaced "
-            "as the new run saves), or choose another --run.output_dir."
+            "--run.resume true to continue it, --run.overwrite true to start over (its checkpoints are removed "
+            "first), or choose another --run.output_dir."
         )
     for scratch in (out, out / CHECKPOINTS_SUBDIR):  # what a killed run left half-written
         clean_stale(scratch)
+    if found and run.overwrite and not run.resume and run_lock.held(out):  # rank 0, the lock holder
+        _retire_checkpoints(out / CHECKPOINTS_SUBDIR, found)
     return out
+
+
+def _retire_checkpoints(root: Path, found: list[tuple[int, Path]]) -> None:
+    """A fresh run (``--run.overwrite``) drops the earlier run's checkpoints before it trains: were it to fail
+    before its first save, ``--run.resume`` would otherwise continue the earlier run under the new flags. The
+    pointer goes first, then each step dir is renamed to a ``trash-*`` name (what ``clean_stale`` removes after
+    a crash) and deleted. The earlier finished model stays until the new one replaces it."""
+    import shutil
+
+    from chatrlhf.checkpoint import POINTER
+
+    (root / POINTER).unlink(missing_ok=True)
+    for step, path in found:
+        trash = root / f"trash-{step}-{os.getpid()}"
+        os.rename(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    print(f"[chatrlhf] --run.overwrite: removed the earlier run's {len(found)} checkpoint(s) from {root}")
 
 
 def write_resolved_config(out: Path, cfg) -> None:

@@ -172,3 +172,7 @@ def test_weights_that_turn_nan_are_never_saved_over_a_good_model(env, capsys):
     assert code == 1 and len(line) == 1, stderr
     assert "final weights hold NaN or inf" in line[0] and "nothing was saved" in line[0], line[0]
     assert _digest(run / "model") == before
+    # The overwrite run removed the earlier run's checkpoints, so resuming cannot continue that run by mistake.
+    code, stderr = run_cli([*argv[:argv.index("--run.overwrite")], "--run.resume", "true"], capsys)
+    assert code == 2 and "holds no complete checkpoint" in stderr and "finished model" in stderr, stderr
+    assert _digest(run / "model") == before
