@@ -149,6 +149,19 @@ class MetricsLogger:
             self._file.close()
 
 
+def logged_rows(out: Path, upto: int, prefix: str = "train") -> list[dict]:
+    """The ``prefix`` rows of ``out/metrics.jsonl`` logged at steps 1..``upto``, without the prefix: what a
+    resumed run did before it stopped, so its final summary covers the whole run (rank 0 keeps the log)."""
+    path, rows = out / "metrics.jsonl", []
+    if upto < 1 or not path.is_file():
+        return rows
+    for line in path.read_text().splitlines():
+        row = json.loads(line) if line else {}
+        if 1 <= row.get("step", 0) <= upto and any(k.startswith(f"{prefix}/") for k in row):
+            rows.append({k.removeprefix(f"{prefix}/"): v for k, v in row.items() if k.startswith(f"{prefix}/")})
+    return rows
+
+
 @dataclasses.dataclass
 class BatchPlan:
     """How records are cut into optimizer steps: global batch = micro x accumulation x processes."""

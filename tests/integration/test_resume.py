@@ -10,6 +10,7 @@ reward with per-source normalisers and KL in the loss (GRPO).
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -134,6 +135,8 @@ def check_resume(stage: str, x: dict[str, str], tmp: Path, world: int) -> Path:
     assert wa.keys() == wb.keys() and "model" in wa
     for d in wa:
         assert all(torch.equal(wa[d][k], wb[d][k]) for k in wa[d]), d
+    if stage in ("ppo", "grpo"):  # the summary covers the iterations before the resume too
+        assert json.loads((full / "eval.json").read_text()) == json.loads((cut / "eval.json").read_text())
     return full
 
 

@@ -40,7 +40,7 @@ from chatrlhf.rewards.contract import RewardBatch
 from chatrlhf.rollout import Rollout, answer_logits, decode_responses
 from chatrlhf.stages.ppo_config import PPOConfig
 from chatrlhf.stages.ppo_setup import RLRun, setup_run
-from chatrlhf.training import MetricsLogger, write_resolved_config
+from chatrlhf.training import MetricsLogger, logged_rows, write_resolved_config
 
 
 @dataclass
@@ -70,7 +70,7 @@ def train_ppo(cfg: PPOConfig) -> dict[str, float]:
     logger = _start_logger(run, start)
     bar = tqdm(total=run.n_iters, initial=start, desc=stage_name(cfg.advantage_estimator),
                disable=not (cfg.run.progress and run.actor.is_rank_0))
-    history: list[dict] = []
+    history = logged_rows(run.out, start)  # a resumed run's summary covers the iterations before it too
     try:  # a vLLM engine left to the garbage collector would tear down the trainer's process groups
         for iteration in range(start, run.n_iters):
             started = time.time()
