@@ -96,13 +96,18 @@ def test_sft_eos_survives_collation_although_it_equals_pad(tok):
     assert mask[1].all()
 
 
-def test_sft_masking_falls_back_to_text_offsets_when_tokens_merge(tok):
+def merging_tokenizer():
     # "assistant: " + "yes" tokenises as ":" + " yes", not ": " + "yes": token prefixes no longer match
     tok2 = build_tiny_tokenizer()
     tok2.chat_template = (
         "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '<|im_end|>' }}{% endfor %}"
         "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
     )
+    return tok2
+
+
+def test_sft_masking_falls_back_to_text_offsets_when_tokens_merge(tok):
+    tok2 = merging_tokenizer()
     gen = tok2.apply_chat_template(TWO_TURNS[:2], add_generation_prompt=True, tokenize=True, return_dict=False)
     full = tok2.apply_chat_template(TWO_TURNS[:3], tokenize=True, return_dict=False)
     assert full[: len(gen)] != gen  # the situation the fallback exists for
@@ -114,6 +119,29 @@ def test_sft_truncates_on_the_right(tok):
     full = encode_sft(tok, TWO_TURNS, 512)
     cut = encode_sft(tok, TWO_TURNS, 20)
     assert cut["input_ids"] == full["input_ids"][:20] and cut["labels"] == full["labels"][:20]
+
+
+@pytest.mark.parametrize("path", ["tokens", "text offsets"])
+def test_sft_cut_at_every_max_len_equals_the_full_encoding_cut(tok, path):
+    # the turns starting past max_len are not located at all; what is kept must not notice
+    tokenizer = tok if path == "tokens" else merging_tokenizer()
+    conversation = TWO_TURNS + TWO_TURNS[1:] * 3
+    full = encode_sft(tokenizer, conversation, 10_000)
+    assert len(label_spans(full["labels"])) == 8
+    for max_len in range(2, len(full["input_ids"]) + 2):
+        cut = encode_sft(tokenizer, conversation, max_len)
+        assert cut == {"input_ids": full["input_ids"][:max_len], "labels": full["labels"][:max_len]}, max_len
+
+
+def test_a_1000_turn_conversation_renders_only_the_turns_before_the_cut(tok, monkeypatch):
+    # locating every turn renders each prefix: 1,000 renders of up to 1,000 messages (10,000 turns: minutes)
+    renders = []
+    real = tok.apply_chat_template
+    monkeypatch.setattr(tok, "apply_chat_template", lambda *a, **k: renders.append(1) or real(*a, **k))
+    conversation = [{"role": r, "content": f"{r[0]} {i}"} for i in range(500) for r in ("user", "assistant")]
+    item = encode_sft(tok, conversation, 64)
+    assert len(item["input_ids"]) == 64 and any(t != IGNORE_INDEX for t in item["labels"])
+    assert len(renders) < 30, len(renders)
 
 
 def test_encode_prompt_and_long_prompt_policies(tok):

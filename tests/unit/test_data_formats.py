@@ -279,3 +279,56 @@ def test_impossible_conversions_say_why(tmp_path, from_rows, to_kind, hint):
     records, kind = load_records(write(tmp_path / "src.jsonl", from_rows))
     with pytest.raises(DataError, match=f"src.jsonl: holds {kind} records.*{hint}"):
         convert_records(records, kind, to_kind)
+
+
+# ----------------------------------------------------------------------------- hostile files (readers.py)
+def test_bom_crlf_and_lone_cr_lines_are_numbered_as_text_mode_reads_them(tmp_path):
+    row = json.dumps({"prompt": "q", "response": "a"}).encode()
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + row + b"\r" + row + b"\r\n\r\n" + row + b"\n" + b"{bad\r\n")
+    with pytest.raises(DataError, match=r"mixed.jsonl line 5: is not valid JSON"):
+        sources.load_rows(str(path))
+    skipped = []
+    _, rows = sources.load_rows(str(path), skipped=skipped)
+    assert [n for n, _ in rows] == [1, 2, 4] and len(skipped) == 1 and "line 5" in skipped[0]
+
+
+def test_a_line_over_the_row_limit_is_refused_or_skipped_without_losing_the_next(tmp_path, monkeypatch):
+    monkeypatch.setattr("chatrlhf.data.readers.MAX_ROW_BYTES", 64)
+    short = json.dumps({"prompt": "q", "response": "a"})
+    path = tmp_path / "long.jsonl"
+    path.write_text(short + "\n" + json.dumps({"prompt": "q", "response": "a" * 3_000_000}) + "\n" + short + "\n")
+    with pytest.raises(DataError, match=r"long.jsonl line 2: is 2.9 MiB long, over the 0 MiB"):
+        load_records(str(path))
+    records, _ = load_records(str(path), bad_rows="skip")
+    assert [r["_row"] for r in records] == [1, 3]  # the rest of line 2 was read past, not taken as line 3
+
+
+def test_limit_errors_in_skip_mode_are_counted_with_the_other_bad_rows(tmp_path, caplog):
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b'{"prompt": "q", "response": "a"}\n{"prompt": "q", "response": "\\ud800"}\n'
+                     b'{"prompt": "q", "response": "\xff"}\n{"prompt": "q", "response": " "}\n')
+    with caplog.at_level("WARNING", logger="chatrlhf.data.formats"):
+        records, _ = load_records(str(path), bad_rows="skip")
+    assert [r["_row"] for r in records] == [1]
+    assert "skipped 3 of 4 rows" in caplog.text and "rows.jsonl line 2, field 'response': holds a lone" in caplog.text
+
+
+def test_rows_from_any_reader_meet_the_limits_before_normalising(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"prompt": ["q", "q"], "response": ["a", "b"], "n": pa.array([1, 2**64 - 1], pa.uint64())})
+    pq.write_table(table, tmp_path / "d.parquet")
+    with pytest.raises(DataError, match=r"d.parquet index 1, field 'n': integer 18446744073709551615 is beyond"):
+        load_records(str(tmp_path / "d.parquet"))
+    records, _ = load_records(str(tmp_path / "d.parquet"), bad_rows="skip")
+    assert [r["_row"] for r in records] == [0]
+
+
+def test_a_key_with_a_line_break_still_gives_a_one_line_error(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"prompt": "q", "response": "a", "odd\nkey": "\ud800"}) + "\n")
+    with pytest.raises(DataError) as err:
+        load_records(str(path))
+    assert "\n" not in str(err.value) and "field 'odd\\nkey'" in str(err.value)

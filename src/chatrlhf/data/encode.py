@@ -19,12 +19,15 @@ from dataclasses import dataclass
 from tqdm.auto import tqdm
 
 from chatrlhf.algorithms.losses import IGNORE_INDEX
+from chatrlhf.data.errors import LimitError, describe_location
 from chatrlhf.data.formats import KINDS, DataError
+from chatrlhf.limits import InputError, check_value
 
 log = logging.getLogger(__name__)
 
 LONG_PROMPT = ("error", "truncate_left", "drop")
 _LONG_FIX = "set data.long_prompt=truncate_left or drop, or raise data.max_prompt_len."
+_TEXT_FIELDS = ("prompt", "messages", "chosen", "rejected", "response")  # what reaches the tokenizer
 
 
 def _chat_ids(tokenizer, messages: Sequence[dict], add_generation_prompt: bool) -> list[int]:
@@ -65,13 +68,15 @@ def _through_last_eos(ids: Sequence[int], start: int, end: int, eos: int) -> int
     return end
 
 
-def _sft_by_tokens(tokenizer, msgs: list[dict], eos: int) -> tuple[list[int], list[int]] | None:
+def _sft_by_tokens(tokenizer, msgs: list[dict], eos: int, max_len: int) -> tuple[list[int], list[int]] | None:
     full = _chat_ids(tokenizer, msgs, False)
     labels = [IGNORE_INDEX] * len(full)
     for i, msg in enumerate(msgs):
         if msg["role"] != "assistant":
             continue
         start = _chat_ids(tokenizer, msgs[:i], True)
+        if len(start) >= max_len and _is_prefix(start, full):  # this turn and later ones are cut off anyway
+            break
         upto = full if i == len(msgs) - 1 else _chat_ids(tokenizer, msgs[: i + 1], False)
         if not (_is_prefix(start, upto) and _is_prefix(upto, full)):
             return None
@@ -80,7 +85,7 @@ def _sft_by_tokens(tokenizer, msgs: list[dict], eos: int) -> tuple[list[int], li
     return full, labels
 
 
-def _sft_by_text(tokenizer, msgs: list[dict]) -> tuple[list[int], list[int]]:
+def _sft_by_text(tokenizer, msgs: list[dict], max_len: int) -> tuple[list[int], list[int]]:
     """Fallback when token boundaries shift between prefixes (e.g. BPE merging across the turn start):
     the same prefix logic on the rendered text, mapped to tokens through character offsets."""
     full_text = _chat_text(tokenizer, msgs, False)
@@ -94,10 +99,13 @@ def _sft_by_text(tokenizer, msgs: list[dict]) -> tuple[list[int], list[int]]:
                         "use a fast tokenizer, or a template whose prefixes render as prefixes.", field="messages")
     ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
     labels = [IGNORE_INDEX] * len(ids)
+    cut_at = offsets[max_len - 1][1] if len(ids) > max_len else len(full_text)  # character where the cut falls
     for i, msg in enumerate(msgs):
         if msg["role"] != "assistant":
             continue
         start_text = _chat_text(tokenizer, msgs[:i], True)
+        if len(start_text) >= cut_at:  # this turn and later ones are cut off anyway
+            break
         upto_text = _chat_text(tokenizer, msgs[: i + 1], False)
         if not (full_text.startswith(upto_text) and upto_text.startswith(start_text)):
             raise DataError(f"the chat template renders the conversation differently before turn {i}, so the "
@@ -113,19 +121,22 @@ def _sft_by_text(tokenizer, msgs: list[dict]) -> tuple[list[int], list[int]]:
     return ids, labels
 
 
-def _sft_ids(tokenizer, messages: Sequence[dict]) -> tuple[list[int], list[int]]:
-    """Full (untruncated) ids and labels; trailing non-assistant turns are dropped (nothing to learn)."""
+def _sft_ids(tokenizer, messages: Sequence[dict], max_len: int) -> tuple[list[int], list[int]]:
+    """Full (untruncated) ids, and labels correct up to ``max_len``; trailing non-assistant turns are dropped
+    (nothing to learn). Assistant turns that start past ``max_len`` are not located: each costs two renders
+    of the conversation so far, quadratic in a 10,000-turn row (so a template that renders such a turn
+    inconsistently no longer sends the kept turns to the text-offset fallback)."""
     msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
     last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
     if last is None:
         raise DataError("the conversation has no assistant turn.", "add an assistant answer.", field="messages")
     msgs = msgs[: last + 1]
-    return _sft_by_tokens(tokenizer, msgs, eos_id(tokenizer)) or _sft_by_text(tokenizer, msgs)
+    return _sft_by_tokens(tokenizer, msgs, eos_id(tokenizer), max_len) or _sft_by_text(tokenizer, msgs, max_len)
 
 
 def encode_sft(tokenizer, messages: Sequence[dict], max_len: int) -> dict:
     """``{"input_ids", "labels"}`` for a (multi-turn) conversation, cut on the right at ``max_len``."""
-    ids, labels = _sft_ids(tokenizer, messages)
+    ids, labels = _sft_ids(tokenizer, messages, max_len)
     return {"input_ids": ids[:max_len], "labels": labels[:max_len]}
 
 
@@ -211,7 +222,7 @@ class EncodeStats:
 
 
 def _encode_sft_record(rec: dict, tokenizer, max_len: int, stats: EncodeStats) -> dict | None:
-    ids, labels = _sft_ids(tokenizer, rec["messages"])
+    ids, labels = _sft_ids(tokenizer, rec["messages"], max_len)
     if all(t == IGNORE_INDEX for t in labels[:max_len]):
         stats.dropped_no_target += 1
         return None
@@ -242,6 +253,16 @@ def _encode_one(rec: dict, kind: str, tokenizer, max_len: int, max_prompt_len: i
     else:
         stats.truncated += cut
     return item
+
+
+def _check_text(rec: dict) -> None:
+    """Refuses text a tokenizer cannot take (a lone surrogate ends in a TypeError inside ``tokenizers``) as a
+    DataError naming the row. normalise_rows refuses it already; this covers records built elsewhere."""
+    where = describe_location(rec.get("_source"), rec.get("_row"))
+    try:
+        check_value({k: rec[k] for k in _TEXT_FIELDS if k in rec}, where or "record")
+    except InputError as err:
+        raise LimitError(err, rec.get("_source"), rec.get("_row")) from None
 
 
 class Encoded(list):
@@ -281,6 +302,7 @@ def encode_records(records: Sequence[dict], kind: str, tokenizer, limits=None, *
     stats, items = EncodeStats(total=len(records)), Encoded()
     for rec in tqdm(records, desc=f"tokenise {kind}", disable=not progress, leave=False):
         try:
+            _check_text(rec)
             item = _encode_one(rec, kind, tokenizer, max_len, max_prompt_len, long_prompt, stats)
         except DataError as err:
             raise err.located(rec.get("_source"), rec.get("_row")) from None

@@ -19,6 +19,12 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from chatrlhf.data.errors import DataError, LimitError, describe_location
+from chatrlhf.limits import InputError, check_value
+
+__all__ = ["FORMATS", "KINDS", "DataError", "LimitError", "convert_records", "describe_location", "detect_format",
+           "normalise_rows", "parse_hh", "prompt_messages", "to_prompt", "to_sft"]
+
 log = logging.getLogger(__name__)
 
 KINDS = ("preference", "sft", "prompt", "rating")
@@ -37,38 +43,6 @@ _EXPECTED = (
 )
 
 
-class DataError(ValueError):
-    """A data problem a user can act on: where (source, row, field), what is wrong, and the fix."""
-
-    def __init__(self, problem: str, fix: str = "", *, source: str | None = None,
-                 row: int | None = None, field: str | None = None):
-        super().__init__(problem)
-        self.problem, self.fix, self.source, self.row, self.field = problem, fix, source, row, field
-
-    def located(self, source: str | None, row: int | None) -> DataError:
-        """Fills in the location where the raising code did not know it; returns self for ``raise``."""
-        self.source = self.source if self.source is not None else source
-        self.row = self.row if self.row is not None else row
-        return self
-
-    def __str__(self) -> str:
-        where = describe_location(self.source, self.row)
-        if self.field:
-            where = f"{where}, field '{self.field}'" if where else f"field '{self.field}'"
-        msg = f"{where}: {self.problem}" if where else self.problem
-        return f"{msg} Fix: {self.fix}" if self.fix else msg
-
-
-def describe_location(source: str | None, row: int | None) -> str:
-    """``"a.jsonl line 3"`` for line-based files (1-based line), ``"x.parquet index 2"`` otherwise (0-based)."""
-    if source is None:
-        return ""
-    if row is None:
-        return source
-    line_based = source.endswith((".jsonl", ".ndjson", ".csv", "(JSON Lines)")) or source.startswith("demo:")
-    return f"{source} line {row}" if line_based else f"{source} index {row}"
-
-
 # ----------------------------------------------------------------------------- field validators
 def _text(row: dict, field: str) -> str:
     value = row.get(field)
@@ -81,8 +55,10 @@ def _text(row: dict, field: str) -> str:
 
 def _content(value: Any, field: str) -> str:
     # OpenAI-style content parts: keep the text parts, in order.
-    if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in value):
-        value = "".join(str(p.get("text", "")) for p in value)
+    # (a part whose "text" is not a string is left as a list, so it fails below instead of becoming its repr)
+    if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                       and isinstance(p.get("text", ""), str) for p in value):
+        value = "".join(p.get("text", "") for p in value)
     if not isinstance(value, str):
         raise DataError(f"message content must be a string, got {type(value).__name__}.",
                         "store each message as {\"role\": ..., \"content\": \"text\"}.", field=field)
@@ -100,7 +76,7 @@ def _messages(value: Any, field: str) -> list[dict]:
             raise DataError(f"message {i} is a {type(msg).__name__}, not an object.",
                             'use {"role": ..., "content": ...}.', field=field)
         role = msg.get("role", msg.get("from"))
-        role = _ROLE_ALIASES.get(role, role)
+        role = _ROLE_ALIASES.get(role, role) if isinstance(role, str) else role  # a list role is unhashable
         if role not in ROLES:
             raise DataError(f"message {i} has unknown role {role!r}.",
                             f"use one of {', '.join(ROLES)} (ShareGPT 'human'/'gpt' are accepted).", field=field)
@@ -134,7 +110,7 @@ def _score(row: dict, field: str = "score") -> float:
                         field=field)
     try:
         score = float(value)  # CSV cells arrive as text
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: an integer too large for a float
         raise DataError(f"score {value!r} is not numeric.", "store a number such as 4.", field=field) from None
     if not math.isfinite(score):
         raise DataError(f"score is {score}.", "store a finite number.", field=field)
@@ -284,7 +260,7 @@ def _check_columns(fmt: str, row: dict) -> None:
     missing = [" or ".join(alts) for alts in _REQUIRED[fmt] if not any(a in row for a in alts)]
     if missing:
         raise DataError(f"missing column {', '.join(repr(m) for m in missing)} for format '{fmt}'; "
-                        f"columns found: {sorted(row)}; formats expected: {_EXPECTED}.",
+                        f"columns found: {sorted(map(str, row))}; formats expected: {_EXPECTED}.",
                         f"add the column, or pick another format with {_FORMAT_FLAG}.", field=missing[0])
 
 
@@ -301,6 +277,16 @@ def _resolve_format(rows: Sequence[tuple[int, dict]], source: str, fmt: str) -> 
     return fmt
 
 
+def _check_limits(row: dict, source: str, row_no: int) -> None:
+    """Every row, whichever reader (or caller) made it, meets chatrlhf.limits before a normaliser reads it:
+    JSON rows were checked as they were parsed, but CSV cells, Parquet and ``datasets`` values were not, and
+    a lone surrogate would reach the tokenizer (a TypeError there) and a 100-deep value the JSON writers."""
+    try:
+        check_value(row, describe_location(source, row_no))
+    except InputError as err:
+        raise LimitError(err, source, row_no) from None
+
+
 def _normalise_each(rows: Sequence[tuple[int, dict]], source: str, fmt: str,
                     bad_rows: str) -> tuple[list[dict], list[str]]:
     """(canonical records, reasons of the skipped rows); raises on the first bad row unless ``skip``."""
@@ -308,6 +294,7 @@ def _normalise_each(rows: Sequence[tuple[int, dict]], source: str, fmt: str,
     records, skipped = [], []
     for row_no, row in rows:
         try:
+            _check_limits(row, source, row_no)
             _check_columns(fmt, row)
             rec = norm(row)
         except DataError as err:
@@ -322,26 +309,29 @@ def _normalise_each(rows: Sequence[tuple[int, dict]], source: str, fmt: str,
     return records, skipped
 
 
-def normalise_rows(rows: Sequence[tuple[int, dict]], source: str, fmt: str = "auto",
-                   bad_rows: str = "error") -> tuple[list[dict], str]:
+def normalise_rows(rows: Sequence[tuple[int, dict]], source: str, fmt: str = "auto", bad_rows: str = "error",
+                   unread: Sequence[str] = ()) -> tuple[list[dict], str]:
     """Turns raw ``(row_number, row)`` pairs into canonical records of one kind; returns (records, kind).
 
     ``bad_rows="skip"`` drops invalid rows (logging the first few reasons) instead of raising; an empty
-    result raises either way.
+    result raises either way. ``unread``: the reasons of rows the reader already dropped under ``skip``
+    (a line that is not JSON or not UTF-8), counted and logged with the rest.
     """
     if fmt not in FORMATS:
         raise DataError(f"unknown format {fmt!r}.", f"use {_FORMAT_FLAG}=<{'|'.join(FORMATS)}>.", source=source)
     if bad_rows not in BAD_ROWS:
         raise DataError(f"unknown bad-row policy {bad_rows!r}.", "use data.bad_rows=error or skip.")
-    if not rows:
+    if not rows and not unread:
         raise DataError("has no rows.", "point the source at a non-empty file or dataset.", source=source)
-    fmt = _resolve_format(rows, source, fmt)
-    records, skipped = _normalise_each(rows, source, fmt, bad_rows)
+    fmt = _resolve_format(rows, source, fmt) if rows else fmt
+    records, skipped = _normalise_each(rows, source, fmt, bad_rows) if rows else ([], [])
+    skipped = [*unread, *skipped]
+    total = len(rows) + len(unread)
     if skipped:
-        log.warning("%s: skipped %d of %d rows as invalid; first: %s", source, len(skipped), len(rows),
+        log.warning("%s: skipped %d of %d rows as invalid; first: %s", source, len(skipped), total,
                     " | ".join(skipped[:3]))
     if not records:
-        raise DataError(f"no usable rows left ({len(rows)} read, {len(skipped)} invalid; first problem: "
+        raise DataError(f"no usable rows left ({total} read, {len(skipped)} invalid; first problem: "
                         f"{skipped[0] if skipped else 'none'}).", "fix the rows or check the format.", source=source)
     return records, _NORMALISERS[fmt][1]  # the kind
 

@@ -10,12 +10,11 @@ A source is one string:
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 from pathlib import Path
 
 from chatrlhf.data.formats import DataError, normalise_rows
+from chatrlhf.data.readers import Rows, read_csv, read_json, read_json_lines, read_parquet
 
 log = logging.getLogger(__name__)
 
@@ -24,10 +23,7 @@ log = logging.getLogger(__name__)
 DEMO_DIR = Path(__file__).resolve().parent.parent / "demo_data"
 DEMO_DEFAULT = "pairs"
 _FILE_SUFFIXES = (".json", ".jsonl", ".ndjson", ".csv", ".parquet", ".pq")
-_CSV_JSON_COLUMNS = ("messages", "conversations")
 _DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
-
-Rows = list[tuple[int, dict]]
 
 
 def demo_names() -> list[str]:
@@ -53,98 +49,17 @@ def demo_path(source: str) -> Path:
     return path
 
 
-# ----------------------------------------------------------------------------- file readers
-def _read_jsonl(path: Path, source: str) -> Rows:
-    rows = []
-    with path.open(encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"is not valid JSON ({err.msg} at column {err.colno}).",
-                                "write one JSON object per line.", source=source, row=line_no) from None
-            if not isinstance(row, dict):
-                raise DataError(f"is a JSON {type(row).__name__}, not an object.",
-                                "write one JSON object per line.", source=source, row=line_no)
-            rows.append((line_no, row))
-    return rows
-
-
-def _read_json(path: Path, source: str) -> tuple[str, Rows]:
-    text = path.read_text(encoding="utf-8")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        # `Dataset.to_json` writes JSON Lines under a .json name; accept that rather than fail.
-        if err.msg == "Extra data" and text.lstrip().startswith("{"):
-            jsonl_source = f"{source} (JSON Lines)"
-            return jsonl_source, _read_jsonl(path, jsonl_source)
-        raise DataError(f"is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}.",
-                        "fix the file (a list of objects, {\"data\": [...]}, or JSON Lines).",
-                        source=source) from None
-    if isinstance(data, dict) and isinstance(data.get("data"), list):
-        data = data["data"]
-    if not isinstance(data, list):
-        raise DataError(f"holds a JSON {type(data).__name__} at the top level.",
-                        "store a list of row objects, or {\"data\": [...]}.", source=source)
-    for i, row in enumerate(data):
-        if not isinstance(row, dict):
-            raise DataError(f"is a JSON {type(row).__name__}, not an object.", "store each row as an object.",
-                            source=source, row=i)
-    return source, list(enumerate(data))
-
-
-def _decode_csv_lists(row: dict, source: str, line: int) -> dict:
-    """CSV has no lists: a messages/conversations cell holds the message list as JSON text."""
-    for column in _CSV_JSON_COLUMNS:
-        cell = row.get(column)
-        if isinstance(cell, str) and cell.lstrip().startswith("["):
-            try:
-                row[column] = json.loads(cell)
-            except json.JSONDecodeError as err:
-                raise DataError(f"holds invalid JSON ({err.msg} at column {err.colno}).",
-                                "write the message list as JSON text in the cell.", source=source, row=line,
-                                field=column) from None
-    return row
-
-
-def _read_csv(path: Path, source: str) -> Rows:
-    rows = []
-    with path.open(encoding="utf-8", newline="") as fh:
-        reader = csv.DictReader(fh)
-        start = 2  # line 1 is the header; a quoted cell may span lines, so report where the row starts
-        for row in reader:
-            if None in row:
-                raise DataError(f"has more cells than the header's {len(reader.fieldnames or [])} columns.",
-                                "quote cells that contain commas.", source=source, row=start)
-            rows.append((start, _decode_csv_lists(dict(row), source, start)))
-            start = reader.line_num + 1
-    return rows
-
-
-def _read_parquet(path: Path, source: str) -> Rows:
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path)
-    except Exception as err:  # pyarrow raises several types for corrupt files
-        raise DataError(f"is not a readable Parquet file ({err}).", "re-export the file.", source=source) from None
-    # to_pylist gives plain Python lists/dicts (pandas would give numpy arrays for nested columns)
-    return list(enumerate(table.to_pylist()))
-
-
-def _read_file(path: Path, source: str) -> tuple[str, Rows]:
+# ----------------------------------------------------------------------------- files
+def _read_file(path: Path, source: str, skipped: list[str] | None) -> tuple[str, Rows]:
     suffix = path.suffix.lower()
     if suffix == ".json":
-        return _read_json(path, source)
+        return read_json(path, source, skipped)
     if suffix in (".jsonl", ".ndjson"):
-        return source, _read_jsonl(path, source)
+        return source, read_json_lines(path, source, skipped)
     if suffix == ".csv":
-        return source, _read_csv(path, source)
+        return source, read_csv(path, source, skipped)
     if suffix in (".parquet", ".pq"):
-        return source, _read_parquet(path, source)
+        return source, read_parquet(path, source)
     raise DataError(f"has an unsupported file type {suffix!r}.",
                     f"use one of {', '.join(_FILE_SUFFIXES)}, or a saved datasets directory.", source=source)
 
@@ -166,8 +81,17 @@ def _pick_split(ds, split: str | None, source: str):
 def _read_saved(path: Path, source: str, split: str | None) -> Rows:
     from datasets import load_from_disk
 
-    ds = _pick_split(load_from_disk(str(path)), split, source)
-    return list(enumerate(ds.to_list()))
+    fix = "save it again with Dataset.save_to_disk, or export it to .jsonl/.parquet."
+    try:
+        ds = load_from_disk(str(path))
+    except Exception as err:  # noqa: BLE001 - a damaged dir fails as JSON, Arrow, OS or datasets errors
+        raise DataError(f"is not a readable saved dataset ({type(err).__name__}: {err}).", fix,
+                        source=source) from None
+    ds = _pick_split(ds, split, source)
+    try:
+        return list(enumerate(ds.to_list()))
+    except Exception as err:  # noqa: BLE001 - truncated Arrow files fail only when read
+        raise DataError(f"holds unreadable rows ({type(err).__name__}: {err}).", fix, source=source) from None
 
 
 def _read_hub(name: str, source: str, split: str | None) -> Rows:
@@ -194,12 +118,15 @@ def _split_suffix(source: str, split: str | None) -> tuple[str, str | None]:
     return base, suffix
 
 
-def load_rows(source: str, split: str | None = None) -> tuple[str, Rows]:
-    """Reads raw rows; returns (display name for messages, [(row number, row dict), ...])."""
+def load_rows(source: str, split: str | None = None, skipped: list[str] | None = None) -> tuple[str, Rows]:
+    """Reads raw rows; returns (display name for messages, [(row number, row dict), ...]).
+
+    ``skipped``: None raises on a row the reader cannot read; a list collects those rows' reasons instead
+    (``data.bad_rows=skip``; see chatrlhf.data.readers)."""
     if not isinstance(source, str) or not source.strip():
         raise DataError(f"data source must be a non-empty string, got {source!r}.", "set data.datasets.")
     if source == "demo" or source.startswith("demo:"):
-        return source, _read_jsonl(demo_path(source), source)
+        return source, read_json_lines(demo_path(source), source, skipped)
     name, split = _split_suffix(source, split)
     path = Path(name).expanduser()
     if path.is_dir():
@@ -211,7 +138,7 @@ def load_rows(source: str, split: str | None = None) -> tuple[str, Rows]:
         if split not in (None, "train"):
             raise DataError(f"is a single file and has no split {split!r}.",
                             "drop the split, or give a separate file per split.", source=source)
-        return _read_file(path, source)
+        return _read_file(path, source, skipped)
     if path.suffix.lower() in _FILE_SUFFIXES or name.startswith((".", "/", "~")):
         raise DataError("does not exist.", "check the path (relative paths start at the working directory).",
                         source=source)
@@ -221,7 +148,8 @@ def load_rows(source: str, split: str | None = None) -> tuple[str, Rows]:
 def load_records(source: str, fmt: str = "auto", split: str | None = None,
                  bad_rows: str = "error") -> tuple[list[dict], str]:
     """Loads one source and normalises it; returns (records, kind). See docs/data.md for formats."""
-    name, rows = load_rows(source, split)
-    records, kind = normalise_rows(rows, name, fmt=fmt, bad_rows=bad_rows)
+    skipped: list[str] | None = [] if bad_rows == "skip" else None
+    name, rows = load_rows(source, split, skipped)
+    records, kind = normalise_rows(rows, name, fmt=fmt, bad_rows=bad_rows, unread=skipped or ())
     log.info("%s: %d %s records", name, len(records), kind)
     return records, kind
