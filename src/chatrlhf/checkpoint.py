@@ -1,6 +1,6 @@
 """Crash-safe checkpoint dirs: atomic commit, a ``latest`` pointer, rotation, stale-scratch cleanup, and the
 trainer state. Torch-free (the tensor files themselves are ``chatrlhf.tensor_files``), so ``CheckpointError``
-imports cheaply.
+imports cheaply. The schemas of the state files are in ``chatrlhf.checkpoint_schema``.
 
 Layout under a checkpoint root::
 
@@ -27,6 +27,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from chatrlhf.checkpoint_schema import MANIFEST as MANIFEST_SCHEMA
+from chatrlhf.checkpoint_schema import POINTER as POINTER_SCHEMA
+from chatrlhf.checkpoint_schema import TRAINER_STATE, CheckpointError, check_fields
+from chatrlhf.limits import InputError, parse_json
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
@@ -36,26 +41,23 @@ _SCRATCH_DIR = re.compile(r"^(tmp|trash)-(\d+)-(\d+)$")
 _SCRATCH_DOT = re.compile(r"^\..+\.(tmp|old)-(\d+)$")  # write_json_atomic's and publish_dir's scratch names
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete, unsafe to load or does not match this run."""
-
-
 # ---- JSON files and atomic publishing ---------------------------------------------------------------------
 
 
-def _read_text(path: Path) -> str:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: file not found")
-    return path.read_text()
-
-
 def read_json(path: str | os.PathLike) -> Any:
-    """A checkpoint's JSON file; a missing or unparsable one is a :class:`CheckpointError` naming it."""
+    """A checkpoint's JSON file, read with the limits of ``chatrlhf.limits`` (no duplicate keys, NaN, depth
+    over 100 or integers beyond 64 bits); a missing or unparsable one is a :class:`CheckpointError` naming it."""
     path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found" if not path.exists() else f"{path}: not a regular file")
     try:
-        return json.loads(_read_text(path))
+        return parse_json(path.read_bytes(), str(path))
+    except InputError as err:  # its message starts with the path and names the field
+        raise CheckpointError(str(err)) from None
     except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path}: not valid JSON ({err}); the checkpoint is damaged") from err
+        raise CheckpointError(f"{path}: not valid JSON ({err}); the checkpoint is damaged") from None
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot be read ({err.strerror})") from None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -191,14 +193,31 @@ def write_step_dir(
     return commit_step(root, tmp, step, keep_last)
 
 
-def is_complete(path: str | os.PathLike) -> bool:
-    """A checkpoint dir is complete when its manifest parses and every listed file has its size."""
+def check_complete(path: str | os.PathLike) -> dict:
+    """The manifest of the checkpoint dir ``path``; a :class:`CheckpointError` says what makes it incomplete:
+    the manifest missing or malformed, or of another step, or a file it lists missing or of another size."""
     path = Path(path)
+    manifest = check_fields(path / MANIFEST, read_json(path / MANIFEST), MANIFEST_SCHEMA)
+    if (m := _STEP_DIR.match(path.name)) and int(m.group(1)) != manifest["step"]:
+        raise CheckpointError(f"{path / MANIFEST}: field 'step' must be {m.group(1)} (the step of its dir), got "
+                              f"{manifest['step']}")
+    for name, size in manifest["files"].items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{file}: listed in {MANIFEST} but missing; the checkpoint is incomplete")
+        if file.stat().st_size != size:
+            raise CheckpointError(f"{file}: {file.stat().st_size} bytes, but {MANIFEST} lists {size}; it was cut "
+                                  "short or changed after the save")
+    return manifest
+
+
+def is_complete(path: str | os.PathLike) -> bool:
+    """A checkpoint dir is complete when its manifest is valid and every listed file has its size."""
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
-        return all((path / name).stat().st_size == size for name, size in manifest["files"].items())
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        check_complete(path)
+    except (CheckpointError, OSError):
         return False
+    return True
 
 
 def complete_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -219,7 +238,8 @@ def _pointer_target(root: Path) -> Path | None:
 
 
 def latest_checkpoint(root: str | os.PathLike) -> Path | None:
-    """The checkpoint ``root/latest`` names if it is complete, else the newest complete one, else None."""
+    """The checkpoint ``root/latest`` names if it is complete, else the newest complete one, else None.
+    Lenient, for looking at what a run left; a resume uses the strict :func:`resume_checkpoint`."""
     root = Path(root)
     target = _pointer_target(root)
     if target is not None and is_complete(target):
@@ -228,6 +248,29 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
     if found and (root / POINTER).exists():
         log.warning("%s names no complete checkpoint; using %s", root / POINTER, found[-1][1])
     return found[-1][1] if found else None
+
+
+def resume_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The checkpoint a resume continues from, or None. Strict, so that a damaged checkpoint is reported
+    rather than silently replaced by an older one: ``root/latest`` must be a valid pointer, and the dir it
+    names a complete checkpoint. If that dir is gone (moved out as damaged), the newest complete checkpoint
+    before it; without a pointer (a crash before the first one was written), the newest complete one."""
+    root = Path(root)
+    pointer = root / POINTER
+    found = complete_checkpoints(root)
+    if not os.path.lexists(pointer):
+        return found[-1][1] if found else None
+    named = check_fields(pointer, read_json(pointer), POINTER_SCHEMA)
+    target = root / named["dir"]
+    if target.is_dir():
+        check_complete(target)
+        return target
+    older = [path for step, path in found if step < named["step"]]
+    if not older:
+        raise CheckpointError(f"{pointer}: field 'dir' names {named['dir']}, which does not exist, and no complete "
+                              f"checkpoint is older; restore {named['dir']}")
+    log.warning("%s names %s, which does not exist; resuming from %s", pointer, named["dir"], older[-1])
+    return older[-1]
 
 
 def rotate(root: str | os.PathLike, keep_last: int) -> list[Path]:
@@ -278,11 +321,6 @@ def save_trainer_state(directory: str | os.PathLike, state: TrainerState) -> Non
 
 
 def load_trainer_state(directory: str | os.PathLike) -> TrainerState:
+    """``directory/trainer_state.json``, checked against its schema (``checkpoint_schema.TRAINER_STATE``)."""
     path = Path(directory) / "trainer_state.json"
-    data = read_json(path)
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    unknown = set(data) - {f for f in TrainerState.__dataclass_fields__}
-    if unknown:
-        raise CheckpointError(f"{path}: unknown fields {sorted(unknown)}")
-    return TrainerState(**data)
+    return TrainerState(**check_fields(path, read_json(path), TRAINER_STATE))

@@ -5,6 +5,13 @@ SFT, RM and DPO train one engine (``save_resumable`` / ``resume_step``); the RL 
 a critic, and carry an EMA actor and stateful helpers (KL controller, reward normalisers) along
 (``save_rl_resumable`` / ``resume_rl_step``, and ``save_rl_final`` for the finished run). The files
 themselves are written by ``chatrlhf.engine.state`` (engines) and ``chatrlhf.checkpoint`` (step dirs).
+
+A resume changes nothing before it has checked everything: the checkpoint to resume
+(``checkpoint.resume_checkpoint``) has every state file read and checked (``engine.state.validate_checkpoint``:
+schemas, tensor headers, RNG of every rank, how the files agree), then the batch layout, the RL extras and the
+EMA weights are checked against this run, and only then is anything loaded (tensors are checked for NaN/inf as
+they load). The stages open ``metrics.jsonl`` (which a resume cuts to the resumed step) only once the resume
+step is known.
 """
 
 from __future__ import annotations
@@ -15,15 +22,16 @@ from chatrlhf.algorithms.advantages import stage_name
 from chatrlhf.checkpoint import (
     CheckpointError,
     TrainerState,
-    latest_checkpoint,
-    load_trainer_state,
+    clean_stale,
+    resume_checkpoint,
     write_json_atomic,
 )
+from chatrlhf.checkpoint_schema import Invalid, TensorMeta, fail, show
 from chatrlhf.config import ConfigError, RunConfig
 from chatrlhf.engine import Engine
-from chatrlhf.engine.state import load_engines, save_engines
+from chatrlhf.engine.state import load_engines, save_engines, validate_checkpoint
 from chatrlhf.models.lora import merged_for_save
-from chatrlhf.tensor_files import load_weights, save_weights
+from chatrlhf.tensor_files import load_weights, save_weights, weights_header
 from chatrlhf.training import CHECKPOINTS_SUBDIR, MODEL_SUBDIR, BatchPlan
 
 
@@ -40,13 +48,12 @@ def save_resumable(out: Path, engine: Engine, step: int, run: RunConfig, plan: B
 
 def resume_step(out: Path, engine: Engine, run: RunConfig, plan: BatchPlan) -> int:
     """The optimizer step to start from: 0, or the step of the latest complete checkpoint on ``--run.resume``."""
-    path = _checkpoint_to_resume(out, run)
-    if path is None:
-        return 0
-    _check_layout(path, plan.world_size, plan.global_batch)
-    state = load_engines(path, engine)
+    path, state = _checkpoint_to_resume(out, run, ("",), one_step_per_step=True)
+    if path is not None:
+        _check_layout(path, state, plan.world_size, plan.global_batch)
+        state = load_engines(path, engine, one_step_per_step=True)
     step = state.step if state is not None else 0
-    print(f"[chatrlhf] resumed from {path} at step {step}")
+    _resumed(out, run, f"from {path} at step {step}" if path is not None else None)
     return step
 
 
@@ -69,23 +76,54 @@ def save_rl_resumable(out: Path, actor: Engine, critic: Engine | None, step: int
 def resume_rl_step(out: Path, actor: Engine, critic: Engine | None, run: RunConfig, stateful: dict, ema,
                    mini: int) -> int:
     """The iteration to start from: 0, or that of the latest complete checkpoint on ``--run.resume``."""
-    path = _checkpoint_to_resume(out, run)
+    engines = _rl_engines(actor, critic)
+    path, state = _checkpoint_to_resume(out, run, engines)
     if path is None:
+        _resumed(out, run, None)
         return 0
-    _check_layout(path, actor.world_size, mini * actor.world_size)
-    state = load_engines(path, _rl_engines(actor, critic))
+    if state is None:
+        raise CheckpointError(f"{path}: no trainer_state.json; every RL checkpoint has one")
+    _check_layout(path, state, actor.world_size, mini * actor.world_size)
+    _load_stateful(path, state, stateful)
+    if ema is not None:
+        _check_ema_file(path, ema)
+    load_engines(path, engines)
+    if ema is not None:
+        ema.shadow = load_weights(path / "ema.safetensors", device=actor.device)
+    _resumed(out, run, f"RL from {path} at iteration {state.step}")
+    return state.step
+
+
+def _load_stateful(path: Path, state: TrainerState, stateful: dict) -> None:
+    """The KL controller and reward normalisers: each ``load_state_dict`` checks its state before setting it."""
+    file = path / "trainer_state.json"
     for name, obj in stateful.items():
         if name not in state.extra:
-            raise CheckpointError(f"{path / 'trainer_state.json'} has no {name!r} state; it was written by "
-                                  "a run with other settings (reward, KL controller); resume with the same ones")
-        obj.load_state_dict(state.extra[name])
-    if ema is not None:
-        if not (path / "ema.safetensors").is_file():
-            raise CheckpointError(f"{path} has no ema.safetensors: it was written without --ema_beta; resume "
-                                  "with the same --ema_beta as the run that wrote it")
-        ema.shadow = load_weights(path / "ema.safetensors", device=actor.device)
-    print(f"[chatrlhf] resumed RL from {path} at iteration {state.step}")
-    return state.step
+            raise CheckpointError(f"{file} has no {name!r} state; it was written by a run with other settings "
+                                  "(reward, KL controller); resume with the same ones")
+        try:
+            obj.load_state_dict(state.extra[name])
+        except Invalid as bad:
+            raise fail(file, bad.within(f"extra.{name}")) from None
+        except (ValueError, TypeError, KeyError) as err:
+            raise CheckpointError(f"{file}: field 'extra.{name}': {err}") from None
+
+
+def _check_ema_file(path: Path, ema) -> None:
+    """``ema.safetensors`` (from its header) holds the EMA actor's tensors: same names, fp32, same shapes."""
+    file = path / "ema.safetensors"
+    if not file.is_file():
+        raise CheckpointError(f"{path} has no ema.safetensors: it was written without --ema_beta; resume "
+                              "with the same --ema_beta as the run that wrote it")
+    got = weights_header(file)
+    want = {name: TensorMeta("F32", tuple(t.shape)) for name, t in ema.shadow.items()}
+    for name in sorted(set(got) | set(want)):
+        if got.get(name) != want.get(name):
+            raise CheckpointError(
+                f"{file}: tensor {name!r} must be {show(want[name]) if name in want else 'absent'}, got "
+                f"{show(got[name]) if name in got else 'none'}; resume with the model the checkpoint was "
+                "trained from (--model.name_or_path of that run)"
+            )
 
 
 def save_rl_final(out: Path, actor: Engine, critic: Engine | None, ema, tokenizer, history: list[dict],
@@ -112,24 +150,34 @@ def _rl_engines(actor: Engine, critic: Engine | None) -> dict[str, Engine]:
     return {"actor": actor} if critic is None else {"actor": actor, "critic": critic}
 
 
-def _checkpoint_to_resume(out: Path, run: RunConfig) -> Path | None:
-    """The latest complete checkpoint under ``out`` on ``--run.resume``; None to start at step 0."""
+def _checkpoint_to_resume(out: Path, run: RunConfig, names, one_step_per_step: bool = False
+                          ) -> tuple[Path | None, TrainerState | None]:
+    """On ``--run.resume``: the checkpoint to resume and its trainer state, every state file of it (engines
+    ``names``) read and checked before anything is loaded or written; (None, None) to start at step 0."""
     if not run.resume:
-        return None
-    path = latest_checkpoint(out / CHECKPOINTS_SUBDIR)
+        return None, None
+    path = resume_checkpoint(out / CHECKPOINTS_SUBDIR)
     if path is None:
         _nothing_to_resume(out, run)
-    return path
+        return None, None
+    return path, validate_checkpoint(path, names, one_step_per_step)
 
 
-def _check_layout(path: Path, world_size: int, global_batch: int) -> None:
+def _resumed(out: Path, run: RunConfig, what: str | None) -> None:
+    """Once the checkpoint is checked and loaded, the scratch a crashed writer left is removed (for a resumed
+    run this is the place; a damaged checkpoint leaves the dir as it was)."""
+    if run.resume:
+        for scratch in (out, out / CHECKPOINTS_SUBDIR):
+            clean_stale(scratch)
+    if what is not None:
+        print(f"[chatrlhf] resumed {what}")
+
+
+def _check_layout(path: Path, state: TrainerState | None, world_size: int, global_batch: int) -> None:
     """Stops a resume whose batch layout differs from the checkpoint's: step N would then mean other data
     and another LR schedule. (The process count may change when the global batch stays the same; ZeRO's
     partitioned optimizer state is checked by the engine.)"""
-    if not (path / "trainer_state.json").is_file():
-        return
-    state = load_trainer_state(path)
-    if state.global_batch and state.global_batch != global_batch:
+    if state is not None and state.global_batch and state.global_batch != global_batch:
         raise CheckpointError(
             f"{path} was written by {state.world_size} process(es) with {state.global_batch} samples per "
             f"optimizer step, but this run has {world_size} process(es) with {global_batch}. Resume with the "

@@ -1,5 +1,6 @@
 """chatrlhf.checkpoint and chatrlhf.tensor_files: atomic commit, the latest pointer, rotation, crash leftovers,
-RNG, tensor trees, and refusing pickles."""
+RNG, tensor trees, and refusing pickles; what a resume checks before loading (the strict pointer, the
+manifest, the state-file schemas, non-finite tensors, bad RNG states, the RL extras)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import torch
 
 from chatrlhf import checkpoint as ckpt
 from chatrlhf import tensor_files
+from chatrlhf.algorithms.rl import AdaptiveKLController, RunningMoments
+from chatrlhf.checkpoint_schema import TRAINER_STATE, Invalid, TensorMeta, check_fields
 
 
 def write_one(payload: str):
@@ -226,3 +229,98 @@ def test_crafted_pickle_in_place_of_checkpoint_files_is_refused(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="not a valid safetensors file"):
         tensor_files.load_tensor_tree(tmp_path, "optimizer")
     assert not marker.exists()
+
+
+# ---- checking before loading: the pointer, the manifest, the state files, non-finite tensors ----------------
+
+
+def test_resume_checkpoint_is_strict_where_latest_checkpoint_is_lenient(tmp_path):
+    ckpt.write_step_dir(tmp_path, 1, write_one("a"))
+    ckpt.write_step_dir(tmp_path, 2, write_one("bb"))
+    assert ckpt.resume_checkpoint(tmp_path) == tmp_path / "step-2"
+    (tmp_path / "step-2" / "data.json").write_text("")  # cut short after the commit
+    assert ckpt.latest_checkpoint(tmp_path) == tmp_path / "step-1"  # a look at what is there falls back
+    with pytest.raises(ckpt.CheckpointError, match=r"step-2/data.json: 0 bytes, but manifest.json lists 4"):
+        ckpt.resume_checkpoint(tmp_path)  # a resume says why, rather than silently going back a step
+    (tmp_path / "step-2").rename(tmp_path / "moved-out")  # what the CLI's advice says to do
+    assert ckpt.resume_checkpoint(tmp_path) == tmp_path / "step-1"
+    (tmp_path / "latest").write_text('{"step": 2, "dir": "../moved-out"}')
+    with pytest.raises(ckpt.CheckpointError, match=r"latest: field 'dir' must be the name of a step dir"):
+        ckpt.resume_checkpoint(tmp_path)
+    (tmp_path / "latest").unlink()  # a crash before the first pointer: the newest complete one
+    assert ckpt.resume_checkpoint(tmp_path) == tmp_path / "step-1"
+    (tmp_path / "latest").write_text('{"step": 0, "dir": "step-0"}')
+    with pytest.raises(ckpt.CheckpointError, match=r"step-0, which does not exist, and no complete checkpoint is older"):
+        ckpt.resume_checkpoint(tmp_path)
+
+
+def test_manifest_must_name_files_inside_its_dir(tmp_path):
+    path = ckpt.write_step_dir(tmp_path, 3, write_one("a"))
+    (path / "manifest.json").write_text(json.dumps({"step": 3, "files": {"../latest": 30}}))
+    with pytest.raises(ckpt.CheckpointError, match=r"field 'files' must be a file name inside the checkpoint dir"):
+        ckpt.check_complete(path)
+    assert not ckpt.is_complete(path)
+
+
+@pytest.mark.parametrize("state, message", [
+    ({"step": -1}, r"field 'step' must be an integer >= 0, got -1"),
+    ({"step": True}, r"field 'step' must be an integer >= 0, got true"),
+    ({"step": 2, "epoch": 1, "step_in_epoch": 1}, r"field 'step_in_epoch' must be below the steps per epoch"),
+    ({"extra": {"a": [1.0, float("inf")]}}, r"field 'extra.a\[1\]' must be a finite number"),
+    ({"step": None}, r"field 'step' must be an integer >= 0, got null"),
+])
+def test_trainer_state_schema(tmp_path, state, message):
+    full = {"step": 2, "epoch": 0, "step_in_epoch": 2, "samples_seen": 0, "extra": {}, **state}
+    with pytest.raises(ckpt.CheckpointError, match=message):
+        ckpt.TrainerState(**check_fields(tmp_path / "trainer_state.json", full, TRAINER_STATE))
+    # epoch 1 of 2 steps per epoch at step 3 is consistent (3 = 1 x 2 + 1); without world_size: 0
+    ok = check_fields("t.json", {"step": 3, "epoch": 1, "step_in_epoch": 1, "samples_seen": 6, "extra": {}},
+                           TRAINER_STATE)
+    assert ok["world_size"] == 0 and ok["global_batch"] == 0
+
+
+def test_trainer_state_file_with_a_duplicate_key_is_refused(tmp_path):
+    (tmp_path / "trainer_state.json").write_text('{"step": 1, "step": 2}')
+    with pytest.raises(ckpt.CheckpointError, match=r"key 'step' appears twice"):
+        ckpt.load_trainer_state(tmp_path)
+
+
+def test_non_finite_tensors_are_refused_by_name(tmp_path):
+    weights = {"layer.weight": torch.ones(2, 2), "ids": torch.tensor([1, 2])}
+    weights["layer.weight"][1, 0] = float("nan")
+    tensor_files.save_weights(weights, tmp_path / "model.safetensors")
+    with pytest.raises(ckpt.CheckpointError, match=r"model.safetensors: tensor 'layer.weight' holds NaN"):
+        tensor_files.load_weights(tmp_path / "model.safetensors")
+    tree = {"state": {0: {"exp_avg": torch.tensor([1.0, -float("inf")])}}, "param_groups": [{"params": [0]}]}
+    tensor_files.save_tensor_tree(tree, tmp_path, "optimizer")
+    assert tensor_files.tree_header(tmp_path, "optimizer")["state"][0]["exp_avg"] == TensorMeta("F32", (2,))
+    with pytest.raises(ckpt.CheckpointError, match=r"optimizer.safetensors: tensor 'state.0.exp_avg' holds inf"):
+        tensor_files.load_tensor_tree(tmp_path, "optimizer")
+
+
+def test_bad_rng_state_changes_no_generator(tmp_path):
+    torch.manual_seed(5)
+    state = tensor_files.capture_rng_state()
+    state["torch"] = torch.zeros_like(state["torch"])  # the right size, but no valid mt19937 state
+    random.seed(1)
+    want = random.random()
+    random.seed(1)
+    with pytest.raises(ckpt.CheckpointError, match=r"not a valid RNG state \(Invalid mt19937 state\)"):
+        tensor_files.restore_rng_state(state, "rng.rank0.json")
+    assert random.random() == want  # Python's generator was checked too, but not set
+    state["numpy"]["state"]["key"] = state["numpy"]["state"]["key"][:10]
+    with pytest.raises(ckpt.CheckpointError, match=r"field 'numpy.state.key' must be a list of 32-bit words of 624"):
+        tensor_files.check_rng_state(state, "rng.rank0.json")
+
+
+def test_rl_extras_refuse_non_finite_state_and_keep_theirs():
+    kl = AdaptiveKLController(0.2, 6.0, 10000.0)
+    with pytest.raises(Invalid, match=r"field 'value' must be a finite number, got \"abc\""):
+        kl.load_state_dict({"value": "abc"})  # float("abc") would fail, but float("nan") would not
+    with pytest.raises(Invalid, match=r"field 'value' must be a finite number"):
+        kl.load_state_dict({"value": "nan"})
+    moments = RunningMoments()
+    moments.update(torch.tensor([1.0, 2.0]))
+    with pytest.raises(Invalid, match=r"field 'm2' must be a finite number >= 0, got -1"):
+        moments.load_state_dict({"count": 9.0, "mean": 1.0, "m2": -1})
+    assert (moments.count, moments.mean, kl.value) == (2.0, 1.5, 0.2)  # nothing was set

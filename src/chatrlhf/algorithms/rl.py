@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 
 from chatrlhf.algorithms.masking import last_token_index, zero_off_mask
+from chatrlhf.checkpoint_schema import Schema, apply, number
 
 Tensor = torch.Tensor
 
@@ -206,6 +207,9 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
 
 # --- KL coefficient controllers ---
 
+KL_STATE = Schema({"value": number()})
+"""A saved KL coefficient: finite (an adaptive one may drift below 0 on a long horizon step, so no bound)."""
+
 
 class FixedKLController:
     """A constant KL coefficient; ``update`` is a no-op so the PPO loop treats both controllers alike."""
@@ -220,7 +224,8 @@ class FixedKLController:
         return {"value": self.value}
 
     def load_state_dict(self, state: dict[str, float]) -> None:
-        self.value = float(state["value"])
+        """Raises ``checkpoint_schema.Invalid`` (a ValueError naming the field) unless ``value`` is finite."""
+        self.value = float(apply(KL_STATE, state)["value"])
 
 
 class AdaptiveKLController:
@@ -250,7 +255,11 @@ class AdaptiveKLController:
         return {"value": self.value}
 
     def load_state_dict(self, state: dict[str, float]) -> None:
-        self.value = float(state["value"])
+        """Raises ``checkpoint_schema.Invalid`` (a ValueError naming the field) unless ``value`` is finite."""
+        self.value = float(apply(KL_STATE, state)["value"])
+
+
+MOMENTS_STATE = Schema({"count": number(0.0), "mean": number(), "m2": number(0.0)})
 
 
 class RunningMoments:
@@ -302,6 +311,7 @@ class RunningMoments:
         return {"count": self._count, "mean": self._mean, "m2": self._m2}
 
     def load_state_dict(self, state: dict[str, float]) -> None:
-        self._count = float(state["count"])
-        self._mean = float(state["mean"])
-        self._m2 = float(state["m2"])
+        """Raises ``checkpoint_schema.Invalid`` (a ValueError naming the field) before setting anything unless
+        the fields are finite (count and m2, a sum of squares, also >= 0)."""
+        state = apply(MOMENTS_STATE, state)
+        self._count, self._mean, self._m2 = float(state["count"]), float(state["mean"]), float(state["m2"])

@@ -7,22 +7,28 @@ One engine (``save_engine_state`` / ``load_engine_state``) writes into an existi
 every rank and the trainer state, committed together.
 
 The files are written through the modules (``ckpt.<name>``, ``tensor_files.<name>``), so a test can wrap
-each phase of a save.
+each phase of a save. Loading checks before it sets anything: ``validate_checkpoint`` reads every state file
+of a checkpoint (JSON against ``chatrlhf.checkpoint_schema``, tensor files by their headers) and how they agree.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from chatrlhf import checkpoint as ckpt
+from chatrlhf import checkpoint_schema as schema
 from chatrlhf import tensor_files
+from chatrlhf.checkpoint_schema import check_fields
 from chatrlhf.engine.engine import Engine
 
 _COUNTERS = ("global_steps", "global_samples", "micro_steps", "skipped_steps")  # DeepSpeed's own
+_RNG_FILE = re.compile(r"^rng\.rank(\d+)\.json$")
 
 
 def _optimizer_file(engine: Engine) -> str:
@@ -76,18 +82,113 @@ def save_engine_state(engine: Engine, directory: str | os.PathLike) -> None:
         (out / "engine.json").write_text(json.dumps(state["engine"], indent=2))
 
 
-def _check_compatible(engine: Engine, directory: Path) -> None:
-    saved = ckpt.read_json(directory / "engine.json")
-    if saved["zero_stage"] != engine.cfg.zero_stage:
+# ---- checking a checkpoint before loading it --------------------------------------------------------------
+
+
+def _read_counters(directory: Path) -> dict[str, Any]:
+    """``engine.json``, checked against ``checkpoint_schema.ENGINE`` (defaults filled in)."""
+    if not (directory / "engine.json").is_file():
+        raise ckpt.CheckpointError(f"{directory}: no engine.json; not a chatrlhf checkpoint dir")
+    return check_fields(directory / "engine.json", ckpt.read_json(directory / "engine.json"), schema.ENGINE)
+
+
+def _read_scheduler(directory: Path, counters: Mapping[str, Any]) -> dict[str, Any]:
+    """``scheduler.json`` as written (for ``load_state_dict``: every key becomes an attribute), once checked
+    against ``checkpoint_schema.SCHEDULER`` and the counters: the schedule advances once per applied step."""
+    path = directory / "scheduler.json"
+    raw = ckpt.read_json(path)
+    if check_fields(path, raw, schema.SCHEDULER)["last_epoch"] != counters["optimizer_steps"]:
+        raise ckpt.CheckpointError(f"{path}: field 'last_epoch' must equal optimizer_steps of engine.json "
+                                   f"({counters['optimizer_steps']}), got {raw['last_epoch']}")
+    return raw
+
+
+def _optimizer_files(counters: Mapping[str, Any]) -> Iterator[str]:
+    if counters["zero_stage"] == 0:
+        yield "optimizer"
+        return
+    world = counters["world_size"]
+    for rank in range(world):  # lazily: a damaged world_size of 10**12 stops at the first missing file
+        yield f"optimizer.rank{rank}-of-{world}"
+
+
+def validate_engine_dir(directory: str | os.PathLike) -> dict[str, Any]:
+    """Reads and checks one engine's files without loading a tensor: ``engine.json``, ``scheduler.json``,
+    the header of ``model.safetensors`` and every rank's optimizer files (skeleton and header). Returns the
+    counters."""
+    directory = Path(directory)
+    counters = _read_counters(directory)
+    n_lrs = len(_read_scheduler(directory, counters)["base_lrs"])
+    tensor_files.weights_header(directory / "model.safetensors")
+    for name in _optimizer_files(counters):
+        tree = tensor_files.tree_header(directory, name)
+        groups = tree.get("param_groups") if isinstance(tree, dict) else None
+        if isinstance(groups, list):  # torch's optimizer layout (ZeRO 0): the first step uses these lr/eps/betas
+            _check_param_groups(directory / f"{name}.json", groups, n_lrs)
+    return counters
+
+
+def _check_param_groups(path: Path, groups: list, n_lrs: int) -> None:
+    if len(groups) != n_lrs:
+        raise ckpt.CheckpointError(f"{path.with_name('scheduler.json')}: field 'base_lrs' has {n_lrs} entries but "
+                                   f"{path.name} has {len(groups)} parameter groups; they were not saved together")
+    try:
+        schema.finite_numbers(groups, "param_groups")
+    except schema.Invalid as bad:
+        raise schema.fail(path, bad) from None
+
+
+def _check_step(directory: Path, counters: Mapping[str, Any], state: ckpt.TrainerState, exact: bool) -> None:
+    """The engine's counters against the trainer state saved with it: same processes, and at least one
+    optimizer step per trainer step (exactly one where ``exact``: SFT, RM, DPO)."""
+    path = directory / "engine.json"
+    if state.world_size and counters["world_size"] != state.world_size:
+        raise ckpt.CheckpointError(f"{path}: field 'world_size' must equal world_size of trainer_state.json "
+                                   f"({state.world_size}), got {counters['world_size']}")
+    if counters["global_steps"] < state.step or (exact and counters["global_steps"] != state.step):
+        raise ckpt.CheckpointError(f"{path}: field 'global_steps' must be {'' if exact else 'at least '}the step of "
+                                   f"trainer_state.json ({state.step}), got {counters['global_steps']}")
+
+
+def _rng_ranks(path: Path) -> list[int]:
+    return sorted(int(m.group(1)) for p in path.glob("rng.rank*.json") if (m := _RNG_FILE.match(p.name)))
+
+
+def validate_checkpoint(path: str | os.PathLike, names: Iterable[str] = ("",),
+                        one_step_per_step: bool = False) -> ckpt.TrainerState | None:
+    """Reads and checks every state file of the checkpoint ``path`` before anything is loaded or written: its
+    manifest, the trainer state, the files of each engine in ``names`` (``""``: one at the top level), the
+    RNG state of every rank, and how they agree. Returns the trainer state (None if there is none)."""
+    path = Path(path)
+    ckpt.check_complete(path)
+    state = ckpt.load_trainer_state(path) if (path / "trainer_state.json").is_file() else None
+    for name in names:
+        counters = validate_engine_dir(path / name if name else path)
+        if state is not None:
+            _check_step(path / name if name else path, counters, state, one_step_per_step)
+    for rank in _rng_ranks(path):
+        tensor_files.read_rng_state(path, rank)
+    return state
+
+
+def _check_compatible(engine: Engine, directory: Path, counters: Mapping[str, Any], n_lrs: int) -> None:
+    """The checkpoint's engine settings against this run's (its files are already checked)."""
+    if counters["zero_stage"] != engine.cfg.zero_stage:
         raise ckpt.CheckpointError(
-            f"{directory} was saved with ZeRO stage {saved['zero_stage']} but this run uses "
+            f"{directory} was saved with ZeRO stage {counters['zero_stage']} but this run uses "
             f"engine.zero_stage={engine.cfg.zero_stage}; resume with the same stage"
         )
-    if engine.cfg.zero_stage > 0 and saved["world_size"] != engine.world_size:
+    if engine.cfg.zero_stage > 0 and counters["world_size"] != engine.world_size:
         raise ckpt.CheckpointError(
-            f"{directory} holds ZeRO-{saved['zero_stage']} optimizer state partitioned over "
-            f"{saved['world_size']} processes, but this run has {engine.world_size}; resume with "
-            f"{saved['world_size']} processes"
+            f"{directory} holds ZeRO-{counters['zero_stage']} optimizer state partitioned over "
+            f"{counters['world_size']} processes, but this run has {engine.world_size}; resume with "
+            f"{counters['world_size']} processes"
+        )
+    if n_lrs != len(engine._scheduler.base_lrs):
+        raise ckpt.CheckpointError(
+            f"{directory / 'scheduler.json'}: field 'base_lrs' has {n_lrs} entries but this run's optimizer has "
+            f"{len(engine._scheduler.base_lrs)} parameter groups; resume with the model and settings (LoRA, "
+            "engine.weight_decay) the checkpoint was trained with"
         )
 
 
@@ -106,6 +207,16 @@ def _load_weights(engine: Engine, src: Path) -> None:
 
 def _load_optimizer(engine: Engine, src: Path) -> None:
     optimizer = tensor_files.load_tensor_tree(src, _optimizer_file(engine), device=engine.device)
+    try:
+        _set_optimizer(engine, optimizer)
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as err:  # torch's / DeepSpeed's checks
+        raise ckpt.CheckpointError(
+            f"{src / _optimizer_file(engine)}.json does not fit this run's optimizer ({err}); resume with the model "
+            "and settings (LoRA, engine.*) the checkpoint was trained with"
+        ) from None
+
+
+def _set_optimizer(engine: Engine, optimizer: Any) -> None:
     current = engine._ds.optimizer
     if engine.cfg.zero_stage == 0:  # torch AdamW, or DeepSpeed's fp16/bf16 wrapper of it
         current.load_state_dict(optimizer)
@@ -113,7 +224,11 @@ def _load_optimizer(engine: Engine, src: Path) -> None:
     from deepspeed.checkpoint.constants import LOSS_SCALER, PARAM_SLICE_MAPPINGS
 
     if LOSS_SCALER in optimizer:
+        known = vars(current.loss_scaler)  # what engine_state_dict saved; nothing else is set on it
         for key, value in optimizer[LOSS_SCALER].items():
+            if key not in known or not isinstance(value, (bool, int, float)) or not math.isfinite(value):
+                raise ValueError(f"field '{LOSS_SCALER}.{key}' must be a finite number of the loss scaler, got "
+                                 f"{value!r}")
             setattr(current.loss_scaler, key, value)
         optimizer[LOSS_SCALER] = current.loss_scaler
     if hasattr(current, "_param_slice_mappings"):
@@ -125,20 +240,20 @@ def _load_optimizer(engine: Engine, src: Path) -> None:
 
 
 def load_engine_state(engine: Engine, directory: str | os.PathLike) -> None:
-    """Restores what :func:`save_engine_state` wrote: weights, optimizer, scheduler, counters."""
+    """Restores what :func:`save_engine_state` wrote: weights, optimizer, scheduler, counters. The JSON files
+    are checked before anything is set; the tensors as they load (a NaN/inf is a ``CheckpointError``)."""
     src = Path(directory)
-    if not (src / "engine.json").is_file():
-        raise ckpt.CheckpointError(f"{src}: no engine.json; not a chatrlhf checkpoint dir")
-    _check_compatible(engine, src)
+    counters = _read_counters(src)
+    scheduler = _read_scheduler(src, counters)
+    _check_compatible(engine, src, counters, len(scheduler["base_lrs"]))
     _load_weights(engine, src)
     _load_optimizer(engine, src)
-    engine._scheduler.load_state_dict(ckpt.read_json(src / "scheduler.json"))
-    counters = ckpt.read_json(src / "engine.json")
+    engine._scheduler.load_state_dict(scheduler)
     for key in _COUNTERS:
         setattr(engine._ds, key, counters[key])
     engine.optimizer_steps = counters["optimizer_steps"]
-    engine.skipped_steps = counters.get("nonfinite_skips", 0)
-    engine.consecutive_skips = counters.get("consecutive_skips", 0)
+    engine.skipped_steps = counters["nonfinite_skips"]
+    engine.consecutive_skips = counters["consecutive_skips"]
     engine._last_lr = engine.current_lr()
 
 
@@ -186,15 +301,14 @@ def save_engines(
     return root / f"step-{step}"
 
 
-def load_engines(path: str | os.PathLike, engines: Engine | Mapping[str, Engine]) -> ckpt.TrainerState | None:
-    """Restores what :func:`save_engines` wrote into ``engines`` and this rank's RNG; returns the trainer
-    state saved with it (None if there was none)."""
+def load_engines(path: str | os.PathLike, engines: Engine | Mapping[str, Engine],
+                 one_step_per_step: bool = False) -> ckpt.TrainerState | None:
+    """Restores what :func:`save_engines` wrote into ``engines`` and this rank's RNG, once every file is
+    checked (:func:`validate_checkpoint`); returns the trainer state saved with it (None if there was none)."""
     path, engines = Path(path), _named(engines)
-    if not ckpt.is_complete(path):
-        raise ckpt.CheckpointError(f"{path} is not a complete checkpoint (manifest missing or files cut short)")
+    state = validate_checkpoint(path, engines, one_step_per_step)
     for name, engine in engines.items():
         load_engine_state(engine, path / name if name else path)
     first = next(iter(engines.values()))
     tensor_files.load_rng_state(path, first.rank)
-    has_state = (path / "trainer_state.json").is_file()
-    return ckpt.load_trainer_state(path) if has_state else None
+    return state

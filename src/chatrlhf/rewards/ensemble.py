@@ -26,7 +26,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from chatrlhf.algorithms.rl import RunningMoments
+from chatrlhf.algorithms.rl import MOMENTS_STATE, RunningMoments
+from chatrlhf.checkpoint_schema import Invalid, apply
 from chatrlhf.rewards.contract import RewardBatch, RewardSource
 
 # A "+" standing alone between terms; "a+b" or "1e+3" are not split.
@@ -170,9 +171,18 @@ class EnsembleSource(RewardSource):
         return {"normalize": self.normalize, "moments": {n: m.state_dict() for n, m in self.moments.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        saved = sorted(state["moments"])
-        if saved != sorted(self.names):
-            raise ValueError(f"the saved reward ensemble has sources {saved} but this one has {sorted(self.names)}; "
-                             "resume with the --reward spec the run started with")
+        """Raises a ValueError naming the field (``moments.<source>.count``) before setting anything, unless
+        ``state`` holds valid moments for exactly this ensemble's sources."""
+        saved = state.get("moments") if isinstance(state, dict) else None
+        if not isinstance(saved, dict):
+            raise Invalid("moments", "a JSON object (source name -> running moments)", saved)
+        if sorted(saved) != sorted(self.names):
+            raise ValueError(f"the saved reward ensemble has sources {sorted(saved)} but this one has "
+                             f"{sorted(self.names)}; resume with the --reward spec the run started with")
+        for name in self.names:  # every source checked before any is set
+            try:
+                apply(MOMENTS_STATE, saved[name])
+            except Invalid as bad:
+                raise bad.within(f"moments.{name}") from None
         for name, moments in self.moments.items():
-            moments.load_state_dict(state["moments"][name])
+            moments.load_state_dict(saved[name])
