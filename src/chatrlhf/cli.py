@@ -209,8 +209,11 @@ def parse(argv: list[str]):
     """Returns (command name, the stage's config dataclass). Raises ConfigError with a one-line message."""
     argv = _join_negative_values(_expand_preset(_strip_local_rank(argv)))
     argv = _collect_repeated(argv, REPEATABLE.get(_command_of(argv), ()))
+    command = _command_of(argv)
     for value in cli_errors.config_files(argv):
-        cli_errors.check_config_file(value)
+        data = cli_errors.check_config_file(value)
+        if command is not None:
+            cli_errors.check_sections(data, _config_class(command), value)
     cli_errors.check_flag_values(argv)
     _check_renamed(argv, _command_of(argv))
     parser = build_parser()
@@ -221,9 +224,13 @@ def parse(argv: list[str]):
         known = cli_errors.flag_names(_config_class(command)) if command else []
         raise ConfigError(cli_errors.parse_error_message(err, argv, command, known)) from None
     command = ns.command
-    init = parser.instantiate(ns)[command]
     cls = _config_class(command)
-    cfg = cls(**{f.name: init[f.name] for f in dataclasses.fields(cls)})
+    try:
+        init = parser.instantiate(ns)[command]
+        cfg = cls(**{f.name: init[f.name] for f in dataclasses.fields(cls)})
+    except (TypeError, ValueError) as err:  # a value jsonargparse let through but cannot build the config from
+        raise ConfigError(f"the options do not form a valid `chatrlhf {command}` config ({_one_line(err)[:300]}). "
+                          f"Fix: check the values given (`chatrlhf {command} --help` lists the options).") from None
     return command, cfg
 
 

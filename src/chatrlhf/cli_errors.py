@@ -28,7 +28,7 @@ def config_files(argv: list[str]) -> list[str]:
     return files
 
 
-def check_config_file(value: str) -> None:
+def check_config_file(value: str):
     """Reads one ``--config`` file (or inline YAML) up front, through ``chatrlhf.limits``, so a missing file, a
     YAML syntax error, a key given twice, an alias bomb, a file that is not a mapping or not UTF-8 is
     reported with the file's name, line and column instead of jsonargparse's generic text."""
@@ -56,6 +56,22 @@ def check_config_file(value: str) -> None:
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"{where} holds a YAML {type(data).__name__}, not a mapping of options. "
                           "Fix: write option: value lines, e.g. 'engine:' then '  learning_rate: 1.0e-5'.")
+    return data
+
+
+def check_sections(data, cls, value: str, prefix: str = "") -> None:
+    """A key that names a section of options (``engine``, ``ppo.actor_engine``) must hold a mapping: ``model:``
+    with nothing under it (null) or a scalar cannot become a section."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not (isinstance(data, dict) and f.name in data and dataclasses.is_dataclass(hints.get(f.name))):
+            continue
+        section = data[f.name]
+        if not isinstance(section, dict):
+            shown = "null (nothing under it)" if section is None else f"a {type(section).__name__}"
+            raise ConfigError(f"'{prefix}{f.name}' in --config {value} is {shown}, but it is a section of options. "
+                              f"Fix: write its options under it (e.g. '{f.name}:' then '  seed: 1'), or remove it.")
+        check_sections(section, hints[f.name], value, f"{prefix}{f.name}.")
 
 
 def check_flag_values(argv: list[str]) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -249,25 +250,37 @@ class GenerationConfig:
 INT64 = (-(2**63), 2**63 - 1)
 
 
+def _optional(annotation) -> bool:
+    return type(None) in typing.get_args(annotation)
+
+
 def check_numbers(cfg, prefix: str = "", name_of=lambda key: f"--{key}") -> None:
     """Every number of a config, in every nested section, list and tuple: floats finite, integers within 64
-    bits; raises ConfigError naming the flag. Whether a value is in range is each section's ``validate``.
-    YAML reads ``.inf`` and ``.nan`` as floats, and an infinite learning rate trains a model of NaNs.
-    ``name_of`` turns a dotted key into the flag or file that set it (``chatrlhf.cli_errors.source_of``)."""
+    bits, and no null where the field is not optional; raises ConfigError naming the flag. Whether a value is
+    in range is each section's ``validate``. YAML reads ``.inf`` and ``.nan`` as floats, and an infinite
+    learning rate trains a model of NaNs. ``name_of`` turns a dotted key into the flag or file that set it
+    (``chatrlhf.cli_errors.source_of``)."""
+    hints = typing.get_type_hints(type(cfg))
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if dataclasses.is_dataclass(value):
             check_numbers(value, f"{prefix}{f.name}.", name_of)
             continue
+        if value is None and not _optional(hints[f.name]):
+            raise ConfigError(f"{name_of(prefix + f.name)} must be set (it has no 'null'), got null. Fix: give a "
+                              "value, or leave it out for the default")
         items = enumerate(value) if isinstance(value, (list, tuple)) else [(None, value)]
         for i, item in items:
-            flag = name_of(f"{prefix}{f.name}" + (f"[{i}]" if i is not None else ""))
-            if isinstance(item, float) and not math.isfinite(item):
-                raise ConfigError(f"{flag} must be a finite number, got {item}. Fix: give a number (YAML's .inf "
-                                  "and .nan are not)")
-            if isinstance(item, int) and not isinstance(item, bool) and not INT64[0] <= item <= INT64[1]:
-                raise ConfigError(f"{flag} is beyond 64 bits, got {str(item)[:30]}. Fix: give an integer in "
-                                  "[-2**63, 2**63 - 1]")
+            _check_number(item, name_of(f"{prefix}{f.name}" + (f"[{i}]" if i is not None else "")))
+
+
+def _check_number(item, flag: str) -> None:
+    if isinstance(item, float) and not math.isfinite(item):
+        raise ConfigError(f"{flag} must be a finite number, got {item}. Fix: give a number (YAML's .inf and .nan "
+                          "are not)")
+    if isinstance(item, int) and not isinstance(item, bool) and not INT64[0] <= item <= INT64[1]:
+        raise ConfigError(f"{flag} is beyond 64 bits, got {str(item)[:30]}. Fix: give an integer in "
+                          "[-2**63, 2**63 - 1]")
 
 
 def check_epochs(epochs: int, max_steps: int, prefix: str = "", steps: str = "max_steps") -> None:

@@ -75,8 +75,9 @@ def prepare_output_dir(run: RunConfig) -> Path:
             "--run.resume true to continue it, --run.overwrite true to start over (its checkpoints are removed "
             "first), or choose another --run.output_dir."
         )
-    for scratch in (out, out / CHECKPOINTS_SUBDIR):  # what a killed run left half-written
-        clean_stale(scratch)
+    if not run.resume:  # a resume cleans once it has checked the checkpoint (chatrlhf.resume._resumed)
+        for scratch in (out, out / CHECKPOINTS_SUBDIR):  # what a killed run left half-written
+            clean_stale(scratch)
     if found and run.overwrite and not run.resume and run_lock.held(out):  # rank 0, the lock holder
         _retire_checkpoints(out / CHECKPOINTS_SUBDIR, found)
     return out
