@@ -115,7 +115,15 @@ def parse_json(text: str | bytes, where: str) -> Any:
         raise InputError(f"{where}: nested deeper than {MAX_DEPTH} levels. Fix: flatten it") from None
     except InputError as err:
         raise InputError(str(err) if str(err).startswith(where) else f"{where}: {err}") from None
+    except json.JSONDecodeError:
+        raise
+    except ValueError as err:  # Python's own cap: an integer of more than 4,300 digits
+        raise InputError(f"{where}: {_too_long(err)}") from None
     return check_value(value, where)
+
+
+def _too_long(err: ValueError) -> str:
+    return f"a number too long to read ({str(err).split(';')[0]}). Fix: use a number within 64 bits"
 
 
 # ---- YAML ---------------------------------------------------------------------------------------------------
@@ -193,6 +201,8 @@ def load_yaml(text: str, where: str) -> Any:
         raise InputError(f"{where}: nested deeper than {MAX_DEPTH} levels. Fix: flatten it") from None
     except InputError as err:
         raise InputError(str(err) if str(err).startswith(where) else f"{where} {err}") from None
+    except ValueError as err:  # the YAML int constructor meets Python's 4,300-digit cap
+        raise InputError(f"{where}: {_too_long(err)}") from None
     finally:
         loader.dispose()
     return check_value(value, where)

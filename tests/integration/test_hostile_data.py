@@ -330,8 +330,6 @@ def b_eval_duplicate_key(env):
                                     good=eval_lines()))
 
 
-_EVAL = ("evaluation/prompts.py (not the data layer's file) reads lines with json.loads and text-mode UTF-8; "
-         "it should read them with chatrlhf.data.readers.read_json_lines")
 UTF8_FIX = "Fix: save the file as UTF-8"
 SURROGATE_FIX = "Fix: write the character itself"
 
@@ -346,7 +344,7 @@ CASES = [
     Case("sft-jsonl-duplicate-key", b_sft_duplicate_key, ("rows.jsonl line 2", "key 'response' appears twice",
                                                           "Fix: keep one")),
     Case("sft-jsonl-int-beyond-64-bits", b_sft_big_int, ("rows.jsonl line 5", "field 'n'", "beyond 64 bits", "Fix:")),
-    Case("sft-jsonl-int-5000-digits", b_sft_many_digits, ("rows.jsonl line 3", "number too long", "Fix: use integers")),
+    Case("sft-jsonl-int-5000-digits", b_sft_many_digits, ("rows.jsonl line 3", "number too long", "Fix: use a number within 64 bits")),
     Case("sft-jsonl-nan-constant", b_sft_nan, ("rows.jsonl line 3", "'NaN' is not a JSON number", "Fix: write a finite")),
     Case("sft-jsonl-50mb-line", b_sft_long_line, ("rows.jsonl line 2", "50.0 MiB", "16 MiB", "one JSON object per line")),
     Case("sft-jsonl-nul-byte", b_sft_nul_bytes, ("rows.jsonl line 3", "not valid JSON", "Fix: remove the NUL bytes")),
@@ -418,11 +416,9 @@ CASES = [
                                                                    "surrogate", SURROGATE_FIX)),
     Case("serve-prompts-invalid-utf8", b_serve_prompt_not_utf8, ("prompts.jsonl line 3, column 17", "byte 0xfe",
                                                                  UTF8_FIX)),
-    Case("eval-prompt-lone-surrogate", b_eval_surrogate, ("prompts.jsonl line 2", "field 'prompt'", "surrogate"),
-         missing=_EVAL),
-    Case("eval-prompts-invalid-utf8", b_eval_not_utf8, ("prompts.jsonl line 3, column", UTF8_FIX), missing=_EVAL),
-    Case("eval-prompt-duplicate-key", b_eval_duplicate_key, ("prompts.jsonl line 3", "key 'prompt' appears twice"),
-         missing=_EVAL),
+    Case("eval-prompt-lone-surrogate", b_eval_surrogate, ("prompts.jsonl line 2", "field 'prompt'", "surrogate")),
+    Case("eval-prompts-invalid-utf8", b_eval_not_utf8, ("prompts.jsonl line 3, column", UTF8_FIX)),
+    Case("eval-prompt-duplicate-key", b_eval_duplicate_key, ("prompts.jsonl line 3", "key 'prompt' appears twice")),
 ]
 
 

@@ -80,9 +80,6 @@ def parse_value(text: str, source: str, row: int | None, fix: str, field: str | 
         at = f"column {err.colno}" if row is not None else f"line {err.lineno} column {err.colno}"
         msg = err.msg.removesuffix(" at")  # "Invalid control character at"
         raise DataError(f"is not valid JSON: {msg} at {at}.", fix, source=source, row=row, field=field) from None
-    except ValueError as err:  # int() refuses more than 4300 digits before the 64-bit limit is checked
-        raise DataError(f"holds a number too long to read ({str(err).split(':')[0]}).",
-                        "use integers in [-2**63, 2**63 - 1].", source=source, row=row, field=field) from None
 
 
 def _rest_of_line(fh: BinaryIO) -> int:

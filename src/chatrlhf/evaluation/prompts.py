@@ -8,6 +8,7 @@ from importlib import resources
 from pathlib import Path
 
 from chatrlhf.data.formats import DataError
+from chatrlhf.data.readers import read_json_lines
 
 DEMO = "demo"
 _ROW_FIX = (
@@ -36,15 +37,7 @@ def demo_prompts_path() -> Path:
     return Path(str(resources.files("chatrlhf") / "demo_data" / "prompts_eval.jsonl"))
 
 
-def _parse_row(line: str, source: str, row: int) -> EvalPrompt:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise DataError(
-            f"is not valid JSON ({err.msg} at column {err.colno}).", _ROW_FIX, source=source, row=row
-        ) from None
-    if not isinstance(obj, dict):
-        raise DataError(f"is a JSON {type(obj).__name__}, not an object.", _ROW_FIX, source=source, row=row)
+def _parse_row(obj: dict, source: str, row: int) -> EvalPrompt:
     text = obj.get("prompt")
     if not isinstance(text, str) or not text.strip():
         problem = (
@@ -96,16 +89,16 @@ def load_eval_prompts(source: str = DEMO, limit: int | None = None, spread: bool
             f"Evaluation prompts file {source} does not exist. Pass 'demo' (the shipped held-out prompts) or "
             'a .jsonl file with one {"id", "prompt", "harmful"} object per line.'
         )
-    with path.open(encoding="utf-8") as f:
-        lines = [(row, line) for row, line in enumerate(f, start=1) if line.strip()]
+    # The data layer's reader: JSON syntax, UTF-8, duplicate keys, depth, surrogates, each named by line.
+    lines = read_json_lines(path, str(path), fix=_ROW_FIX)
     if not lines:
         raise DataError("holds no prompts.", _ROW_FIX, source=str(path))
     if limit is not None:
         lines = [lines[i] for i in spread_indices(len(lines), limit)] if spread else lines[:limit]
     prompts: list[EvalPrompt] = []
     seen: dict[str, int] = {}
-    for row, line in lines:
-        prompt = _parse_row(line, str(path), row)
+    for row, obj in lines:
+        prompt = _parse_row(obj, str(path), row)
         if prompt.id in seen:
             raise DataError(
                 f"repeats id {prompt.id!r} of line {seen[prompt.id]}.",
