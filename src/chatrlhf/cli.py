@@ -267,61 +267,6 @@ def _launch(argv: list[str]) -> int:
     return 0
 
 
-def _disk_full_errno(err: BaseException) -> int | None:
-    """ENOSPC, EDQUOT or EFBIG behind ``err`` (or its causes): an OSError's errno, or the ``(os error N)`` that
-    safetensors' Rust writer puts in its message (its exception carries no errno)."""
-    import errno
-    import re
-
-    for _ in range(8):  # causes and contexts, a few deep
-        code = err.errno if isinstance(err, OSError) else None
-        if code is None and (m := re.search(r"\(os error (\d+)\)", str(err))):
-            code = int(m.group(1))
-        if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            return code
-        err = err.__cause__ or err.__context__
-        if err is None:
-            break
-    return None
-
-
-def _file_being_written(err: BaseException) -> str | None:
-    """The file a failed write was writing. Python names it only when open() fails, and safetensors' error
-    has no path, so the innermost frame that holds one tells: an open file object, or a ``filename`` argument
-    (safetensors' ``save_file``)."""
-    import traceback
-
-    if isinstance(err, OSError) and err.filename:
-        return str(err.filename)
-    for frame, _ in reversed(list(traceback.walk_tb(err.__traceback__))):
-        for value in frame.f_locals.values():
-            if hasattr(value, "write") and isinstance(getattr(value, "name", None), str) and \
-                    any(c in str(getattr(value, "mode", "")) for c in "wax+"):
-                return value.name
-        if isinstance(frame.f_locals.get("filename"), (str, os.PathLike)):
-            return str(frame.f_locals["filename"])
-    return None
-
-
-def _disk_full_message(err: BaseException, cfg) -> str | None:
-    """One line for a write that failed because the disk (or quota, or file-size limit) is full; None for
-    any other error. Saves are atomic, so the last complete checkpoint is intact: resuming is the fix."""
-    import errno
-
-    code = _disk_full_errno(err)
-    if code is None:
-        return None
-    run = getattr(cfg, "run", None)
-    out = getattr(run, "output_dir", None)
-    what = _file_being_written(err) or f"a file under {out or 'the output dir'}"
-    # EFBIG: the file outgrew a size limit, not the disk; a full disk is the usual reason to have one set.
-    limit = ": past the file-size limit, ulimit -f, or the file system's largest file" if code == errno.EFBIG else ""
-    fix = f"free space on the disk of {out or what}" + (" or raise that limit" if limit else "")
-    if hasattr(run, "resume"):
-        fix += ", then run the same command with --run.resume true: it continues from the last complete checkpoint"
-    return f"could not write {what}: disk full ({os.strerror(code)}{limit}). Fix: {fix}."
-
-
 def _run(command: str, cfg, prefix: str) -> int:
     """Runs the command's function; several launched processes leave the process group together."""
     from chatrlhf import run_lock
@@ -340,7 +285,7 @@ def _run(command: str, cfg, prefix: str) -> int:
     except Exception as err:
         # A full disk fails a write deep in a library (safetensors raises its own error type, with no
         # path): it is said as one line naming the file, instead of a traceback or "[Errno 28]" alone.
-        message = _disk_full_message(err, cfg)
+        message = cli_errors.disk_full_message(err, cfg)
         if message is None:
             raise
         print(f"{prefix}: error: {message}", file=sys.stderr)

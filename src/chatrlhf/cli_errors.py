@@ -3,12 +3,14 @@
 ``chatrlhf.cli`` parses with jsonargparse; what jsonargparse reports (``Parser key "engine.learning_rate":
 Expected a <class 'float'>``), and what YAML files hold before jsonargparse reads them, are turned here into
 the project's error style: ``--engine.learning_rate: bad value 'x': must be a value of type float ...``.
+A write that fails on a full disk is worded here too (``disk_full_message``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import re
 import typing
 from argparse import ArgumentError
@@ -182,3 +184,58 @@ def yaml_top_keys(value: str) -> list[str]:
     except (OSError, yaml.YAMLError, UnicodeDecodeError, ValueError):
         return []
     return [str(k) for k in node] if isinstance(node, dict) else []
+
+
+# ----------------------------------------------------------------------------- a full disk
+def _disk_full_errno(err: BaseException) -> int | None:
+    """ENOSPC, EDQUOT or EFBIG behind ``err`` (or its causes): an OSError's errno, or the ``(os error N)`` that
+    safetensors' Rust writer puts in its message (its exception carries no errno)."""
+    import errno
+
+    for _ in range(8):  # causes and contexts, a few deep
+        code = err.errno if isinstance(err, OSError) else None
+        if code is None and (m := re.search(r"\(os error (\d+)\)", str(err))):
+            code = int(m.group(1))
+        if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return code
+        err = err.__cause__ or err.__context__
+        if err is None:
+            break
+    return None
+
+
+def _file_being_written(err: BaseException) -> str | None:
+    """The file a failed write was writing. Python names it only when open() fails, and safetensors' error
+    has no path, so the innermost frame that holds one tells: an open file object, or a ``filename`` argument
+    (safetensors' ``save_file``)."""
+    import traceback
+
+    if isinstance(err, OSError) and err.filename:
+        return str(err.filename)
+    for frame, _ in reversed(list(traceback.walk_tb(err.__traceback__))):
+        for value in frame.f_locals.values():
+            if hasattr(value, "write") and isinstance(getattr(value, "name", None), str) and \
+                    any(c in str(getattr(value, "mode", "")) for c in "wax+"):
+                return value.name
+        if isinstance(frame.f_locals.get("filename"), (str, os.PathLike)):
+            return str(frame.f_locals["filename"])
+    return None
+
+
+def disk_full_message(err: BaseException, cfg) -> str | None:
+    """One line for a write that failed because the disk (or quota, or file-size limit) is full; None for
+    any other error. Saves are atomic, so the last complete checkpoint is intact: resuming is the fix."""
+    import errno
+
+    code = _disk_full_errno(err)
+    if code is None:
+        return None
+    run = getattr(cfg, "run", None)
+    out = getattr(run, "output_dir", None)
+    what = _file_being_written(err) or f"a file under {out or 'the output dir'}"
+    # EFBIG: the file outgrew a size limit, not the disk; a full disk is the usual reason to have one set.
+    limit = ": past the file-size limit, ulimit -f, or the file system's largest file" if code == errno.EFBIG else ""
+    fix = f"free space on the disk of {out or what}" + (" or raise that limit" if limit else "")
+    if hasattr(run, "resume"):
+        fix += ", then run the same command with --run.resume true: it continues from the last complete checkpoint"
+    return f"could not write {what}: disk full ({os.strerror(code)}{limit}). Fix: {fix}."
