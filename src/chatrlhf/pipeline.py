@@ -52,9 +52,8 @@ def _export_feedback(cfg: PipelineConfig, root: Path) -> dict | None:
     """``--feedback.db``: the database -> ``root/feedback/`` (pairs.jsonl is the RM / DPO stage's data).
 
     Every process exports, before any stage starts: the files are derived data, written atomically, and
-    identical on every rank for the same database, so no rank waits for another (no process group exists
-    yet). Each rank finishes its export before it reaches the first stage's process-group set-up, so no
-    rank reads pairs.jsonl while another is still writing it. ``--run.resume`` reuses an earlier complete export
+    identical on every rank for the same database, so no rank waits for another; ``run_pipeline`` then waits
+    for every rank (a barrier), so no rank reads pairs.jsonl while another is still writing it. ``--run.resume`` reuses an earlier complete export
     (export.json present, same database and thresholds, pairs > 0), so an interrupted RM or DPO stage
     resumes on the pairs it started with even if feedback arrived since; otherwise it is exported again.
     """
@@ -92,6 +91,10 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     lock_output_dir(root)  # each stage locks its own dir as well; this one holds config.yaml and the report
     _refuse_finished(cfg, stages)
     feedback = _export_feedback(cfg, root)  # no surviving pair stops here, before any stage runs
+    import torch.distributed as dist
+
+    if dist.get_world_size() > 1:
+        dist.barrier()  # every rank's export is complete before any stage reads it
     root.mkdir(parents=True, exist_ok=True)
     write_resolved_config(root, cfg)
     summary: dict = {"seconds": {}, "precision": _precision(cfg)}
