@@ -16,6 +16,8 @@ step is known.
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 from chatrlhf.algorithms.advantages import stage_name
@@ -23,12 +25,14 @@ from chatrlhf.checkpoint import (
     CheckpointError,
     TrainerState,
     clean_stale,
+    publish_dir,
     resume_checkpoint,
     write_json_atomic,
 )
 from chatrlhf.checkpoint_schema import Invalid, TensorMeta, fail, show
 from chatrlhf.config import ConfigError, RunConfig
-from chatrlhf.engine import Engine
+from chatrlhf.engine import Engine, NonFiniteError
+from chatrlhf.engine.engine import _first_nonfinite
 from chatrlhf.engine.state import load_engines, save_engines, validate_checkpoint
 from chatrlhf.models.lora import merged_for_save
 from chatrlhf.tensor_files import load_weights, save_weights, weights_header
@@ -133,9 +137,7 @@ def save_rl_final(out: Path, actor: Engine, critic: Engine | None, ema, tokenize
     if critic is not None:
         critic.save_hf(out / "critic", tokenizer)
     if ema is not None and actor.is_rank_0:
-        model, state = merged_for_save(actor.module, ema.shadow)  # LoRA: the averaged adapters merged in
-        model.save_pretrained(out / "model_ema", state_dict=state)
-        tokenizer.save_pretrained(out / "model_ema")
+        _save_ema(out / "model_ema", actor, ema, tokenizer)
     last = history[-max(1, len(history) // 4):]  # the last quarter of the run
     summary = {k: sum(h[k] for h in last) / len(last) for k in ("reward/score", "kl", "response_length", "gold/overall")
                if last and all(k in h for h in last)}
@@ -144,6 +146,27 @@ def save_rl_final(out: Path, actor: Engine, critic: Engine | None, ema, tokenize
     if actor.is_rank_0:
         write_json_atomic(out / "eval.json", summary)
     return summary
+
+
+def _save_ema(directory: Path, actor: Engine, ema, tokenizer) -> None:
+    """The EMA actor as ``Engine.save_hf`` saves the actor: refused if its weights hold NaN/inf, else written
+    under a temporary name and renamed in, so a kill never leaves a half-written dir and an earlier one stays
+    until the new one is complete. Rank 0 only; nothing collective follows it in ``save_rl_final``."""
+    model, state = merged_for_save(actor.module, ema.shadow)  # LoRA: the averaged adapters merged in
+    bad = _first_nonfinite(state)
+    if bad is not None:
+        raise NonFiniteError(f"the EMA weights (--ema_beta) hold NaN or inf (first: {bad}); nothing was saved to "
+                             f"{directory}, and a model already there is untouched. Fix: lower the learning rate or "
+                             "clip gradients (engine.max_grad_norm), then train again")
+    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier process with this pid
+    try:
+        model.save_pretrained(tmp, state_dict=state)
+        tokenizer.save_pretrained(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # on a full disk, the space a rerun needs
+        raise
+    publish_dir(tmp, directory)
 
 
 def _rl_engines(actor: Engine, critic: Engine | None) -> dict[str, Engine]:

@@ -114,15 +114,18 @@ class MetricsLogger:
     ``start`` is the step the run starts (or resumes) at: rows logged after it by an earlier attempt, which
     the resumed run is about to redo, are dropped from both, so every step appears once. ``start`` 0 begins
     a new log.
+
+    Both files are written synchronously, each row in full before ``log`` returns. TensorBoard's own
+    SummaryWriter writes from a thread: on a full disk that thread printed its traceback and the run went on
+    unaware. Here a failed write raises from ``log`` as an ``OSError`` naming the file, which the CLI reports
+    as its one-line disk-full error; unbuffered files mean nothing is left to fail again when they are closed.
     """
 
     def __init__(self, out: Path, enabled: bool = True, start: int = 0):
         self.enabled = enabled
-        self._writer = None
+        self._events = None
         self._file = None
         if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
             path = out / "metrics.jsonl"
             kept = []
             if start > 0 and path.exists():
@@ -130,24 +133,75 @@ class MetricsLogger:
             tmp = path.with_name(f".metrics.jsonl.tmp-{os.getpid()}")
             tmp.write_text("".join(line + "\n" for line in kept))
             os.replace(tmp, path)
-            self._writer = SummaryWriter(str(out / "tensorboard"), purge_step=start + 1 if start > 0 else None)
-            self._file = open(path, "a", buffering=1)  # noqa: SIM115 - closed in close()
+            self._events = self._open_events(out / "tensorboard", start)
+            self._file = open(path, "ab", buffering=0)  # noqa: SIM115 - closed in close()
+
+    def _open_events(self, logdir: Path, start: int):
+        """A new TensorBoard event file (the name TensorBoard looks for; one per attempt, in time order). A
+        resume starts it with a SessionLog START at ``start + 1``, which makes TensorBoard drop the earlier
+        attempt's events from that step on (what SummaryWriter's ``purge_step`` writes)."""
+        import socket
+
+        from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+        logdir.mkdir(parents=True, exist_ok=True)
+        now = time.time()
+        events = open(  # noqa: SIM115 - closed in close()
+            logdir / f"events.out.tfevents.{int(now):010d}.{socket.gethostname()}.{os.getpid()}.{time.time_ns()}",
+            "xb", buffering=0)
+        first = [Event(wall_time=now, file_version="brain.Event:2")]
+        if start > 0:
+            first.append(Event(wall_time=now, step=start + 1, session_log=SessionLog(status=SessionLog.START)))
+        self._append(events, self._records(first))
+        return events
+
+    @staticmethod
+    def _records(events) -> bytes:
+        """``events`` framed as TensorBoard's record file format (length, CRCs: its own RecordWriter)."""
+        import io
+
+        from tensorboard.summary.writer.record_writer import RecordWriter
+
+        buffer = io.BytesIO()
+        for event in events:
+            RecordWriter(buffer).write(event.SerializeToString())
+        return buffer.getvalue()
+
+    @staticmethod
+    def _append(file, data: bytes) -> None:
+        # An unbuffered write may stop short (the disk fills mid-row): the rest is written or the error raised.
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[file.write(view):]
+        except OSError as err:
+            if err.filename is None:  # write() errors name no file; the CLI's message needs it
+                raise OSError(err.errno, err.strerror, file.name) from err
+            raise
 
     def log(self, step: int, metrics: dict[str, float], prefix: str = "train") -> None:
         if not self.enabled:
             return
-        row = {"step": step, "time": round(time.time(), 3)}
+        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        now = time.time()
+        row = {"step": step, "time": round(now, 3)}
+        scalars = []
         for key, value in metrics.items():
             name = f"{prefix}/{key}"
             row[name] = value
             if isinstance(value, (int, float)) and math.isfinite(value):
-                self._writer.add_scalar(name, value, step)
-        self._file.write(json.dumps(row) + "\n")
+                scalars.append(Summary.Value(tag=name, simple_value=float(value)))
+        if scalars:
+            self._append(self._events, self._records([Event(wall_time=now, step=step,
+                                                            summary=Summary(value=scalars))]))
+        self._append(self._file, (json.dumps(row) + "\n").encode())
 
     def close(self) -> None:
-        if self.enabled:
-            self._writer.close()
-            self._file.close()
+        for file in (self._events, self._file):
+            if file is not None:
+                file.close()
 
 
 def logged_rows(out: Path, upto: int, prefix: str = "train") -> list[dict]:

@@ -160,7 +160,6 @@ def fill_disk(at: str, limit: int):
     import resource
 
     from chatrlhf import checkpoint as ckpt
-    from chatrlhf import training
     from chatrlhf.engine.engine import Engine
 
     if at not in FILL_AT:
@@ -183,17 +182,6 @@ def fill_disk(at: str, limit: int):
     hook(ckpt, "begin_step", "checkpoint", lambda root, step: step == FULL_STEP)
     hook(ckpt, "save_trainer_state", "trainer_state", lambda directory, state: state.step == FULL_STEP)
     hook(Engine, "save_hf", "final_model")
-    # TensorBoard writes from a thread of its own: one of its writes failing prints that thread's traceback
-    # (a separate issue). Waiting for it after each row keeps it idle when the disk fills, so the test sees
-    # what the training loop's own writes do.
-    log = training.MetricsLogger.log
-
-    def log_and_flush(logger, *args, **kwargs):
-        log(logger, *args, **kwargs)
-        if logger.enabled:
-            logger._writer.flush()
-
-    training.MetricsLogger.log = log_and_flush
 
 
 def install(phase: str, step: int):

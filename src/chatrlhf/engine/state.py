@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -275,17 +276,41 @@ def save_engines(
     and whatever ``write_extra(dir)`` writes on rank 0 (e.g. EMA weights); then ``root/latest`` and rotation.
 
     They are committed together by one rename, so a crash can never leave an actor at step N beside a critic
-    at step N-k. All ranks must call it; assumes a filesystem shared by all ranks.
+    at step N-k. A save that raises removes its tmp dir (on rank 0, which made it), so the previous checkpoint
+    stays latest and nothing of the failed one is left. All ranks must call it; assumes a filesystem shared by
+    all ranks.
     """
     root, engines = Path(root), _named(engines)
     first = next(iter(engines.values()))
-    if first.is_rank_0:
-        ckpt.begin_step(root, step)
-        for name in engines:
-            if name:
-                (ckpt.tmp_dir_for(root, step) / name).mkdir()
-    tmp = ckpt.tmp_dir_for(root, step, first.broadcast_int(os.getpid()))  # rank 0's pid names the dir
+    created = None  # the tmp dir, on rank 0: the one process that creates it, and the one that removes it
+    try:
+        if first.is_rank_0:
+            created = ckpt.begin_step(root, step)
+            for name in engines:
+                if name:
+                    (created / name).mkdir()
+        tmp = ckpt.tmp_dir_for(root, step, first.broadcast_int(os.getpid()))  # rank 0's pid names the dir
+        first.barrier()
+        _write_step(tmp, engines, trainer_state, write_extra)
+        first.barrier()
+        if created is not None:
+            ckpt.commit_step(root, tmp, step, keep_last)
+    except BaseException:
+        # A failed write (a full disk) leaves its half-written step behind until the next run's clean_stale:
+        # on a full disk that is the space the next save needs, so it goes now, as in write_step_dir. No
+        # collective is added: the other ranks stop as they did before (the launcher ends the group).
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
     first.barrier()
+    return root / f"step-{step}"
+
+
+def _write_step(tmp: Path, engines: Mapping[str, Engine], trainer_state: ckpt.TrainerState | None,
+                write_extra: Callable[[Path], None] | None) -> None:
+    """This rank's share of one step dir: each engine's state and the RNG; the trainer state and the extra
+    files on rank 0."""
+    first = next(iter(engines.values()))
     for name, engine in engines.items():
         save_engine_state(engine, tmp / name if name else tmp)
     tensor_files.save_rng_state(tmp, first.rank)
@@ -294,11 +319,6 @@ def save_engines(
             ckpt.save_trainer_state(tmp, trainer_state)
         if write_extra is not None:
             write_extra(tmp)
-    first.barrier()
-    if first.is_rank_0:
-        ckpt.commit_step(root, tmp, step, keep_last)
-    first.barrier()
-    return root / f"step-{step}"
 
 
 def load_engines(path: str | os.PathLike, engines: Engine | Mapping[str, Engine],
