@@ -32,7 +32,7 @@ from chatrlhf.checkpoint import (
 from chatrlhf.checkpoint_schema import Invalid, TensorMeta, fail, show
 from chatrlhf.config import ConfigError, RunConfig
 from chatrlhf.engine import Engine, NonFiniteError
-from chatrlhf.engine.engine import _first_nonfinite
+from chatrlhf.engine.engine import first_nonfinite
 from chatrlhf.engine.state import load_engines, save_engines, validate_checkpoint
 from chatrlhf.models.lora import merged_for_save
 from chatrlhf.tensor_files import load_weights, save_weights, weights_header
@@ -153,7 +153,7 @@ def _save_ema(directory: Path, actor: Engine, ema, tokenizer) -> None:
     under a temporary name and renamed in, so a kill never leaves a half-written dir and an earlier one stays
     until the new one is complete. Rank 0 only; nothing collective follows it in ``save_rl_final``."""
     model, state = merged_for_save(actor.module, ema.shadow)  # LoRA: the averaged adapters merged in
-    bad = _first_nonfinite(state)
+    bad = first_nonfinite(state)
     if bad is not None:
         raise NonFiniteError(f"the EMA weights (--ema_beta) hold NaN or inf (first: {bad}); nothing was saved to "
                              f"{directory}, and a model already there is untouched. Fix: lower the learning rate or "

@@ -101,6 +101,7 @@ def test_disk_full_keeps_the_last_checkpoint_and_resume_finishes(at, flags, runs
         assert not (root / "step-4").exists(), sorted(root.iterdir())
     # The failed save removed its own tmp dir at once: on a full disk it holds the space a rerun needs.
     assert not list(root.glob("tmp-*")), sorted(root.iterdir())
+    assert not list(out.glob(".model.tmp-*")), sorted(out.iterdir())  # a failed final save removes its copy
     assert files(out / "model") == earlier_model
 
     resumed = run_cli([*flags(out), "--run.resume", "true"])

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Literal
 
@@ -47,7 +48,8 @@ class NonFiniteError(FloatingPointError):
     """Too many optimizer steps in a row had a NaN/inf loss or gradient, or the weights to save hold NaN/inf."""
 
 
-def _first_nonfinite(state: dict[str, torch.Tensor]) -> str | None:
+def first_nonfinite(state: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor of ``state`` holding NaN or inf, else None."""
     return next((name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
 
 
@@ -347,7 +349,7 @@ class Engine:
             if not hasattr(self.module, "save_pretrained"):
                 raise TypeError(f"save_hf needs a Hugging Face model, got {type(self.module).__name__}")
             model, state = merged_for_save(self.module, state)
-            bad = _first_nonfinite(model.state_dict() if state is None else state)
+            bad = first_nonfinite(model.state_dict() if state is None else state)
         # Every rank stops together: a model of NaNs is never saved, nor published over a good one.
         if self.all_reduce(torch.tensor(float(bad is not None))).item():
             raise NonFiniteError(f"the final weights hold NaN or inf (first: {bad or 'on rank 0'}); nothing was "
@@ -356,12 +358,13 @@ class Engine:
         if self.is_rank_0:
             out.parent.mkdir(parents=True, exist_ok=True)
             tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-            if tmp.exists():
-                import shutil
-
-                shutil.rmtree(tmp)
-            model.save_pretrained(tmp, state_dict=state)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-            ckpt.publish_dir(tmp, out)
+            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                model.save_pretrained(tmp, state_dict=state)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(tmp)
+                ckpt.publish_dir(tmp, out)
+            except BaseException:  # a full disk: leave no half-written copy beside the model it was to replace
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
         self.barrier()
