@@ -39,6 +39,13 @@ def _wait_for(predicate, what: str, proc: subprocess.Popen, timeout: float = 300
         time.sleep(0.05)
 
 
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return ""
+
+
 def _holder(out: Path) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], env=ENV, stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "locked"
@@ -63,11 +70,12 @@ def test_lock_is_reentrant_in_one_process_and_emptied_on_release(tmp_path):
 def test_a_second_run_into_a_running_runs_dir_stops_and_changes_nothing(tmp_path, tiny_model, capsys):
     data, out = _data(tmp_path), tmp_path / "out"
     flags = [*sft_flags(tiny_model, data, out)]
-    flags[flags.index("--max_steps") + 1] = "40"
+    flags[flags.index("--max_steps") + 1] = "150"  # long enough to be still running when the second starts
+    flags[flags.index("--run.save_every") + 1] = "50"
     first = subprocess.Popen([sys.executable, "-m", "chatrlhf.cli", "sft", *flags], env=ENV, cwd=tmp_path,
                              stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for(lambda: (out / "checkpoints" / "step-1").is_dir(), "the first run's first checkpoint", first)
+        _wait_for(lambda: f'"pid": {first.pid}' in _read(out / run_lock.LOCK_NAME), "the first run's lock", first)
         code, stderr = run_cli(["sft", *sft_flags(tiny_model, data, out), "--run.overwrite", "true"], capsys)
         line = _locked_line(stderr)
         assert code == 2 and f"pid {first.pid}" in line and "in use by another run" in line, line
@@ -77,16 +85,17 @@ def test_a_second_run_into_a_running_runs_dir_stops_and_changes_nothing(tmp_path
     assert first.returncode == 0, err
     assert (out / "model" / "config.json").is_file()
     written = yaml.safe_load((out / "config.yaml").read_text())  # the first run's, never the second's
-    assert written["max_steps"] == 40 and written["run"]["overwrite"] is False
+    assert written["max_steps"] == 150 and written["run"]["overwrite"] is False
 
 
 def test_a_killed_runs_lock_is_stale_and_resume_continues(tmp_path, tiny_model, capsys):
     data, out = _data(tmp_path), tmp_path / "out"
     flags = [*sft_flags(tiny_model, data, out)]
-    flags[flags.index("--max_steps") + 1] = "12"
+    flags[flags.index("--max_steps") + 1] = "60"
+    flags[flags.index("--run.save_every") + 1] = "5"
     proc = subprocess.Popen([sys.executable, "-m", "chatrlhf.cli", "sft", *flags], env=ENV, cwd=tmp_path,
                             stderr=subprocess.DEVNULL)
-    _wait_for(lambda: (out / "checkpoints" / "step-2").is_dir(), "a checkpoint of the run to kill", proc)
+    _wait_for(lambda: (out / "checkpoints" / "latest").is_file(), "a checkpoint of the run to kill", proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
     if (out / "model" / "config.json").exists():
