@@ -16,8 +16,6 @@ step is known.
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 from chatrlhf.algorithms.advantages import stage_name
@@ -25,17 +23,16 @@ from chatrlhf.checkpoint import (
     CheckpointError,
     TrainerState,
     clean_stale,
-    publish_dir,
     resume_checkpoint,
     write_json_atomic,
 )
 from chatrlhf.checkpoint_schema import Invalid, TensorMeta, fail, show
 from chatrlhf.config import ConfigError, RunConfig
 from chatrlhf.engine import Engine, NonFiniteError
-from chatrlhf.engine.engine import first_nonfinite
-from chatrlhf.engine.state import load_engines, save_engines, validate_checkpoint
+from chatrlhf.engine.engine import write_model_dir
+from chatrlhf.engine.state import restore_engines, save_engines, validate_checkpoint
 from chatrlhf.models.lora import merged_for_save
-from chatrlhf.tensor_files import load_weights, save_weights, weights_header
+from chatrlhf.tensor_files import first_nonfinite, load_weights, save_weights, weights_header
 from chatrlhf.training import CHECKPOINTS_SUBDIR, MODEL_SUBDIR, BatchPlan
 
 
@@ -55,7 +52,7 @@ def resume_step(out: Path, engine: Engine, run: RunConfig, plan: BatchPlan) -> i
     path, state = _checkpoint_to_resume(out, run, ("",), one_step_per_step=True)
     if path is not None:
         _check_layout(path, state, plan.world_size, plan.global_batch)
-        state = load_engines(path, engine, one_step_per_step=True)
+        restore_engines(path, engine)  # checked by _checkpoint_to_resume
     step = state.step if state is not None else 0
     _resumed(out, run, f"from {path} at step {step}" if path is not None else None)
     return step
@@ -91,7 +88,7 @@ def resume_rl_step(out: Path, actor: Engine, critic: Engine | None, run: RunConf
     _load_stateful(path, state, stateful)
     if ema is not None:
         _check_ema_file(path, ema)
-    load_engines(path, engines)
+    restore_engines(path, engines)  # checked by _checkpoint_to_resume
     if ema is not None:
         ema.shadow = load_weights(path / "ema.safetensors", device=actor.device)
     _resumed(out, run, f"RL from {path} at iteration {state.step}")
@@ -150,23 +147,14 @@ def save_rl_final(out: Path, actor: Engine, critic: Engine | None, ema, tokenize
 
 def _save_ema(directory: Path, actor: Engine, ema, tokenizer) -> None:
     """The EMA actor as ``Engine.save_hf`` saves the actor: refused if its weights hold NaN/inf, else written
-    under a temporary name and renamed in, so a kill never leaves a half-written dir and an earlier one stays
-    until the new one is complete. Rank 0 only; nothing collective follows it in ``save_rl_final``."""
+    atomically (``write_model_dir``). Rank 0 only; nothing collective follows it in ``save_rl_final``."""
     model, state = merged_for_save(actor.module, ema.shadow)  # LoRA: the averaged adapters merged in
     bad = first_nonfinite(state)
     if bad is not None:
         raise NonFiniteError(f"the EMA weights (--ema_beta) hold NaN or inf (first: {bad}); nothing was saved to "
                              f"{directory}, and a model already there is untouched. Fix: lower the learning rate or "
                              "clip gradients (engine.max_grad_norm), then train again")
-    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier process with this pid
-    try:
-        model.save_pretrained(tmp, state_dict=state)
-        tokenizer.save_pretrained(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # on a full disk, the space a rerun needs
-        raise
-    publish_dir(tmp, directory)
+    write_model_dir(model, state, directory, tokenizer)
 
 
 def _rl_engines(actor: Engine, critic: Engine | None) -> dict[str, Engine]:

@@ -204,14 +204,20 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorMeta], dict[st
         raise CheckpointError(f"{path}: not a valid safetensors file ({err})") from err
 
 
+def first_nonfinite(tensors: Mapping[str, Any]) -> str | None:
+    """The name of the first floating-point tensor of ``tensors`` holding NaN or inf, else None."""
+    return next((name for name, t in tensors.items() if isinstance(t, torch.Tensor) and t.is_floating_point()
+                 and not bool(torch.isfinite(t).all())), None)
+
+
 def check_finite(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
     """A :class:`CheckpointError` naming the first float tensor holding NaN or inf: weights or optimizer
     moments that are not finite would make every later step NaN."""
-    for name, t in tensors.items():
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            what = "NaN" if bool(torch.isnan(t).any()) else "inf"
-            raise CheckpointError(f"{path}: tensor {name!r} holds {what}; training cannot go on from non-finite "
-                                  "values (the run had diverged before this save, or the file is damaged)")
+    name = first_nonfinite(tensors)
+    if name is not None:
+        what = "NaN" if bool(torch.isnan(tensors[name]).any()) else "inf"
+        raise CheckpointError(f"{path}: tensor {name!r} holds {what}; training cannot go on from non-finite "
+                              "values (the run had diverged before this save, or the file is damaged)")
 
 
 def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

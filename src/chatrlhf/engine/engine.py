@@ -30,6 +30,7 @@ from chatrlhf.config import ConfigError, EngineConfig
 from chatrlhf.engine.distributed import init_distributed
 from chatrlhf.engine.optim import build_optimizer, deepspeed_config, model_dtype
 from chatrlhf.precision import Precision, resolve_precision
+from chatrlhf.tensor_files import first_nonfinite
 
 
 @contextlib.contextmanager
@@ -48,9 +49,22 @@ class NonFiniteError(FloatingPointError):
     """Too many optimizer steps in a row had a NaN/inf loss or gradient, or the weights to save hold NaN/inf."""
 
 
-def first_nonfinite(state: dict[str, torch.Tensor]) -> str | None:
-    """The name of the first floating-point tensor of ``state`` holding NaN or inf, else None."""
-    return next((name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+def write_model_dir(model, state: dict[str, torch.Tensor] | None, directory: str | os.PathLike, tokenizer=None) -> None:
+    """``model.save_pretrained(directory, state_dict=state)`` (and the tokenizer) made atomic: written under a
+    temporary name and renamed in, so a kill never leaves a half-written dir and a model already there stays
+    until the new one is complete; a failed write (a full disk) removes its temporary copy."""
+    out = Path(directory)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier process with this pid
+    try:
+        model.save_pretrained(tmp, state_dict=state)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        ckpt.publish_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 class Engine:
@@ -356,15 +370,5 @@ class Engine:
                                  f"saved to {out}, and a model already there is untouched. Fix: lower the learning "
                                  "rate or clip gradients (engine.max_grad_norm), then train again")
         if self.is_rank_0:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            try:
-                model.save_pretrained(tmp, state_dict=state)
-                if tokenizer is not None:
-                    tokenizer.save_pretrained(tmp)
-                ckpt.publish_dir(tmp, out)
-            except BaseException:  # a full disk: leave no half-written copy beside the model it was to replace
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
+            write_model_dir(model, state, out, tokenizer)
         self.barrier()

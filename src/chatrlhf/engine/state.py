@@ -325,10 +325,14 @@ def load_engines(path: str | os.PathLike, engines: Engine | Mapping[str, Engine]
                  one_step_per_step: bool = False) -> ckpt.TrainerState | None:
     """Restores what :func:`save_engines` wrote into ``engines`` and this rank's RNG, once every file is
     checked (:func:`validate_checkpoint`); returns the trainer state saved with it (None if there was none)."""
+    state = validate_checkpoint(path, _named(engines), one_step_per_step)
+    restore_engines(path, engines)
+    return state
+
+
+def restore_engines(path: str | os.PathLike, engines: Engine | Mapping[str, Engine]) -> None:
+    """The loading half of :func:`load_engines`, for a checkpoint :func:`validate_checkpoint` has checked."""
     path, engines = Path(path), _named(engines)
-    state = validate_checkpoint(path, engines, one_step_per_step)
     for name, engine in engines.items():
         load_engine_state(engine, path / name if name else path)
-    first = next(iter(engines.values()))
-    tensor_files.load_rng_state(path, first.rank)
-    return state
+    tensor_files.load_rng_state(path, next(iter(engines.values())).rank)
