@@ -149,9 +149,10 @@ def check_model_dir(name_or_path: str | os.PathLike, trust_remote_code: bool = F
         )
     for name in ("config.json", "tokenizer_config.json"):
         if (root / name).is_file():
-            _refuse_remote_code(root / name, _read_json(root / name), trust_remote_code)
-    if config.is_file():  # the tokenizer reads it too
-        _check_size(config, _read_json(config))
+            data = _read_json(root / name)
+            _refuse_remote_code(root / name, data, trust_remote_code)
+            if name == "config.json":  # checked for the tokenizer too, which reads it
+                _check_size(root / name, data)
     if require_config:
         _check_weight_files(root)
 
