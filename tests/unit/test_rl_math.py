@@ -40,7 +40,7 @@ def close(actual, expected, rtol=1e-6, atol=1e-12):
 
 def ragged_mask():
     """(6, 7) masks: prompt then padding, full, prompt then answer to the end, empty, answer then padding,
-    and a gap inside the row (the episode ends at the gap: nothing is bootstrapped across it)."""
+    and a gap inside the row (a multi-turn episode's environment turn: skipped, bootstrapped across)."""
     return t(
         [
             [0, 0, 1, 1, 1, 0, 0],
@@ -134,21 +134,27 @@ def test_gae_gamma_lam_one_is_reward_to_go_minus_value():
 
 
 def gae_loop_reference(rewards, values, mask, gamma, lam):
-    """The recursion of the docstring with plain Python floats and nested loops."""
+    """The recursion of the docstring with plain Python floats: each row's answer tokens are taken out of
+    the row (the gaps dropped), GAE runs over them as one contiguous episode, and the results go back."""
     r, v, m = rewards.tolist(), values.tolist(), mask.tolist()
     adv = [[0.0] * len(row) for row in r]
     ret = [[0.0] * len(row) for row in r]
     for b in range(len(r)):
-        next_a = 0.0
-        for i in reversed(range(len(r[b]))):
-            m_next = m[b][i + 1] if i + 1 < len(r[b]) else 0.0
-            v_next = v[b][i + 1] * m_next if i + 1 < len(r[b]) else 0.0
-            delta = r[b][i] + gamma * v_next - v[b][i]
-            a = delta + gamma * lam * m_next * next_a
-            next_a = a
-            if m[b][i]:
-                adv[b][i], ret[b][i] = a, a + v[b][i]
+        steps = [i for i in range(len(r[b])) if m[b][i]]
+        next_a, next_v = 0.0, 0.0
+        for i in reversed(steps):
+            a = r[b][i] + gamma * next_v - v[b][i] + gamma * lam * next_a
+            adv[b][i], ret[b][i] = a, a + v[b][i]
+            next_a, next_v = a, v[b][i]
     return t(adv), t(ret)
+
+
+def test_gae_skips_a_gap_by_hand():
+    """The docstring's second example: gamma 0.9, lam 0.8, r = [1, 5, 0, 2], V = [0.5, 9, 1, 1.5], mask
+    [1, 0, 1, 1]: the gap at 1 is skipped, so A = [1.9112, 0, 0.71, 0.5], returns = [2.4112, 0, 1.71, 2.0]."""
+    adv, ret = gae(t([[1.0, 5.0, 0.0, 2.0]]), t([[0.5, 9.0, 1.0, 1.5]]), t([[1, 0, 1, 1]]), 0.9, 0.8)
+    close(adv, [[1.9112, 0.0, 0.71, 0.5]])
+    close(ret, [[2.4112, 0.0, 1.71, 2.0]])
 
 
 @pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.99, 0.95), (1.0, 1.0), (0.9, 0.0), (0.5, 0.7)])

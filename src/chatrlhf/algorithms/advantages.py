@@ -88,13 +88,18 @@ def reinforce_advantages(rewards, mask, values, group_size, gamma, lam):
 
 
 def reinforce_baseline_advantages(rewards, mask, values, group_size, gamma, lam):
-    """REINFORCE with a baseline: A_t = G_t - b, b = the batch mean of the answers' returns G_0.
+    """REINFORCE with a baseline: A_t = G_t - b, b = the batch mean of the answers' returns G_0, each read at
+    its answer's first token (wherever the answer starts in the row).
 
     Example (gamma 1): answers' rewards [[0, 1], [0, 3]], full masks -> G = [[1, 1], [3, 3]], b = 2,
-    A = [[-1, -1], [1, 1]].
+    A = [[-1, -1], [1, 1]]. Shifted right, rewards [[0, 0, 1], [0, 3, 0]] with masks [[0, 1, 1], [1, 1, 0]]
+    give the same advantages on the answer tokens: [[0, -1, -1], [1, 1, 0]].
     """
     g = returns_to_go(rewards, mask, gamma)
-    baseline = g[:, 0].mean() if g.shape[1] else g.new_zeros(())  # G_0 of each row (T >= 1 in practice)
+    keep = mask.bool()
+    first = keep.int().argmax(-1)  # (B,) each answer's first token (0 for an empty row, dropped below)
+    starts = g.gather(1, first.unsqueeze(-1)).squeeze(-1)[keep.any(-1)] if g.shape[1] else g.new_zeros(0)
+    baseline = starts.mean() if starts.numel() else g.new_zeros(())
     m = mask.to(g.dtype)
     return (g - baseline) * m, g
 

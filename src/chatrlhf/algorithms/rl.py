@@ -89,12 +89,14 @@ def shaped_rewards(
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
     """Generalised Advantage Estimation (Schulman et al. 2016, eq. 16), one episode per row.
 
-    delta_t = r_t + gamma * V_{t+1} * m_{t+1} - V_t
-    A_t     = delta_t + gamma * lam * m_{t+1} * A_{t+1}
+    The time steps are the mask == 1 positions, in order; with t' the next one after t:
+    delta_t = r_t + gamma * V_t' - V_t
+    A_t     = delta_t + gamma * lam * A_t'
     returns = A + V (the value-function targets). rewards, values, mask (B, T) -> (advantages, returns),
-    each (B, T) and zero where mask == 0. The value after the last answer token is 0: the episode ends
-    there (EOS or the token limit; the reward model has already scored the cut answer). Answer tokens are
-    contiguous in a row; a mask == 0 gap would end the episode the same way.
+    each (B, T) and zero where mask == 0. After the last answer token V and A are 0: the episode ends there
+    (EOS or the token limit; the reward model has already scored the cut answer). A mask == 0 gap between
+    answer tokens (a multi-turn episode's environment turn) is skipped: the policy's last token before it
+    bootstraps from its first token after it, as verl does for multi-turn rollouts.
 
     Example (gamma 0.9, lam 0.8, so gamma * lam = 0.72): r = [1, 0, 2, 9], V = [0.5, 1, 1.5, 7],
     mask = [1, 1, 1, 0] (the 9 and 7 sit on padding and are never read):
@@ -102,21 +104,23 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
       delta_1 = 0 + 0.9 * 1.5 - 1 = 0.35         A_1 = 0.35 + 0.72 * 0.5 = 0.71
       delta_0 = 1 + 0.9 * 1 - 0.5 = 1.4          A_0 = 1.4 + 0.72 * 0.71 = 1.9112
       advantages = [1.9112, 0.71, 0.5, 0], returns = [2.4112, 1.71, 2.0, 0]
+    With a gap, r = [1, 5, 0, 2], V = [0.5, 9, 1, 1.5], mask = [1, 0, 1, 1] gives the same numbers on the
+    policy tokens as r = [1, 0, 2], V = [0.5, 1, 1.5]: [1.9112, 0, 0.71, 0.5].
     """
     keep = mask.bool()
     m = keep.to(values.dtype)  # (B, T)
     r = zero_off_mask(rewards, keep).to(values.dtype)  # (B, T)
     v = zero_off_mask(values, keep)  # (B, T)
-    next_value = torch.zeros_like(v[:, 0])  # (B,) V_{t+1}; 0 past the end of the row
-    next_adv = torch.zeros_like(v[:, 0])  # (B,) A_{t+1}
-    next_mask = torch.zeros_like(v[:, 0])  # (B,) m_{t+1}
+    next_value = torch.zeros_like(v[:, 0])  # (B,) V at the next answer token; 0 past the last
+    next_adv = torch.zeros_like(v[:, 0])  # (B,) A at the next answer token
     columns = []
-    # A reverse loop over T, vectorised over B: T is at most a few hundred answer tokens.
+    # A reverse loop over T, vectorised over B: T is at most a few thousand tokens.
     for t in reversed(range(v.shape[1])):
-        delta = r[:, t] + gamma * next_value * next_mask - v[:, t]
-        next_adv = delta + gamma * lam * next_mask * next_adv
-        columns.append(next_adv)
-        next_value, next_mask = v[:, t], m[:, t]
+        adv = r[:, t] + gamma * next_value - v[:, t] + gamma * lam * next_adv
+        columns.append(adv)
+        # Off the mask the carried values pass through unchanged: the gap is not a time step.
+        next_value = torch.where(keep[:, t], v[:, t], next_value)
+        next_adv = torch.where(keep[:, t], adv, next_adv)
     advantages = torch.stack(columns[::-1], dim=1) * m  # (B, T)
     return advantages, (advantages + v) * m
 

@@ -56,6 +56,10 @@ class Rollout:
     response_mask: torch.Tensor  # (B, R) 1 on every generated token, the final EOS included
     finished: torch.Tensor  # (B,) bool: the response ended with an EOS (False: cut at max_new_tokens)
     log_probs: torch.Tensor  # (B, R) float32 log-prob of each token under log_softmax(logits / T); 0 on padding
+    context_mask: torch.Tensor | None = None
+    """(B, R) 1 on every real token of the response part, when some are not the policy's: a multi-turn
+    episode's environment turns sit between its policy turns, in the context but outside ``response_mask``
+    (``chatrlhf.environments.episodes``). None: the response part is the policy's alone."""
 
     @property
     def sequences(self) -> torch.Tensor:
@@ -64,8 +68,9 @@ class Rollout:
 
     @property
     def attention_mask(self) -> torch.Tensor:
-        """(B, P + R) 1 on real tokens: prompt tokens, response tokens (EOS included)."""
-        return torch.cat([self.prompt_mask, self.response_mask.to(self.prompt_mask.dtype)], dim=1)
+        """(B, P + R) 1 on real tokens: prompt tokens, response tokens (EOS included), environment turns."""
+        response = self.response_mask if self.context_mask is None else self.context_mask
+        return torch.cat([self.prompt_mask, response.to(self.prompt_mask.dtype)], dim=1)
 
     @property
     def response_lengths(self) -> torch.Tensor:

@@ -26,7 +26,6 @@ from chatrlhf.algorithms import (
     entropy_from_logits,
     gather_log_probs,
     masked_sum,
-    mismatch_stats,
     policy_loss,
     rl,
     tis_weights,
@@ -39,6 +38,8 @@ from chatrlhf.resume import resume_rl_step, save_rl_final, save_rl_resumable
 from chatrlhf.rewards.contract import RewardBatch
 from chatrlhf.rollout import Rollout, answer_logits, decode_responses
 from chatrlhf.stages.ppo_config import PPOConfig
+from chatrlhf.stages.ppo_env import episode_metrics, generate_episodes
+from chatrlhf.stages.ppo_metrics import critic_metrics, mismatch_metrics
 from chatrlhf.stages.ppo_setup import RLRun, setup_run
 from chatrlhf.training import MetricsLogger, logged_rows, write_resolved_config
 
@@ -61,6 +62,8 @@ class Experience:
     rewards: torch.Tensor | None = None  # (B, R) per-token rewards, from compute_advantages
     advantages: torch.Tensor | None = None  # (B, R)
     returns: torch.Tensor | None = None  # (B, R)
+    turn_rewards: torch.Tensor | None = None  # (B, R) an environment's per-turn rewards, on each turn's last token
+    episodes: list | None = None  # an environment's episodes (``environments.episodes.Episode``)
 
 
 def train_ppo(cfg: PPOConfig) -> dict[str, float]:
@@ -122,9 +125,11 @@ def generate_rollouts(run: RLRun, iteration: int) -> tuple[Rollout, dict]:
     epoch, step_in_epoch = divmod(iteration, run.plan.steps_per_epoch)
     (local_idx,) = run.plan.local_micro_batches(run.plan.batch(epoch, step_in_epoch), run.rank)
     items = [run.prompts[i] for i in local_idx for _ in range(cfg.samples_per_prompt)]
-    batch = {k: v.to(actor.device) if torch.is_tensor(v) else v for k, v in run.collate(items).items()}
     # Sampling randomness is a pure function of (seed, iteration, rank): a resumed run draws the same.
     gen = torch.Generator().manual_seed(cfg.actor_engine.seed * 1_000_003 + iteration * run.world + run.rank)
+    if run.env is not None:  # a group's episodes start from the same row, as its answers do
+        return generate_episodes(run, items, gen)
+    batch = {k: v.to(actor.device) if torch.is_tensor(v) else v for k, v in run.collate(items).items()}
     rollout = run.rollouts.generate(batch["input_ids"], batch["attention_mask"], cfg.generation.sampling(),
                                     eos_token_ids=[eos_id(run.tokenizer)], pad_token_id=run.tokenizer.pad_token_id,
                                     generator=gen, sync=actor.all_done if run.world > 1 else None)
@@ -142,9 +147,9 @@ def score_rollouts(run: RLRun, rollout: Rollout, prompt_batch: dict) -> Experien
     normalised by running moments over all processes' scores.
     """
     cfg = run.cfg
-    reward_batch = RewardBatch(rollout.sequences, rollout.attention_mask, prompt_batch["prompts"],
-                               decode_responses(run.tokenizer, rollout), rollout.finished.tolist(),
-                               prompt_batch.get("meta", []))
+    responses = prompt_batch.get("responses") or decode_responses(run.tokenizer, rollout)  # an episode's: its last reply
+    reward_batch = RewardBatch(rollout.sequences, rollout.attention_mask, prompt_batch["prompts"], responses,
+                               rollout.finished.tolist(), prompt_batch.get("meta", []))
     old_logprobs, ref_logprobs, values = _logprobs_and_values(run, rollout)
     raw_scores = run.reward(reward_batch).float()
     mask = rollout.response_mask.float()  # from the rollout, never from pad ids (pad == eos in SmolLM2)
@@ -153,7 +158,8 @@ def score_rollouts(run: RLRun, rollout: Rollout, prompt_batch: dict) -> Experien
         run.moments.update(run.actor.all_gather(scores))
         scores = run.moments.normalize(scores)
     return Experience(rollout.sequences, rollout.attention_mask, mask, rollout.finished, reward_batch,
-                      old_logprobs, rollout.log_probs.float(), ref_logprobs, values, raw_scores, scores)
+                      old_logprobs, rollout.log_probs.float(), ref_logprobs, values, raw_scores, scores,
+                      turn_rewards=prompt_batch.get("turn_rewards"), episodes=prompt_batch.get("episodes"))
 
 
 def _logprobs_and_values(run: RLRun, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -201,6 +207,8 @@ def compute_advantages(run: RLRun, exp: Experience) -> tuple[torch.Tensor, torch
     kl = rl.KL_ESTIMATORS[cfg.kl_estimator](exp.old_logprobs, exp.ref_logprobs) * exp.mask  # (B, R)
     beta_in_reward = run.kl_ctl.value if cfg.kl_in == "reward" else 0.0
     rewards = rl.shaped_rewards(exp.scores, kl, exp.mask, beta_in_reward, cfg.reward_clip)
+    if exp.turn_rewards is not None:  # an environment's per-turn rewards, each on its turn's last token
+        rewards = rewards + exp.turn_rewards
     advantages, returns = run.estimator.fn(rewards, exp.mask, exp.values, cfg.samples_per_prompt, cfg.gamma,
                                            cfg.lam)
     if run.whiten:
@@ -355,33 +363,11 @@ def iteration_metrics(run: RLRun, exp: Experience, kl: dict, update_stats: dict,
         row["gold/overall"] = row["reward/score"]
     elif run.gold is not None and run.cfg.gold_every and (iteration + 1) % run.cfg.gold_every == 0:
         row["gold/overall"] = mean_all(run.gold(exp.reward_batch))
-    row.update(_critic_metrics(run, exp))
-    row.update(_mismatch_metrics(run, exp))
+    row.update(critic_metrics(run, exp))
+    row.update(mismatch_metrics(run, exp))
+    if run.env is not None:
+        row.update(episode_metrics(run, exp.episodes))
     return row
-
-
-def _mismatch_metrics(run: RLRun, exp: Experience) -> dict:
-    """The generating engine vs the trainer on the sampled tokens (``mismatch_stats``), over all processes."""
-    local = mismatch_stats(exp.old_logprobs, exp.rollout_logprobs, exp.mask, run.tis_cap or run.cfg.tis_cap)
-    n = exp.mask.sum().double()
-    parts = run.actor.all_gather(torch.tensor([[local["mismatch_kl"], local["max_ratio"], local["min_ratio"],
-                                                local["tis_clipfrac"], n]], dtype=torch.float64))  # (world, 5)
-    weight = parts[:, 4] / parts[:, 4].sum().clamp(min=1.0)
-    return {"rollout/mismatch_kl": float((parts[:, 0] * weight).sum()), "rollout/max_ratio": float(parts[:, 1].max()),
-            "rollout/min_ratio": float(parts[:, 2].min()), "rollout/tis_clipfrac": float((parts[:, 3] * weight).sum())}
-
-
-def _critic_metrics(run: RLRun, exp: Experience) -> dict:
-    """The critic's rollout values: their mean, and the explained variance of the returns (CleanRL's
-    ``explained_variance``, from moment sums added over all processes)."""
-    if run.critic is None:
-        return {}
-    tokens = max(run.actor.all_reduce(exp.mask.sum().double()).item(), 1.0)
-    residuals = exp.returns.double() - exp.values.double()
-    sums = run.actor.all_reduce(torch.cat([rl.moment_sums(exp.returns, exp.mask), rl.moment_sums(residuals, exp.mask)]))
-    return {"value/mean": run.actor.all_reduce(masked_sum(exp.values, exp.mask).double()).item() / tokens,
-            "value/explained_variance": rl.explained_variance_from_sums(sums[:3], sums[3:]).item(),
-            "lr/critic": run.critic.lr, "skipped_steps/critic": run.critic.skipped_steps}
 
 
 def _log_and_save(run: RLRun, logger: MetricsLogger, row: dict, done: int) -> None:

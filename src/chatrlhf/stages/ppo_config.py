@@ -37,6 +37,14 @@ class PPOConfig:
     """Reward source: a reward-model dir, ``encoder:DIR``, ``rater``, ``similarity`` (MiniLM cosine to the
     row's reference answer), ``FILE.py:function`` / ``package.module:function`` (rewards as code), or a
     weighted ensemble of these joined by ``+`` (``0.7*outputs/rm/model + 0.3*rater``). See docs/rewards.md."""
+    env: str | None = None
+    """An environment to play instead of answering once (docs/environments.md): ``math``, ``calculator``,
+    ``dialog``, ``FILE.py:Name`` or ``package.module:Name``. Each prompt row starts an episode; the
+    environment's rewards replace ``reward``, which must then be unset."""
+    env_max_turns: int | None = None
+    """Policy turns per episode (None: the environment's own ``max_turns``)."""
+    env_max_tokens: int | None = None
+    """Tokens per episode, prompt and every turn included (None: the environment's own ``max_total_tokens``)."""
     normalize_sources: bool = True
     """In an ensemble, normalise each source by its own running mean/std before weighting (so weights
     mean shares, whatever each source's scale)."""
@@ -149,9 +157,16 @@ class PPOConfig:
     def _validate_rollouts(self, p: str) -> None:
         from chatrlhf.algorithms.advantages import ADVANTAGE_ESTIMATORS
 
-        if not self.reward:
+        if not self.reward and not self.env:
             raise ConfigError(f"--{p}reward is required: a reward-model dir (from `chatrlhf rm`), 'rater', "
-                              "'encoder:DIR' or 'FILE.py:function'")
+                              "'encoder:DIR' or 'FILE.py:function' (or play an environment: --env)")
+        if self.reward and self.env:
+            raise ConfigError(f"--{p}env {self.env} gives the rewards: unset --{p}reward ({self.reward!r}), or score "
+                              "with it inside the environment's step")
+        for name in ("env_max_turns", "env_max_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"--{p}{name} must be >= 1 (or null for the environment's own), "
+                                  f"got {getattr(self, name)}")
         estimator = ADVANTAGE_ESTIMATORS[self.advantage_estimator]
         a, c = self.actor_engine, self.critic_engine
         if estimator.critic and (a.micro_batch_size, a.gradient_accumulation_steps) != (

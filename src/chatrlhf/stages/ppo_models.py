@@ -25,8 +25,13 @@ def load_models(cfg: PPOConfig, tokenizer, with_critic: bool):
                                       gradient_checkpointing=m.gradient_checkpointing), m)
     reference = load_causal_lm(cfg.reference or m.name_or_path, dtype=m.dtype,
                                trust_remote_code=m.trust_remote_code).eval().requires_grad_(False)
-    reward = build_reward_source(cfg.reward, tokenizer, m.dtype, m.trust_remote_code,
-                                 normalize_sources=cfg.normalize_sources)
+    if cfg.env:  # the environment's rewards: read from each episode, no model to load
+        from chatrlhf.stages.ppo_env import EnvironmentScores
+
+        reward = EnvironmentScores(cfg.env)
+    else:
+        reward = build_reward_source(cfg.reward, tokenizer, m.dtype, m.trust_remote_code,
+                                     normalize_sources=cfg.normalize_sources)
     if cfg.disable_dropout:
         disable_dropout(actor)
     if not with_critic:

@@ -11,6 +11,7 @@ from chatrlhf.algorithms import rl
 from chatrlhf.algorithms.advantages import ADVANTAGE_ESTIMATORS, Estimator
 from chatrlhf.data import PromptCollator, encode_records, prepare_records
 from chatrlhf.engine import Engine, FrozenModel, init_distributed
+from chatrlhf.environments import Environment, load_environment
 from chatrlhf.models import load_tokenizer
 from chatrlhf.models.loading import resolve_model
 from chatrlhf.precision import announce
@@ -48,6 +49,7 @@ class RLRun:
     ptx: PtxData | None
     stateful: dict  # name -> object with state_dict, saved with every checkpoint
     rollouts: ActorRollouts  # how the actor generates: live weights, a bf16 copy or vLLM
+    env: Environment | None = None  # the environment played (``--env``); None: one answer per prompt
 
     @property
     def reuse_update_logprobs(self) -> bool:
@@ -74,6 +76,11 @@ def setup_run(cfg: PPOConfig) -> RLRun:
     set_seed(seed)
     tokenizer = load_tokenizer(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
     records, _ = prepare_records(cfg.data, kind="prompt", phase=cfg.phase)
+    env = load_environment(cfg.env) if cfg.env else None
+    if env is not None:
+        from chatrlhf.stages.ppo_env import check_rows
+
+        check_rows(env, cfg.env, records)
     prompts = encode_records(records, "prompt", tokenizer, cfg.data, progress=False)
     plan, n_iters, local_samples, mini = plan_iterations(cfg, len(prompts), world, seed)
     ptx = PtxData(cfg, tokenizer, rank, world) if cfg.ptx_coef > 0 else None
@@ -87,25 +94,29 @@ def setup_run(cfg: PPOConfig) -> RLRun:
               if estimator.critic else None)
     reference = place_frozen(cfg, reference, reward, actor.device,
                              actor.precision.compute_dtype if actor.precision.mixed else None)
-    rollouts = _rollouts(cfg, actor, rank)
+    rollouts = _rollouts(cfg, actor, rank, env)
     kl_ctl = (rl.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target
               else rl.FixedKLController(cfg.kl_coef))
     moments = rl.RunningMoments()
     stateful = {"kl_ctl": kl_ctl, "moments": moments, **_reward_state(reward, actor)}
     ema = EMA(actor, cfg.ema_beta) if cfg.ema_beta > 0 else None
-    gold = reward if reward.is_gold_judge else (RaterSource() if cfg.gold_every else None)
+    # The gold rater judges single answers; an environment's episodes are judged by the environment.
+    gold = reward if reward.is_gold_judge else (RaterSource() if cfg.gold_every and env is None else None)
     return RLRun(cfg, rank, world, out, tokenizer, prompts, PromptCollator(pad_id=tokenizer.pad_token_id), plan,
                  n_iters, mini, estimator, actor, critic, reference, reward, gold, kl_ctl, moments, ema, ptx,
-                 stateful, rollouts)
+                 stateful, rollouts, env)
 
 
-def _rollouts(cfg: PPOConfig, actor: Engine, rank: int) -> ActorRollouts:
+def _rollouts(cfg: PPOConfig, actor: Engine, rank: int, env: Environment | None) -> ActorRollouts:
     """The actor's generation form, chosen (and announced) from the precision and ``--generation.backend``."""
     backend, why = resolve_backend(cfg.generation.backend, actor.precision)
+    max_len = cfg.data.max_prompt_len + cfg.generation.max_new_tokens
+    if env is not None:  # an episode's last turn sees the whole conversation
+        max_len = max(max_len, cfg.env_max_tokens or env.max_total_tokens)
 
     def build(backend: str) -> ActorRollouts:
         return ActorRollouts(actor, backend, actor.precision, model_dir=resolve_model(cfg.model.name_or_path),
-                             max_model_len=cfg.data.max_prompt_len + cfg.generation.max_new_tokens,
+                             max_model_len=max_len,
                              seed=cfg.actor_engine.seed, trust_remote_code=cfg.model.trust_remote_code)
 
     try:
