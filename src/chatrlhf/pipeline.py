@@ -41,6 +41,9 @@ def _stages(cfg: PipelineConfig):
     from chatrlhf.stages.sft import train_sft
 
     sft_cfg, rm_cfg = cfg.stage_configs()
+    if cfg.env:  # the environment scores the episodes: no reward model
+        sft = [("sft", sft_cfg, train_sft)] if cfg.sft.enabled else []
+        return [*sft, (cfg.algo, cfg.rl_config(), train_ppo)]
     if cfg.algo == "dpo":  # preference pairs train the policy directly: no reward model
         from chatrlhf.stages.dpo import train_dpo
 
@@ -115,14 +118,15 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         summary["seconds"][name] = round(time.time() - t0, 1)
     if cfg.eval.enabled and _is_rank_0():
         t0 = time.time()
-        summary["evaluation"] = _evaluate(cfg, root)
+        summary["evaluation" if not cfg.env else "environment"] = (_evaluate_env if cfg.env else _evaluate)(cfg, root)
         summary["seconds"]["evaluation"] = round(time.time() - t0, 1)
     if _is_rank_0():
         write_json_atomic(root / "summary.json", summary)
         if cfg.eval.enabled:
             from chatrlhf.evaluation import write_report
 
-            report = write_report(root, summary.get("evaluation"), {n: root / n for n, _, _ in stages})
+            report = write_report(root, summary.get("evaluation"), {n: root / n for n, _, _ in stages},
+                                  summary.get("environment"))
             print(f"[chatrlhf] run report: {report}")
     return summary
 
@@ -169,3 +173,18 @@ def _evaluate(cfg: PipelineConfig, root: Path) -> dict:
                            prompts=prompts, sampling=cfg.eval.generation.sampling(),
                            batch_size=cfg.eval.batch_size, seed=cfg.ppo.actor_engine.seed, out_dir=root,
                            progress=cfg.run.progress, backend=cfg.eval.generation.backend, dtype=cfg.model.dtype)
+
+
+def _evaluate_env(cfg: PipelineConfig, root: Path) -> dict:
+    """Base, SFT and RL models play the environment's held-out rows (``evaluation.environment``)."""
+    from chatrlhf.evaluation.environment import env_table, evaluate_environment
+
+    models = {"base": cfg.model.name_or_path, **({"sft": str(root / "sft" / MODEL_SUBDIR)} if cfg.sft.enabled else {}),
+              cfg.algo: str(root / cfg.algo / MODEL_SUBDIR)}
+    print(f"[chatrlhf] evaluating {', '.join(models)} on --env {cfg.env}'s held-out rows")
+    results = evaluate_environment(models, cfg.env, None, limit=cfg.eval.limit or None, k=cfg.eval.env_k,
+                                   generation=cfg.eval.generation.sampling(), seed=cfg.grpo.actor_engine.seed,
+                                   batch_size=cfg.eval.batch_size, backend=cfg.eval.generation.backend,
+                                   dtype=cfg.model.dtype, out_dir=root, progress=cfg.run.progress)
+    print(env_table(results), flush=True)
+    return results

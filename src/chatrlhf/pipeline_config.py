@@ -60,6 +60,9 @@ def _stage_engine() -> EngineConfig:
 class SFTSection:
     """The SFT stage of the pipeline (its model, data and run follow the pipeline's)."""
 
+    enabled: bool = True
+    """Run the SFT stage (off: the stage after it starts from the base model; only with ``env``, whose RL
+    needs no reward model trained on SFT outputs)."""
     engine: EngineConfig = field(default_factory=_stage_engine)
     """Optimisation settings of the SFT stage."""
     epochs: int = 2
@@ -97,6 +100,8 @@ class EvalSection:
     """Sampling for the evaluation answers (the same seed for every model)."""
     batch_size: int = 32
     """Prompts per generation batch."""
+    env_k: int = 0
+    """With ``env``: sampled episodes per held-out row for pass@k (below 2: greedy pass@1 only)."""
 
     def validate(self, flag: str = "eval") -> None:
         self.generation.validate(f"{flag}.generation")
@@ -180,11 +185,20 @@ class PipelineConfig:
     """The DPO stage (``--algo dpo``). The policy and reference start from the SFT model; it trains on every
     pair of ``data`` the SFT stage did not use (phases 2 and 3 of ``data_split``: no RM, no RL phase). CPU
     demo defaults: 2 epochs over those pairs, 8 pairs per step, learning rate 1.5e-5, beta 0.1."""
+    env: str | None = None
+    """RL on an environment (docs/environments.md) instead of a reward model: SFT (on ``data``, e.g. the
+    environment's demonstrations), then the RL stage playing the environment on its training rows (the RL
+    section's ``data`` when set, else the environment's own), then each model plays its held-out rows. No
+    reward model is trained. ``--preset math`` is this with the calculator environment."""
     eval: EvalSection = field(default_factory=EvalSection)
     feedback: FeedbackSection = field(default_factory=FeedbackSection)
 
     def validate(self) -> None:
         """Checks every section the run uses, naming each flag by its full path (``--sft.engine.*``, ...)."""
+        if self.env and self.algo == "dpo":
+            raise ConfigError(f"--env {self.env} needs an RL algorithm: --algo grpo (or ppo, rloo, ...), not dpo")
+        if not self.sft.enabled and not self.env:
+            raise ConfigError("--sft.enabled false is only for --env runs: the reward model and PPO start from SFT")
         self.model.validate("model")
         self.run.validate("run")
         for name in ("sft", "rm"):
@@ -236,6 +250,8 @@ class PipelineConfig:
         from chatrlhf.data.split import parse_split
 
         model = dataclasses.replace(self.model, name_or_path=f"{self.root()}/sft/model")
+        if not self.sft.enabled:
+            model = dataclasses.replace(self.model)
         base = getattr(self, self.rl_section())
         run = self.stage_run(self.algo, base.run)
         if self.algo == "dpo":
@@ -244,5 +260,18 @@ class PipelineConfig:
             sft, rm, rl = parse_split(self.data.data_split)
             data = self.feedback_data() or dataclasses.replace(self.data, data_split=f"{sft},{rm + rl},0")
             return dataclasses.replace(self.dpo, model=model, data=data, run=run)
+        if self.env:
+            return dataclasses.replace(base, model=model, reward="", env=self.env, run=run, data=self._env_data(base),
+                                       advantage_estimator=estimator_for_algo(self.algo))
         return dataclasses.replace(base, model=model, reward=f"{self.root()}/rm/model", run=run,
                                    advantage_estimator=estimator_for_algo(self.algo))
+
+    def _env_data(self, base: PPOConfig) -> DataConfig:
+        """The RL section's prompts; left at their default (the demo prompts), the environment's own rows."""
+        from chatrlhf.environments import load_environment
+        from chatrlhf.stages.ppo_config import _prompt_data
+
+        own = getattr(load_environment(self.env), "train_data", None)
+        if base.data != _prompt_data() or own is None:
+            return base.data
+        return dataclasses.replace(base.data, datasets=[own])

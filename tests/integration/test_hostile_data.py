@@ -350,7 +350,7 @@ CASES = [
     Case("sft-jsonl-nul-byte", b_sft_nul_bytes, ("rows.jsonl line 3", "not valid JSON", "Fix: remove the NUL bytes")),
     Case("sft-jsonl-utf16", b_sft_utf16, ("rows.jsonl line 1, column 1", "byte 0xff", UTF8_FIX)),
     Case("sft-messages-role-is-a-list", b_sft_role_list, ("rows.jsonl line 3", "field 'messages'", "unknown role",
-                                                          "Fix: use one of system, user, assistant")),
+                                                          "Fix: use one of system, user, assistant, tool")),
     Case("sft-messages-unknown-role", b_sft_role_unknown, ("rows.jsonl line 3", "field 'messages'", "'robot'",
                                                            "Fix: use one of")),
     Case("sft-messages-content-part-not-text", b_sft_content_part_not_text, ("rows.jsonl line 3", "field 'messages'",

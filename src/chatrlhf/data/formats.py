@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 
 KINDS = ("preference", "sft", "prompt", "rating")
 FORMATS = ("auto", "preference", "hh", "messages", "sft", "prompt", "rating")
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+"""Message roles; "tool" holds a tool's result (an environment's turn, docs/environments.md)."""
 BAD_ROWS = ("error", "skip")
 # ShareGPT-style "conversations" use {"from": "human"|"gpt", "value": ...}; map them onto our roles.
 _ROLE_ALIASES = {"human": "user", "gpt": "assistant"}

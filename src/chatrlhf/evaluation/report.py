@@ -252,14 +252,15 @@ def _plots_section(run_dir: Path, stages: dict[str, Path], notes: list[str]) -> 
     return lines if len(lines) > 2 else []
 
 
-def write_report(run_dir: Path, results: dict | None, stages: dict[str, Path]) -> Path:
+def write_report(run_dir: Path, results: dict | None, stages: dict[str, Path], env_results: dict | None = None) -> Path:
     """Writes ``run_dir/report.md`` and ``run_dir/plots/*.png``; returns the report's path.
 
     ``results``: the dict of :func:`chatrlhf.evaluation.evaluate_models` (or None to leave the
     evaluation out). ``stages``: stage name -> its output dir holding ``metrics.jsonl`` (or the file),
     e.g. ``{"sft": run/"sft", "rm": run/"rm", "ppo": run/"ppo"}``. A stage named after an RL estimator
     (``plots.RL_STAGES``: ``ppo``, ``grpo``, ``rloo`` ...) gets the reward, KL and gold-vs-proxy plots under its
-    name; a ``dpo`` stage gets its loss and implicit-reward plot.
+    name; a ``dpo`` stage gets its loss and implicit-reward plot. ``env_results``: the dict of
+    :func:`chatrlhf.evaluation.environment.evaluate_environment`, shown after the gold-rater table.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -274,6 +275,10 @@ def write_report(run_dir: Path, results: dict | None, stages: dict[str, Path]) -
         lines += _results_section(results)
     else:
         notes.append("No held-out evaluation results: the evaluation table and win-rates are skipped.")
+    if env_results:
+        from chatrlhf.evaluation.environment import env_table
+
+        lines += [env_table(env_results)]
     lines += _stage_evals(stages)
     if stages:  # an evaluation of saved models alone has no training curves to show
         lines += _plots_section(run_dir, stages, notes)

@@ -40,6 +40,16 @@ class EvalConfig:
     """Prompts per generation batch (also rows per scoring forward)."""
     max_prompt_len: int = 256
     """Prompts longer than this keep their last tokens."""
+    env: str | None = None
+    """Also play an environment (docs/environments.md): ``math``, ``calculator``, ``dialog`` or a code spec;
+    each model's accuracy (greedy pass@1, sampled pass@k), tool-call success, turns and tokens per episode
+    and its win-rate over the model before it go to ``env_eval.json`` and the report."""
+    env_data: str | None = None
+    """The environment's held-out rows (None: its own, e.g. ``demo:math_eval``); ``limit`` applies."""
+    env_k: int = 4
+    """Sampled episodes per row for pass@k (at ``generation``'s temperature); below 2: greedy only."""
+    gold: bool = True
+    """Rate answers to ``prompts`` with the gold rater (off: only the environment, when one is given)."""
     output_dir: str = "outputs/eval"
     """Where eval_models.json, samples.jsonl, report.md and plots/ go."""
     progress: bool = True
@@ -55,6 +65,8 @@ class EvalConfig:
         self.generation.validate("generation")
         if self.batch_size < 1:
             raise ConfigError(f"--batch_size must be >= 1, got {self.batch_size}")
+        if not self.gold and not self.env:
+            raise ConfigError("--gold false leaves nothing to evaluate: give --env, or keep --gold true")
 
     def models(self) -> dict[str, str]:
         """Name -> model, in the order the report compares them: the baselines, then the model."""
@@ -69,20 +81,35 @@ def run_eval(cfg: EvalConfig) -> dict:
 
     cfg.validate()
     out = Path(cfg.output_dir)
-    results = evaluate_models(
-        cfg.models(),
-        reference=cfg.reference,
-        reward_model=cfg.reward_model,
-        prompts=load_eval_prompts(cfg.prompts, cfg.limit, spread=cfg.spread),
-        sampling=cfg.generation.sampling(),
-        batch_size=cfg.batch_size,
-        seed=cfg.seed,
-        out_dir=out,
-        progress=cfg.progress,
-        backend=cfg.generation.backend,
-        dtype=cfg.model.dtype,
-        max_prompt_len=cfg.max_prompt_len,
-    )
-    report = write_report(out, results, {})
+    results = None
+    if cfg.gold:
+        results = evaluate_models(
+            cfg.models(),
+            reference=cfg.reference,
+            reward_model=cfg.reward_model,
+            prompts=load_eval_prompts(cfg.prompts, cfg.limit, spread=cfg.spread),
+            sampling=cfg.generation.sampling(),
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            out_dir=out,
+            progress=cfg.progress,
+            backend=cfg.generation.backend,
+            dtype=cfg.model.dtype,
+            max_prompt_len=cfg.max_prompt_len,
+        )
+    env_results = run_env_eval(cfg, out) if cfg.env else None
+    report = write_report(out, results, {}, env_results)
     print(f"[chatrlhf] eval: report in {report}")
+    return {**(results or {}), **({"environment": env_results} if env_results else {})}
+
+
+def run_env_eval(cfg: EvalConfig, out: Path) -> dict:
+    """The environment part of ``chatrlhf eval`` (``evaluation.environment``), printed as a table."""
+    from chatrlhf.evaluation.environment import env_table, evaluate_environment
+
+    results = evaluate_environment(cfg.models(), cfg.env, cfg.env_data, limit=cfg.limit, k=cfg.env_k,
+                                   generation=cfg.generation.sampling(), seed=cfg.seed, batch_size=cfg.batch_size,
+                                   backend=cfg.generation.backend, dtype=cfg.model.dtype, out_dir=out,
+                                   progress=cfg.progress)
+    print(env_table(results), flush=True)
     return results

@@ -69,16 +69,18 @@ def generate_episodes(run, items: list[dict], generator: torch.Generator) -> tup
 
 
 def episode_metrics(run, episodes: list[Episode]) -> dict[str, float]:
-    """Means over all processes' episodes: ``env/accuracy`` (``info["correct"]``), ``env/turns``,
-    ``env/tokens`` (after the prompt, both sides), and with tools ``env/tool_calls`` (per episode) and
-    ``env/tool_success`` (the share of calls that ran)."""
-    local = torch.tensor([[len(episodes), sum(bool(e.info.get("correct")) for e in episodes),
-                           sum(e.turns for e in episodes), sum(len(e.ids) for e in episodes),
+    """Means over all processes' episodes: ``env/turns``, ``env/tokens`` (after the prompt, both sides); when
+    the environment reports ``info["correct"]``, ``env/accuracy``; with tools, ``env/tool_calls`` (per episode)
+    and ``env/tool_success`` (the share of calls that ran)."""
+    judged = [e for e in episodes if "correct" in e.info]
+    local = torch.tensor([[len(episodes), sum(e.turns for e in episodes), sum(len(e.ids) for e in episodes),
+                           len(judged), sum(bool(e.info["correct"]) for e in judged),
                            sum(e.info.get("tool_calls", 0) for e in episodes),
                            sum(e.info.get("tool_errors", 0) for e in episodes)]], dtype=torch.float64)
-    n, correct, turns, tokens, calls, errors = run.actor.all_reduce(local)[0].tolist()
-    n = max(n, 1.0)
-    row = {"env/accuracy": correct / n, "env/turns": turns / n, "env/tokens": tokens / n}
+    n, turns, tokens, n_judged, correct, calls, errors = run.actor.all_reduce(local)[0].tolist()
+    row = {"env/turns": turns / max(n, 1.0), "env/tokens": tokens / max(n, 1.0)}
+    if n_judged:
+        row["env/accuracy"] = correct / n_judged
     if run.env.tools:
-        row.update({"env/tool_calls": calls / n, "env/tool_success": (calls - errors) / max(calls, 1.0)})
+        row.update({"env/tool_calls": calls / max(n, 1.0), "env/tool_success": (calls - errors) / max(calls, 1.0)})
     return row
