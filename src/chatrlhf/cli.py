@@ -63,6 +63,7 @@ COMMANDS = {
     "eval": ("chatrlhf.evaluation.run:EvalConfig", "chatrlhf.evaluation.run:run_eval"),
     "chat": ("chatrlhf.chat:ChatConfig", "chatrlhf.chat:run_chat"),
     "serve": ("chatrlhf.feedback.serve:ServeConfig", "chatrlhf.feedback.serve:run_serve"),
+    "serve-reward": ("chatrlhf.rewards.server:ServeRewardConfig", "chatrlhf.rewards.server:run_serve_reward"),
 }
 """command -> (its config dataclass, the function that runs it), imported only when used."""
 

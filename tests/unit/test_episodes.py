@@ -37,13 +37,15 @@ def tok():
 
 
 def scripted(tok, replies_per_turn):
-    """A generate function answering turn k with the canonical tokens of ``replies_per_turn[k]`` (+ EOS)."""
+    """A generate function answering turn k with the canonical tokens of ``replies_per_turn[k]`` (+ EOS), cut
+    at the turn's ``max_new_tokens`` as a sampler would."""
     turn = {"k": 0}
 
     def fn(ids, mask, sampling):
         texts = replies_per_turn[turn["k"]]
         turn["k"] += 1
-        rows = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts[: len(ids)]]
+        rows = [(tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])[: sampling.max_new_tokens]
+                for t in texts[: len(ids)]]
         width = max(len(r) for r in rows)
         tokens = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])
         log_probs = -torch.arange(1, width + 1, dtype=torch.float32).repeat(len(rows), 1) / 10
@@ -158,3 +160,24 @@ def test_token_budget_ends_an_episode_unfinished(tok):
                         tok.eos_token_id, max_total_tokens=len(opening) + 10)
     assert len(e.prompt_ids) + len(e.ids) == len(opening) + 10
     assert e.done and not e.finished and e.turns == 1 and e.score == 0.0
+
+
+class PatientEcho(Echo):
+    end_on_cut = False
+
+
+def test_a_cut_reply_goes_on_when_the_environment_allows_it(tok):
+    """A reply cut at the turn's limit: Echo ends the episode; PatientEcho answers it, the end-of-turn token
+    entering the row as context (untrained), so the row still equals the template's rendering."""
+    rows = [{"prompt": [{"role": "user", "content": "hi"}]}]
+    long = " ".join(["yes"] * 20)
+    (ended,) = run_episodes(Echo(), rows, tok, scripted(tok, [[long]] * 3), SamplingConfig(max_new_tokens=5),
+                            tok.eos_token_id)
+    assert ended.turns == 1 and ended.done and not ended.finished
+    (e,) = run_episodes(PatientEcho(), rows, tok, scripted(tok, [[long]] * 3), SamplingConfig(max_new_tokens=5),
+                        tok.eos_token_id)
+    assert e.turns == 3 and not e.finished and e.score == 3.0  # every reply holds a "yes"
+    first_eos = e.ids.index(tok.eos_token_id)
+    assert first_eos == 5 and e.policy[:5] == [True] * 5 and not e.policy[5]
+    full = tok(tok.apply_chat_template(e.messages, tokenize=False), add_special_tokens=False)["input_ids"]
+    assert e.prompt_ids + e.ids == full[: len(e.prompt_ids) + len(e.ids)]

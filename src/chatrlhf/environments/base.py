@@ -18,7 +18,8 @@ A non-final step may carry a reward too (a per-turn reward, placed on that turn'
 
 The rollout driver (``episodes.py``) enforces the limits: ``max_turns`` policy turns, ``max_total_tokens``
 for the whole conversation, and a tool's ``timeout_s``. An episode a limit ends keeps the rewards its
-environment gave so far (0 when it never said ``done``). ``info`` feeds the evaluation: ``correct`` (bool)
+environment gave so far (0 when it never said ``done``); so does one whose reply was cut at the turn's
+token limit, unless ``end_on_cut`` is False. ``info`` feeds the evaluation: ``correct`` (bool)
 gives the accuracy, ``tool_calls`` and ``tool_errors`` (counts) the tool-call success rate.
 """
 
@@ -56,6 +57,15 @@ class Environment:
     them, else described in a system message (``tools.plain_tool_prompt``)."""
     system: str | None = None
     """A system message put first in every episode (before the tools' description, if any)."""
+    end_on_cut: bool = True
+    """Whether a reply cut at the turn's token limit (no end-of-turn token) ends the episode. False: the
+    environment answers it like any reply, and the end-of-turn token goes into the row as context."""
+    required_columns: tuple[str, ...] = ()
+    """Columns every data row must have; checked on all rows before training (``check_row`` too)."""
+
+    def check_row(self, row: dict) -> str | None:
+        """Why ``row`` cannot start an episode (None: it can); called on every row before training."""
+        return None
 
     def opening(self, row: dict) -> list[dict]:
         """The messages the policy answers first: the row's prompt, after ``system`` when set."""

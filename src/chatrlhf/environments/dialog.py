@@ -90,6 +90,7 @@ class DialogEnv(Environment):
 
     max_turns = 4
     max_total_tokens = 1024
+    end_on_cut = False  # the user asks the next question after a long answer too; the rater judges it
     train_data, eval_data = "demo:prompts_train", "demo:prompts_eval"
 
     def start(self, row: dict) -> dict:

@@ -146,13 +146,16 @@ def _take_turn(e: Episode, env: Environment, rollout: Rollout, i: int, tokenizer
     e.messages.append({"role": "assistant", "content": reply})
     step = env.step(e.state, reply)
     _merge_info(e.info, step)
-    if step.done or last or not e.finished or not step.messages:
+    cut = not e.finished
+    if step.done or last or (cut and env.end_on_cut) or not step.messages or cut and room <= n:
         e.done, e.score = True, float(step.reward) if step.done else 0.0
         if not step.done:
             _add_turn_reward(e, step.reward)
         return
     _add_turn_reward(e, step.reward)
     more = turn_ids(tokenizer, e.messages, step.messages, eos_text)
+    if cut:  # the template closes every turn with the end-of-turn token: it goes in as context, untrained
+        more = [tokenizer.convert_tokens_to_ids(eos_text), *more]
     e.messages += step.messages
     e.ids += more
     e.policy += [False] * len(more)

@@ -273,7 +273,7 @@ def write_report(run_dir: Path, results: dict | None, stages: dict[str, Path], e
     ]
     if results:
         lines += _results_section(results)
-    else:
+    elif not env_results:
         notes.append("No held-out evaluation results: the evaluation table and win-rates are skipped.")
     if env_results:
         from chatrlhf.evaluation.environment import env_table

@@ -2,7 +2,8 @@
 
 Each is ``NAME(prompt: str, response: str, metadata: dict) -> float`` in [0, 1], cheap (regular
 expressions, no model), and deterministic. ``metadata`` is the data row's extra columns plus
-``finished`` (False when the answer was cut at the token limit). They are meant to be mixed with a learned
+``finished`` (False when the answer was cut at the token limit). ``reference_f1`` shows the batched form
+(``@batched``, TRL's ``NAME(prompts, completions, **columns) -> list[float]``). They are meant to be mixed with a learned
 reward in an ensemble (``0.8*outputs/rm/model + 0.2*chatrlhf.rewards.examples:format_reward``): on their
 own they are easy to game (a 30-word answer of the keywords scores well on length and keywords).
 """
@@ -10,6 +11,7 @@ own they are easy to game (a 30-word answer of the keywords scores well on lengt
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 from chatrlhf.rewards import lexicon as lex
 from chatrlhf.rewards.rater import (
@@ -20,6 +22,7 @@ from chatrlhf.rewards.rater import (
     piecewise_linear,
     repetition_ratio,
 )
+from chatrlhf.rewards.sources import batched
 
 # Markdown that reads as clutter in a chat answer: headings, bold/underline markers, code fences, horizontal
 # rules, table rows. Plain "-" / "1." lists are allowed (they are normal in how-to answers).
@@ -107,3 +110,26 @@ def repetition_reward(prompt: str, response: str, metadata: dict) -> float:
     if not words:
         return 0.0
     return 1.0 - repetition_ratio(words, _sentences(response))
+
+
+def _word_f1(answer: str, reference: str) -> float:
+    answer_words, reference_words = (Counter(lex.WORD.findall(t.lower())) for t in (answer, reference))
+    common = sum((answer_words & reference_words).values())
+    if not common:
+        return 0.0
+    precision, recall = common / sum(answer_words.values()), common / sum(reference_words.values())
+    return 2 * precision * recall / (precision + recall)
+
+
+@batched
+def reference_f1(prompts: list[str], completions: list[str], reference: list | None = None, **columns) -> list[float]:
+    """Batched (TRL's form): each answer's word F1 against its row's ``reference`` column, the SQuAD answer
+    metric: F1 = 2PR / (P + R) with P = shared words / answer words, R = shared words / reference words
+    (words as ``lexicon.WORD``, lower-cased, counted with repeats). 0 for a row without a reference (None or
+    not text) and for no shared word.
+
+    Example: "The sky is blue." against reference "blue sky": 2 shared words, P = 2/4, R = 2/2,
+    F1 = 2 * 0.5 * 1 / 1.5 = 2/3.
+    """
+    references = reference if reference is not None else [None] * len(completions)
+    return [_word_f1(c, r) if isinstance(r, str) else 0.0 for c, r in zip(completions, references)]

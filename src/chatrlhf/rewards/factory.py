@@ -6,7 +6,8 @@ A spec is one source or ``W1*SPEC1 + W2*SPEC2 + ...`` (a weighted ensemble, ``en
 - ``encoder:DIR``, or a dir holding an encoder reward model (``EncoderSource``);
 - ``rater``: the simulated rater's overall score (``RaterSource``);
 - ``similarity``: MiniLM cosine similarity of the answer to the row's reference answer (``SimilaritySource``);
-- ``FILE.py:function`` or ``package.module:function``: rewards as code (``FunctionSource``).
+- ``FILE.py:function`` or ``package.module:function``: rewards as code (``FunctionSource``), per answer or batched;
+- ``http://HOST:PORT/PATH`` or ``https://...``: a reward server, e.g. ``chatrlhf serve-reward`` (``RemoteSource``).
 
 A spec of one source without a weight gives a pass-through one-term ensemble (``EnsembleSource.single``), so
 the training loop holds an ensemble whatever the spec and never special-cases a lone source.
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from chatrlhf.rewards.contract import RewardSource
 from chatrlhf.rewards.ensemble import EnsembleSource, is_ensemble_spec, parse_ensemble_spec, unique_names
+from chatrlhf.rewards.remote import RemoteSource, is_remote_spec
 from chatrlhf.rewards.similarity import SimilaritySource
 from chatrlhf.rewards.sources import (
     FUNCTION_FORM,
@@ -29,12 +31,17 @@ from chatrlhf.rewards.sources import (
     is_function_spec,
 )
 
-SPEC_FORMS = f"a reward-model dir, 'rater', 'similarity', 'encoder:DIR', {FUNCTION_FORM}, or 'W1*SPEC1 + W2*SPEC2'"
+SPEC_FORMS = (f"a reward-model dir, 'rater', 'similarity', 'encoder:DIR', {FUNCTION_FORM}, a reward server "
+              "'http://HOST:PORT/PATH', or 'W1*SPEC1 + W2*SPEC2'")
 
 
 def build_single_source(spec: str, policy_tokenizer, dtype: str = "float32",
                         trust_remote_code: bool = False) -> RewardSource:
-    """The one source a spec without `` + `` or weight names (raises naming the spec and the forms)."""
+    """The one source a spec without `` + `` or weight names (raises naming the spec and the forms).
+
+    ``policy_tokenizer`` may be None (``chatrlhf serve-reward``): a reward model then re-encodes the texts."""
+    if is_remote_spec(spec):
+        return RemoteSource(spec)
     if spec == "rater":
         return RaterSource()
     if spec == "similarity":

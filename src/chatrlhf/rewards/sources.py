@@ -5,8 +5,10 @@
   re-encoded with its own tokenizer and chat template;
 - ``EncoderSource``: ``encoder:DIR``, an encoder reward model with its own tokenizer, scoring text pairs;
 - ``RaterSource``: ``rater``, the simulated rater's overall score (the demo's gold judge);
-- ``FunctionSource``: ``FILE.py:function`` or ``package.module:function``, rewards as code:
-  ``function(prompt: str, response: str, metadata: dict) -> float`` (examples in ``examples.py``).
+- ``FunctionSource``: ``FILE.py:function`` or ``package.module:function``, rewards as code, in one of two forms:
+  per answer, ``function(prompt: str, response: str, metadata: dict) -> float``, or batched (TRL's form),
+  ``function(prompts: list, completions: list, **columns) -> list[float]`` for a function marked ``@batched``
+  or having a parameter named ``completions`` (``is_batched``; examples in ``examples.py``).
 
 The similarity source sits in ``similarity.py``. Every source runs without gradients and leaves the models it
 holds in eval mode.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import math
 import numbers
 import re
@@ -43,7 +46,8 @@ class RewardModelSource(RewardSource):
         self.path = path
         self.model = load_reward_model(path, dtype=dtype, trust_remote_code=trust_remote_code).eval()
         self.tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code, padding_side="right")
-        self.shares_tokenizer = _same_vocab(self.tokenizer, policy_tokenizer)
+        # No policy tokenizer (``chatrlhf serve-reward`` receives texts, not token ids): the text path.
+        self.shares_tokenizer = policy_tokenizer is not None and _same_vocab(self.tokenizer, policy_tokenizer)
         self.critic_init = path if self.shares_tokenizer else None
 
     @torch.no_grad()
@@ -146,7 +150,7 @@ def _module_from_name(name: str, spec: str):
         raise ImportError(f"reward spec {spec!r}: importing {name} failed with {type(err).__name__}: {err}") from err
 
 
-def load_reward_function(spec: str) -> Callable[[str, str, dict], float]:
+def load_reward_function(spec: str) -> Callable:
     """The function a ``FILE.py:function`` or ``package.module:function`` spec names (raises naming the spec)."""
     where, _, fn_name = spec.rpartition(":")
     if not is_function_spec(spec):
@@ -169,19 +173,82 @@ def _as_reward(value, spec: str, row: int) -> float:
                      "batch; it must return a finite number (int or float, not NaN or inf)")
 
 
-class FunctionSource(RewardSource):
-    """Rewards as code: ``function(prompt, response, metadata) -> float`` called once per answer.
+BATCHED_ATTR = "chatrlhf_batched"
+"""The attribute ``batched`` sets on a function (True): ``FunctionSource`` then calls it once per batch."""
 
-    ``prompt`` is the prompt as text (``prompt_texts``); ``metadata`` is the row's meta plus ``finished``
-    (False when the answer was cut at the token limit).
+
+def batched(fn: Callable) -> Callable:
+    """Marks ``fn(prompts, completions, **columns) -> list[float]`` as a batched reward function.
+
+    Usage: ``@chatrlhf.rewards.batched`` above the ``def``. The function itself is returned (with
+    ``fn.chatrlhf_batched = True``), so it stays callable as written.
+    """
+    setattr(fn, BATCHED_ATTR, True)
+    return fn
+
+
+def _parameters(fn: Callable) -> dict[str, inspect.Parameter] | None:
+    try:
+        return dict(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):  # some builtins and C functions have no signature to read
+        return None
+
+
+def is_batched(fn: Callable) -> bool:
+    """Whether ``FunctionSource`` calls ``fn`` once per batch: it is marked ``@batched``, or it has a parameter
+    named ``completions`` (TRL's name, so TRL reward functions work unchanged). Otherwise once per answer."""
+    return bool(getattr(fn, BATCHED_ATTR, False)) or "completions" in (_parameters(fn) or {})
+
+
+def batch_columns(meta: list[dict], finished: list[bool], n: int) -> dict[str, list]:
+    """The rows' extra columns as lists of ``n`` (None where a row lacks the column), plus ``finished``.
+
+    Example: meta ``[{"reference": "a"}, {"reference": "b", "id": 2}]``, finished ``[True, False]`` ->
+    ``{"reference": ["a", "b"], "id": [None, 2], "finished": [True, False]}``.
+    """
+    rows = meta or [{} for _ in range(n)]
+    names = list(dict.fromkeys(k for row in rows for k in row))  # first-seen order
+    columns = {k: [row.get(k) for row in rows] for k in names}
+    columns["finished"] = list(finished)
+    return columns
+
+
+def _as_rewards(values, spec: str, n: int) -> list[float]:
+    """A batched function's return as ``n`` finite floats, or an error naming the spec (and the row)."""
+    if hasattr(values, "tolist") and not isinstance(values, numbers.Real):  # a tensor or NumPy array
+        values = values.tolist()
+    if not isinstance(values, (list, tuple)):
+        raise ValueError(f"batched reward function {spec} returned {values!r:.80} ({type(values).__name__}); "
+                         f"it must return a list of {n} finite numbers, one per answer")
+    if len(values) != n:
+        raise ValueError(f"batched reward function {spec} returned {len(values)} scores for a batch of {n} answers; "
+                         f"it must return one finite number per answer, in the order of `completions`")
+    return [_as_reward(v, spec, i) for i, v in enumerate(values)]
+
+
+class FunctionSource(RewardSource):
+    """Rewards as code, in one of two forms (``is_batched`` tells which; docs/rewards.md):
+
+    - per answer, ``function(prompt, response, metadata) -> float``: ``prompt`` is the prompt as text
+      (``prompt_texts``); ``metadata`` is the row's meta plus ``finished`` (False when the answer was cut at the
+      token limit);
+    - batched, ``function(prompts=[...], completions=[...], **columns) -> list[float]``, called once per batch
+      with keyword arguments as TRL calls its reward functions: ``prompts`` the prompt texts, ``completions``
+      the answer texts, ``columns`` the rows' extra columns and ``finished`` as lists (``batch_columns``); a
+      function without ``**kwargs`` gets only the arguments it names (``def f(completions)`` gets no prompts).
     """
 
     def __init__(self, spec: str):
         self.fn = load_reward_function(spec)
         self.name, self.short_name = f"fn:{spec}", spec.rpartition(":")[2]
         self.spec = spec
+        self.batched = is_batched(self.fn)
 
     def __call__(self, batch: RewardBatch) -> torch.Tensor:
+        out = self._call_batched(batch) if self.batched else self._call_each(batch)
+        return torch.tensor(out, dtype=torch.float32)  # (B,)
+
+    def _call_each(self, batch: RewardBatch) -> list[float]:
         texts = prompt_texts(batch)
         metas = batch.meta or [{} for _ in texts]
         out = []
@@ -192,4 +259,23 @@ class FunctionSource(RewardSource):
                 raise RuntimeError(f"reward function {self.spec} raised {type(err).__name__} on row {i} of the "
                                    f"batch (prompt {prompt[:80]!r}): {err}") from err
             out.append(_as_reward(value, self.spec, i))
-        return torch.tensor(out, dtype=torch.float32)  # (B,)
+        return out
+
+    def _call_batched(self, batch: RewardBatch) -> list[float]:
+        n = len(batch.responses)
+        columns = batch_columns(batch.meta, batch.finished, n)
+        for taken in ("prompts", "completions"):
+            if taken in columns:
+                raise ValueError(f"batched reward function {self.spec}: the data has a column named {taken!r}, "
+                                 f"which would replace the {taken} argument; rename that column")
+        arguments = {"prompts": prompt_texts(batch), "completions": list(batch.responses), **columns}
+        params = _parameters(self.fn)
+        if params is not None and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            arguments = {k: v for k, v in arguments.items() if k in params}  # no **kwargs: only what it names
+        try:
+            values = self.fn(**arguments)
+        except Exception as err:
+            raise RuntimeError(f"batched reward function {self.spec} raised {type(err).__name__} on a batch of {n} "
+                               f"answers (called as f(prompts=..., completions=..., **columns) because it is "
+                               f"marked @batched or has a 'completions' parameter): {err}") from err
+        return _as_rewards(values, self.spec, n)

@@ -33,15 +33,19 @@ class EnvironmentScores(RewardSource):
 
 
 def check_rows(env: Environment, spec: str, records: list[dict]) -> None:
-    """Every prompt row has the columns the environment reads (``required_columns``), or an error naming the
-    first row without one and the environment's own data."""
+    """Every prompt row has the columns the environment reads (``required_columns``) and passes its
+    ``check_row``, or an error names the first row that does not (and the environment's own data)."""
     for i, rec in enumerate(records):
-        missing = [c for c in getattr(env, "required_columns", ()) if c not in rec.get("meta", {})]
+        meta = rec.get("meta", {})
+        missing = [c for c in env.required_columns if c not in meta]
+        where = f"{rec.get('_source', 'the prompt data')}, row {rec.get('_row', i + 1)}"
         if missing:
-            where = f"{rec.get('_source', 'the prompt data')}, row {rec.get('_row', i + 1)}"
             data = getattr(env, "train_data", None)
             fix = f" (its data: --data.datasets {data})" if data else ""
             raise ValueError(f"{where} has no {missing[0]!r} column, which --env {spec} reads{fix}")
+        problem = env.check_row({"prompt": rec["prompt"], **meta})
+        if problem:
+            raise ValueError(f"{where}: {problem} (--env {spec})")
 
 
 def generate_episodes(run, items: list[dict], generator: torch.Generator) -> tuple[Rollout, dict]:
