@@ -273,7 +273,7 @@ def b_ppo_prompt_surrogate(env):
 
 
 def b_ppo_prompt_role(env):
-    bad = json.dumps({"prompt": [{"role": "tool", "content": "q"}]})
+    bad = json.dumps({"prompt": [{"role": "robot", "content": "q"}]})
     data = lines_file(env, "prompts.jsonl", bad, at=3, good=prompt_lines())
     return env.rl("ppo", "--reward", "rater", "--data.datasets", f"[{data}]")
 
@@ -399,7 +399,7 @@ CASES = [
     # ---- ppo / grpo prompts
     Case("ppo-prompt-lone-surrogate", b_ppo_prompt_surrogate, ("prompts.jsonl line 2", "field 'prompt'", "surrogate",
                                                                SURROGATE_FIX)),
-    Case("ppo-prompt-role-tool", b_ppo_prompt_role, ("prompts.jsonl line 3", "field 'prompt'", "unknown role 'tool'",
+    Case("ppo-prompt-role-robot", b_ppo_prompt_role, ("prompts.jsonl line 3", "field 'prompt'", "unknown role 'robot'",
                                                      "Fix: use one of")),
     Case("grpo-prompt-twice", b_grpo_prompt_duplicate, ("prompts.jsonl line 4", "key 'prompt' appears twice",
                                                         "Fix: keep one")),
