@@ -154,3 +154,21 @@ def test_env_needs_its_columns(x, tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "has no 'answer' column, which --env math reads (its data: --data.datasets demo:math_train)" in err
+
+
+def test_eval_plays_the_environment(x, tmp_path, capsys):
+    """``chatrlhf eval --env``: each model's accuracy, pass@k, turns and tokens, its win-rate over the one before
+    and the report's table; the SFT model's short answers reach the second turn, the untrained model's do not
+    end and are cut at the first."""
+    base, out = build_tiny_llama(tmp_path / "base"), tmp_path / "eval"
+    assert main(["eval", "--model.name_or_path", x["model"], "--name", "sft", "--baselines", f"{{base: {base}}}",
+                 "--env", x["env"], "--env_data", x["prompts"], "--env_k", "3", "--gold", "false", "--limit", "6",
+                 "--generation.max_new_tokens", "8", "--generation.backend", "native", "--output_dir", str(out),
+                 "--progress", "false"]) == 0
+    results = json.loads((out / "env_eval.json").read_text())
+    assert results["rows"] == 6 and list(results["models"]) == ["base", "sft"]
+    for m in results["models"].values():
+        assert m["episodes"] == 6 and 0.0 <= m["accuracy"] <= m["pass@3"] <= 1.0 and m["tool_success"] is None
+    assert results["models"]["sft"]["turns"] == 2.0
+    assert set(results["win_rates"]) == {"sft vs base"}
+    assert "## Environment" in (out / "report.md").read_text() and "| sft |" in capsys.readouterr().out

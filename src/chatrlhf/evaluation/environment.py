@@ -59,21 +59,23 @@ def play(path: str, env, rows: list[dict], sampling: SamplingConfig, samples: in
     return [episodes[i * samples : (i + 1) * samples] for i in range(len(rows))]
 
 
-def summarise(greedy: list[Episode], sampled: list[list[Episode]] | None, k: int) -> dict:
+def summarise(greedy: list[Episode], sampled: list[list[Episode]] | None, k: int, judged: bool) -> dict:
     """One model's figures: greedy ``accuracy`` (pass@1) and ``score``, ``pass@k`` over the sampled
-    episodes, ``turns`` and ``tokens`` per greedy episode, ``tool_calls`` per episode and ``tool_success``."""
+    episodes, ``turns`` and ``tokens`` per greedy episode, ``tool_calls`` per episode and ``tool_success``.
+    judged: the environment judges answers (sets ``info["correct"]``); an episode it never judged (cut at a
+    limit first) counts as wrong."""
     n = len(greedy)
     calls = sum(e.info.get("tool_calls", 0) for e in greedy)
     errors = sum(e.info.get("tool_errors", 0) for e in greedy)
     out = {"episodes": n, "score": sum(e.score for e in greedy) / n, "turns": sum(e.turns for e in greedy) / n,
            "tokens": sum(len(e.ids) for e in greedy) / n, "tool_calls": calls / n,
            "tool_success": (calls - errors) / calls if calls else None}
-    if all("correct" in e.info for e in greedy):
-        out["accuracy"] = sum(bool(e.info["correct"]) for e in greedy) / n
-    if sampled and all("correct" in e.info for row in sampled for e in row):
-        out[f"pass@{k}"] = sum(pass_at_k(len(row), sum(bool(e.info["correct"]) for e in row), k)
+    if judged:
+        out["accuracy"] = sum(bool(e.info.get("correct")) for e in greedy) / n
+    if judged and sampled:
+        out[f"pass@{k}"] = sum(pass_at_k(len(row), sum(bool(e.info.get("correct")) for e in row), k)
                                for row in sampled) / len(sampled)
-        out["sampled_accuracy"] = sum(pass_at_k(len(row), sum(bool(e.info["correct"]) for e in row), 1)
+        out["sampled_accuracy"] = sum(pass_at_k(len(row), sum(bool(e.info.get("correct")) for e in row), 1)
                                       for row in sampled) / len(sampled)
     return out
 
@@ -93,13 +95,17 @@ def evaluate_environment(models: dict[str, str], env_spec: str, data: str | None
     rows = load_rows(data, limit)
     greedy_sampling = SamplingConfig(generation.max_new_tokens, do_sample=False)
     results: dict = {"env": env_spec, "data": data, "rows": len(rows), "k": k, "models": {}, "win_rates": {}}
-    scores = {}
+    played = {}
     for name, path in models.items():
         greedy = [row[0] for row in play(path, env, rows, greedy_sampling, 1, batch_size=batch_size, seed=seed,
                                          backend=backend, dtype=dtype, progress=progress)]
         sampled = (play(path, env, rows, generation, k, batch_size=batch_size, seed=seed, backend=backend,
-                        dtype=dtype, progress=progress) if k >= 2 else None)
-        results["models"][name] = summarise(greedy, sampled, k)
+                        dtype=dtype, progress=progress) if k >= 2 else [])
+        played[name] = greedy, sampled
+    judged = any("correct" in e.info for greedy, sampled in played.values() for e in greedy + sum(sampled, []))
+    scores = {}
+    for name, (greedy, sampled) in played.items():
+        results["models"][name] = summarise(greedy, sampled, k, judged)
         scores[name] = [e.score for e in greedy]
         results.setdefault("samples", {})[name] = [e.messages for e in greedy[:3]]
     names = list(models)
@@ -113,7 +119,7 @@ def evaluate_environment(models: dict[str, str], env_spec: str, data: str | None
 def env_table(results: dict) -> str:
     """The results as a markdown section for the run report."""
     k = results["k"]
-    cols = ["accuracy", f"pass@{k}", "score", "tool_success", "tool_calls", "turns", "tokens"]
+    cols = ["accuracy", *([f"pass@{k}"] if k else []), "score", "tool_success", "tool_calls", "turns", "tokens"]
     lines = [f"## Environment `{results['env']}` on {results['data']} ({results['rows']} rows)", "",
              "| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, m in results["models"].items():

@@ -237,7 +237,8 @@ class VLLMEngine:
         Checked before loading (every tensor, right names and shapes) and after (the engine's modules compute
         with the pushed tensors); anything else raises, never leaving a stale policy (chatrlhf.rollout.vllm_weights)."""
         self._check_open()
-        pushed = check_push(list(named_tensors), self._shapes, self._groups)
+        dtype = getattr(torch, self.dtype)  # cast here: vLLM warns once per tensor loaded in another dtype
+        pushed = {name: t.to(dtype) for name, t in check_push(list(named_tensors), self._shapes, self._groups).items()}
         with contained(), torch.no_grad():
             self._wake(weights_only=True)
             # On CPU vLLM packs each linear layer's weight for its matmul kernel and empties the parameter, so

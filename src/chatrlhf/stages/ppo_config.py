@@ -35,8 +35,9 @@ class PPOConfig:
     (DSC), else the actor's trunk with a fresh value head."""
     reward: str = ""
     """Reward source: a reward-model dir, ``encoder:DIR``, ``rater``, ``similarity`` (MiniLM cosine to the
-    row's reference answer), ``FILE.py:function`` / ``package.module:function`` (rewards as code), or a
-    weighted ensemble of these joined by ``+`` (``0.7*outputs/rm/model + 0.3*rater``). See docs/rewards.md."""
+    row's reference answer), ``FILE.py:function`` / ``package.module:function`` (rewards as code),
+    ``http://HOST:PORT/PATH`` (a remote scorer, e.g. ``chatrlhf serve-reward``), or a weighted ensemble of these
+    joined by ``+`` (``0.7*outputs/rm/model + 0.3*rater``). See docs/rewards.md."""
     env: str | None = None
     """An environment to play instead of answering once (docs/environments.md): ``math``, ``calculator``,
     ``dialog``, ``FILE.py:Name`` or ``package.module:Name``. Each prompt row starts an episode; the
@@ -159,7 +160,8 @@ class PPOConfig:
 
         if not self.reward and not self.env:
             raise ConfigError(f"--{p}reward is required: a reward-model dir (from `chatrlhf rm`), 'rater', "
-                              "'encoder:DIR' or 'FILE.py:function' (or play an environment: --env)")
+                              "'encoder:DIR', 'FILE.py:function' or 'http://HOST:PORT/PATH' "
+                              "(or play an environment: --env)")
         if self.reward and self.env:
             raise ConfigError(f"--{p}env {self.env} gives the rewards: unset --{p}reward ({self.reward!r}), or score "
                               "with it inside the environment's step")

@@ -84,7 +84,7 @@ def episode_metrics(run, episodes: list[Episode]) -> dict[str, float]:
     n, turns, tokens, n_judged, correct, calls, errors = run.actor.all_reduce(local)[0].tolist()
     row = {"env/turns": turns / max(n, 1.0), "env/tokens": tokens / max(n, 1.0)}
     if n_judged:
-        row["env/accuracy"] = correct / n_judged
+        row["env/accuracy"] = correct / n  # an episode cut before the environment judged it counts as wrong
     if run.env.tools:
         row.update({"env/tool_calls": calls / max(n, 1.0), "env/tool_success": (calls - errors) / max(calls, 1.0)})
     return row

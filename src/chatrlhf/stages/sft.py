@@ -120,9 +120,10 @@ def train_sft(cfg: SFTConfig) -> dict[str, float]:
 
     # ---- train ----------------------------------------------------------------------------------
     baseline = None  # the starting model's eval, for comparison with the final one
-    if cfg.run.eval_at_start and start == 0:
+    if cfg.run.eval_at_start and start == 0 and evals:
         baseline = evaluate(engine, evals, collate, cfg.engine.micro_batch_size)
         logger.log(0, baseline, "eval")
+    loss = None  # the last step's, when resumed at the end
     bar = tqdm(total=n_steps, initial=start, desc="sft", disable=not (cfg.run.progress and engine.is_rank_0))
     for step in range(start, n_steps):
         epoch = step // plan.steps_per_epoch
@@ -140,7 +141,8 @@ def train_sft(cfg: SFTConfig) -> dict[str, float]:
     bar.close()
 
     # ---- evaluate and save ----------------------------------------------------------------------
-    metrics = evaluate(engine, evals, collate, cfg.engine.micro_batch_size)
+    # Without an eval split (eval_fraction 0) the summary holds the last step's training loss instead.
+    metrics = evaluate(engine, evals, collate, cfg.engine.micro_batch_size) if evals else {"train_loss": loss}
     logger.log(n_steps, metrics, "eval")
     engine.save_hf(out / MODEL_SUBDIR, tokenizer)
     if engine.is_rank_0:
