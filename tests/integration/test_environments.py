@@ -172,3 +172,24 @@ def test_eval_plays_the_environment(x, tmp_path, capsys):
     assert results["models"]["sft"]["turns"] == 2.0
     assert set(results["win_rates"]) == {"sft vs base"}
     assert "## Environment" in (out / "report.md").read_text() and "| sft |" in capsys.readouterr().out
+
+
+def test_math_preset_runs_sft_grpo_and_the_environment_eval(tmp_path):
+    """``chatrlhf train --preset math`` end to end, shrunk to a tiny model and a few steps: SFT on the tool-use
+    demonstrations, GRPO on the calculator environment (no reward model), then base, SFT and GRPO play the
+    held-out problems and the report holds their table."""
+    out = tmp_path / "math"
+    assert main(["train", "--preset", "math", "--model.name_or_path", str(build_tiny_llama(tmp_path / "tiny")),
+                 "--run.output_dir", str(out), "--run.progress", "false", "--run.precision", "fp32",
+                 "--sft.max_steps", "2", "--grpo.max_iterations", "1", "--grpo.rollout_batch_size", "2",
+                 "--grpo.samples_per_prompt", "2", "--grpo.actor_engine.micro_batch_size", "4",
+                 "--grpo.generation.max_new_tokens", "8", "--eval.limit", "4",
+                 "--eval.generation.max_new_tokens", "8"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert {"sft", "grpo"} <= set(summary) and "rm" not in summary and not (out / "rm").exists()
+    assert summary["sft"]["train_loss"] > 0.0 and summary["grpo"]["rollout_backend"] != "vllm"
+    env = summary["environment"]
+    assert env["env"] == "calculator" and env["data"] == "demo:math_eval" and env["rows"] == 4
+    assert set(env["models"]) == {"base", "sft", "grpo"} and set(env["win_rates"]) == {"sft vs base", "grpo vs sft"}
+    assert all(0.0 <= m["accuracy"] <= 1.0 for m in env["models"].values())
+    assert "## Environment `calculator`" in (out / "report.md").read_text()
