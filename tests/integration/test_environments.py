@@ -192,4 +192,6 @@ def test_math_preset_runs_sft_grpo_and_the_environment_eval(tmp_path):
     assert env["env"] == "calculator" and env["data"] == "demo:math_eval" and env["rows"] == 4
     assert set(env["models"]) == {"base", "sft", "grpo"} and set(env["win_rates"]) == {"sft vs base", "grpo vs sft"}
     assert all(0.0 <= m["accuracy"] <= 1.0 for m in env["models"].values())
-    assert "## Environment `calculator`" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "## Environment `calculator`" in report and "### GRPO environment" in report and "Gold vs proxy" not in report
+    assert (out / "plots" / "grpo_env.png").is_file()

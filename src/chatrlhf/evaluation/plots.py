@@ -144,6 +144,24 @@ def plot_gold_vs_proxy(rows: list[dict], out: Path, stage: str = "ppo") -> Path 
     return _save(fig, out)
 
 
+def plot_env(rows: list[dict], out: Path, stage: str = "grpo") -> Path | None:
+    """An RL stage playing an environment: accuracy (when the environment judges answers), turns and tool
+    calls per episode, one panel each; None when no environment was played."""
+    name = stage_title(stage)
+    wanted = [(f"{name}: accuracy", "train/env/accuracy"), (f"{name}: turns per episode", "train/env/turns"),
+              (f"{name}: tool calls per episode", "train/env/tool_calls")]
+    panels = [(series(rows, key), title) for title, key in wanted if series(rows, key)[0]]
+    if not panels:
+        return None
+    fig = _new_figure(len(panels))
+    for i, (s, title) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        _plot(ax, s, title)
+        ax.set(xlabel=f"{name} step", title=title)
+        ax.grid(alpha=0.3)
+    return _save(fig, out)
+
+
 def plot_preference(rows: list[dict], out: Path, stage: str = "dpo") -> Path | None:
     """A preference stage's train and eval curves: loss, implicit-reward margin and reward accuracy (the share
     of pairs whose chosen answer gets the higher implicit reward), one panel each; None when none was logged."""

@@ -197,15 +197,20 @@ def _plot_file(stage: str, kind: str) -> str:
     return "gold_vs_proxy.png" if (stage, kind) == ("ppo", "gold_vs_proxy") else f"{stage}_{kind}.png"
 
 
-def _stage_plots(stage: str) -> list[tuple[str, str, Callable, str]]:
-    """(file, title, plot function, caption) of each plot the stage named ``stage`` gets."""
+def _stage_plots(stage: str, rows: list[dict]) -> list[tuple[str, str, Callable, str]]:
+    """(file, title, plot function, caption) of each plot the stage named ``stage`` gets (``rows``: its
+    metrics; an RL stage that played an environment gets the environment's curves instead of gold vs proxy)."""
     name = plots.stage_title(stage)
     if stage in plots.RL_STAGES:
+        played = bool(plots.series(rows, "train/env/turns")[0])
         return [
             (_plot_file(stage, "reward"), f"{name} reward", plots.plot_rl_reward,
              f"Reward score per {name} step (and the KL-penalised total)."),
             (_plot_file(stage, "kl"), f"{name} KL and beta", plots.plot_rl_kl,
              f"KL to the reference per answer and the KL coefficient beta per {name} step."),
+            (_plot_file(stage, "env"), f"{name} environment", plots.plot_env,
+             f"Per {name} step over the sampled episodes: accuracy (when the environment judges answers), turns "
+             "and tool calls per episode.") if played else
             (_plot_file(stage, "gold_vs_proxy"), f"{name} Gold vs proxy", plots.plot_gold_vs_proxy,
              f"The gold rater against the reward over {name} steps: the proxy rising while gold falls is "
              "over-optimisation of the reward model."),
@@ -228,7 +233,7 @@ def _plots_section(run_dir: Path, stages: dict[str, Path], notes: list[str]) -> 
     lines = ["## Training curves", ""]
     out_dir = run_dir / PLOTS_DIR
     for stage in stages:
-        for file, title, fn, caption in _stage_plots(stage):
+        for file, title, fn, caption in _stage_plots(stage, rows[stage]):
             made = fn(rows[stage], out_dir / file, stage=stage)
             if made is None:
                 (out_dir / file).unlink(missing_ok=True)  # a stale plot of an earlier report would mislead
