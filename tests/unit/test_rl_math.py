@@ -244,6 +244,40 @@ def test_policy_loss_by_hand():
     close(stats8["clipfrac"], t(0.25))
 
 
+def test_policy_loss_clip_higher_by_hand():
+    """eps 0.2, eps_high 0.6 on policy_case: (1.5, 1) -> max(-1.5, -A clip(1.5, 0.8, 1.6) = -1.5) = -1.5, no
+    longer clipped; the others as in test_policy_loss_by_hand. loss = (-1.5 + 0.8 - 1.0 + 2.2) / 4 = 0.125,
+    clipfrac 1 / 4, and the first token's gradient is back: -A r / 4 = -0.375."""
+    lp, old, adv, mask = policy_case()
+    lp.requires_grad_(True)
+    loss, stats = policy_loss(lp, old, adv, mask, clip_eps=0.2, clip_eps_high=0.6)
+    close(loss, t(0.125))
+    close(stats["clipfrac"], t(0.25))
+    loss.backward()
+    close(lp.grad, [[-0.375, 0.0, -0.25, 0.55, 0.0]])
+
+
+def test_policy_loss_dual_clip_by_hand():
+    """eps 0.2, C 1.5; (r, A) -> A < 0: min(max(-A r, -A clip(r)), -A C), else max(...):
+    (4, -1) -> min(max(4, 1.2), 1.5) = 1.5, dual-clipped (gradient 0)
+    (1, -1) -> min(max(1, 1), 1.5)   = 1    (gradient -A r / 3 = 1/3)
+    (4,  1) -> max(-4, -1.2)         = -1.2 (A > 0: no dual clip; clipped)
+    loss = (1.5 + 1 - 1.2) / 3 = 1.3 / 3; clipfrac 1/3, clipfrac_dual 1/3;
+    approx_kl_k1 = -(ln 4 + 0 + ln 4) / 3, approx_kl (k3) = 2 (3 - ln 4) / 3."""
+    old = t([[-1.0, -2.0, -3.0]])
+    lp = (old + t([[4.0, 1.0, 4.0]]).log()).requires_grad_(True)
+    loss, stats = policy_loss(lp, old, t([[-1.0, -1.0, 1.0]]), t([[1, 1, 1]]), clip_eps=0.2, dual_clip=1.5)
+    close(loss, t(1.3 / 3))
+    close(stats["clipfrac"], t(1 / 3))
+    close(stats["clipfrac_dual"], t(1 / 3))
+    close(stats["approx_kl_k1"], t(-2 * math.log(4) / 3))
+    close(stats["approx_kl"], t(2 * (3 - math.log(4)) / 3))
+    loss.backward()
+    close(lp.grad, [[0.0, 1 / 3, 0.0]])
+    plain, _ = policy_loss(lp, old, t([[-1.0, -1.0, 1.0]]), t([[1, 1, 1]]), clip_eps=0.2)
+    close(plain, t(3.8 / 3))  # without the dual clip the first token costs 4
+
+
 def test_policy_loss_ratio_one_is_minus_mean_advantage():
     """log p == log p_old -> r = 1 -> loss = -mean(A) over the mask = -(1 - 2 + 4) / 3 = -1; no clipping."""
     lp = t([[-0.3, -1.2, -2.0, -5.0]])
@@ -458,3 +492,39 @@ def test_running_moments_pieces_equal_concatenation():
     assert rm.count == 101
     assert rm.mean == pytest.approx(data.mean().item(), rel=1e-12)
     assert rm.std == pytest.approx(data.std().item(), rel=1e-12)
+
+
+def test_aggregation_weights_by_hand():
+    """tokens 4, answers 2, answer lengths [1, 3] (see aggregation_weights)."""
+    from chatrlhf.algorithms.losses import aggregation_weights
+
+    mask = t([[1, 0, 0], [1, 1, 1]])
+    close(aggregation_weights(mask, "token-mean", 4, 2, 8), mask)
+    close(aggregation_weights(mask, "seq-mean-token-mean", 4, 2, 8), [[2.0, 0, 0], [2 / 3, 2 / 3, 2 / 3]])
+    close(aggregation_weights(mask, "seq-mean-token-sum", 4, 2, 8), mask * 2)
+    close(aggregation_weights(mask, "seq-mean-token-sum-norm", 4, 2, 8), mask * 0.25)
+    with pytest.raises(ValueError, match="unknown loss aggregation 'seq-sum'"):
+        aggregation_weights(mask, "seq-sum", 4, 2, 8)
+
+
+@pytest.mark.parametrize("mode", ["seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"])
+def test_aggregated_policy_loss_equals_the_direct_formula_and_adds_up_over_micro_batches(mode):
+    """At ratio 1 the per-token loss is -A: policy_loss with aggregation_weights gives the mode's formula
+    computed directly, and two micro-batches with the mini-batch's counts add up to it."""
+    from chatrlhf.algorithms.losses import aggregation_weights
+
+    gen = torch.Generator().manual_seed(5)
+    mask = ragged_mask()
+    adv = torch.randn(mask.shape, generator=gen, dtype=F64)
+    lp = torch.randn(mask.shape, generator=gen, dtype=F64)
+    tokens, answers, max_len = float(mask.sum()), float(mask.shape[0]), 11
+    per_answer = (-adv * mask).sum(-1)
+    direct = {"seq-mean-token-mean": (per_answer / mask.sum(-1).clamp(min=1)).mean(),
+              "seq-mean-token-sum": per_answer.mean(), "seq-mean-token-sum-norm": per_answer.mean() / max_len}[mode]
+    w = aggregation_weights(mask, mode, tokens, answers, max_len)
+    full, _ = policy_loss(lp, lp.detach(), adv, mask, clip_eps=0.2, normalizer=tokens, weights=w)
+    close(full, direct)
+    parts = sum(policy_loss(lp[r], lp[r].detach(), adv[r], mask[r], clip_eps=0.2, normalizer=tokens,
+                            weights=aggregation_weights(mask[r], mode, tokens, answers, max_len))[0]
+                for r in (slice(0, 2), slice(2, None)))
+    close(parts, direct)

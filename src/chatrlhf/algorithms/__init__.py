@@ -2,6 +2,8 @@
 
 from chatrlhf.algorithms.losses import (
     IGNORE_INDEX,
+    LOSS_AGGREGATIONS,
+    aggregation_weights,
     answer_mask,
     entropy_from_logits,
     gather_log_probs,
@@ -25,6 +27,8 @@ from chatrlhf.algorithms.masking import (
 
 __all__ = [
     "IGNORE_INDEX",
+    "LOSS_AGGREGATIONS",
+    "aggregation_weights",
     "answer_mask",
     "entropy_from_logits",
     "gather_last",

@@ -111,21 +111,30 @@ def policy_loss(
     clip_eps: float,
     normalizer: float | Tensor | None = None,
     weights: Tensor | None = None,
+    clip_eps_high: float | None = None,
+    dual_clip: float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate (Schulman et al. 2017, eq. 7), negated to a loss, per token.
 
-    loss = sum_mask w max(-A r, -A clip(r, 1 - eps, 1 + eps)) / normalizer, r = exp(log p - log p_old).
+    loss = sum_mask w max(-A r, -A clip(r, 1 - eps, 1 + eps_high)) / normalizer, r = exp(log p - log p_old).
     All inputs (B, T); normalizer defaults to mask.sum() (at least 1); ``weights`` (B, T), constant per
-    token (e.g. :func:`tis_weights`), default 1. Stats (detached, sums / normalizer):
-    clipfrac (tokens where the clipped branch is strictly larger), approx_kl (k3 of old vs new:
-    (r - 1) - log r), ratio (mean r).
+    token (e.g. :func:`tis_weights`), default 1. ``clip_eps_high``: the upper clip range when it differs from
+    the lower (DAPO's clip-higher, Yu et al. 2025: 0.28 with eps 0.2); None: eps. ``dual_clip`` C > 1 (Ye et
+    al. 2020; verl's default 3): where A < 0 the per-token loss is also capped at -A C, so a token whose
+    ratio has grown far past 1 cannot produce an unbounded loss. Stats (detached, sums / normalizer):
+    clipfrac (tokens where the clipped branch is strictly larger), clipfrac_dual (tokens the dual clip
+    capped; 0 without it), approx_kl (k3 of old vs new: (r - 1) - log r), approx_kl_k1 (log p_old - log p,
+    what OpenRLHF, verl and TRL log), ratio (mean r).
 
     Example, eps 0.2, four answer tokens (r, A) -> max(-A r, -A clip(r)):
       (1.5,  1) -> max(-1.5, -1.2) = -1.2 clipped      (0.5, -1) -> max(0.5, 0.8) = 0.8 clipped
       (0.5,  2) -> max(-1.0, -1.6) = -1.0               (1.1, -2) -> max(2.2, 2.2) = 2.2 (tie: not clipped)
       loss = (-1.2 + 0.8 - 1.0 + 2.2) / 4 = 0.2, clipfrac 2/4 = 0.5, ratio 3.6/4 = 0.9,
       approx_kl = [(0.5 - ln 1.5) + 2 (ln 2 - 0.5) + (0.1 - ln 1.1)] / 4 = 0.12137976830185...
+    With eps_high 0.6 the first token is not clipped (r 1.5 < 1.6): loss (-1.5 + 0.8 - 1.0 + 2.2) / 4 = 0.125.
+    With dual_clip 1.5 a token (r 4, A -1) gives min(max(4, 1.2), 1.5) = 1.5 instead of 4.
     """
+    high = clip_eps if clip_eps_high is None else clip_eps_high
     keep = mask.bool()
     m = keep.to(log_probs.dtype)
     n = _normalizer(m, normalizer)
@@ -133,18 +142,55 @@ def policy_loss(
     ratio = torch.exp(log_ratio)  # (B, T)
     adv = zero_off_mask(advantages, keep).to(ratio.dtype)  # (B, T)
     unclipped = -adv * ratio
-    clipped = -adv * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
+    clipped = -adv * ratio.clamp(1.0 - clip_eps, 1.0 + high)
     per_token = torch.maximum(unclipped, clipped)
+    dual = torch.zeros_like(per_token, dtype=torch.bool)
+    if dual_clip is not None:
+        cap = -adv * dual_clip
+        dual = (adv < 0) & (per_token > cap)
+        per_token = torch.where(dual, cap, per_token)
     if weights is not None:
         per_token = per_token * zero_off_mask(weights.detach(), keep).to(per_token.dtype)
     loss = (per_token * m).sum() / n
     with torch.no_grad():
         stats = {
             "clipfrac": ((clipped > unclipped).to(m.dtype) * m).sum() / n,
+            "clipfrac_dual": (dual.to(m.dtype) * m).sum() / n,
             "approx_kl": (((ratio - 1.0) - log_ratio) * m).sum() / n,
+            "approx_kl_k1": (-log_ratio * m).sum() / n,
             "ratio": (ratio * m).sum() / n,
         }
     return loss, stats
+
+
+LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+"""How per-token losses become one number (verl's ``loss_agg_mode``): the mean over all answer tokens; the
+mean over answers of each answer's token mean (TRL's ``grpo`` loss type); of each answer's token sum; of each
+answer's token sum divided by a constant length (Dr. GRPO)."""
+
+
+def aggregation_weights(mask: Tensor, mode: str, tokens: float, answers: float, max_len: int) -> Tensor:
+    """Per-token weights (B, T) that turn ``sum(loss * mask * w) / tokens`` (the token mean over the whole
+    mini-batch, as ``policy_loss`` computes it) into ``mode``'s aggregate. ``tokens`` and ``answers`` are the
+    mini-batch's answer tokens and answers over all processes, so micro-batches and processes add up to the
+    whole mini-batch's loss; ``max_len``: the constant length of ``seq-mean-token-sum-norm``.
+
+    Example, tokens 4, answers 2, answer lengths [1, 3]: token-mean [1 | 1 1 1]; seq-mean-token-mean
+    4 / (2 L_i) = [2 | 2/3 2/3 2/3]; seq-mean-token-sum 4 / 2 = 2 everywhere; seq-mean-token-sum-norm with
+    max_len 8: 4 / (2 * 8) = 0.25 everywhere.
+    """
+    m = mask.to(torch.float64)
+    if mode == "token-mean":
+        w = torch.ones_like(m)
+    elif mode == "seq-mean-token-mean":
+        w = (tokens / answers / m.sum(-1, keepdim=True).clamp(min=1.0)).expand_as(m)
+    elif mode == "seq-mean-token-sum":
+        w = torch.full_like(m, tokens / answers)
+    elif mode == "seq-mean-token-sum-norm":
+        w = torch.full_like(m, tokens / (answers * max_len))
+    else:
+        raise ValueError(f"unknown loss aggregation {mode!r}; one of {', '.join(LOSS_AGGREGATIONS)}")
+    return (w * m).to(mask.dtype if mask.is_floating_point() else torch.float32)
 
 
 def tis_weights(old_log_probs: Tensor, rollout_log_probs: Tensor, cap: float) -> Tensor:

@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from chatrlhf.algorithms import (
+    aggregation_weights,
     entropy_from_logits,
     gather_log_probs,
     masked_sum,
@@ -267,9 +268,13 @@ def _minibatch_step(run: RLRun, exp: Experience, rows: torch.Tensor, iteration: 
         tokens = float(len(rows) * run.world * run.cfg.generation.max_new_tokens)
     else:
         tokens = max(run.actor.all_reduce(exp.mask[rows].sum().double()).item(), 1.0)
+    agg = run.cfg.loss_agg
+    answers = run.actor.all_reduce(torch.tensor(float(len(rows)), dtype=torch.float64)).item() if agg != "token-mean" else 0.0
     stats: dict[str, float] = {}
     for micro_index, micro_rows in enumerate(rows.split(run.cfg.actor_engine.micro_batch_size)):
-        micro_stats = _actor_step(run, exp, micro_rows, tokens, (iteration, update, micro_index))
+        agg_weights = (None if agg == "token-mean" else
+                       aggregation_weights(exp.mask[micro_rows], agg, tokens, answers, run.cfg.generation.max_new_tokens))
+        micro_stats = _actor_step(run, exp, micro_rows, tokens, (iteration, update, micro_index), agg_weights)
         if run.critic is not None:
             micro_stats.update(_critic_step(run, exp, micro_rows, tokens))
         for k, v in micro_stats.items():  # every stat is a share of the mini-batch's: they sum to it
@@ -281,9 +286,12 @@ def _minibatch_step(run: RLRun, exp: Experience, rows: torch.Tensor, iteration: 
     return stats
 
 
-def _actor_step(run: RLRun, exp: Experience, rows: torch.Tensor, tokens: float, ptx_key: tuple) -> dict:
+def _actor_step(run: RLRun, exp: Experience, rows: torch.Tensor, tokens: float, ptx_key: tuple,
+                agg_weights: torch.Tensor | None = None) -> dict:
     """Policy loss (- entropy bonus, + beta * KL in the loss, + ptx) on micro-batch ``rows``: backward, step.
-    Statistics are sums over the micro-batch divided by the mini-batch's normaliser ``tokens``."""
+    Statistics are sums over the micro-batch divided by the mini-batch's normaliser ``tokens``.
+    ``agg_weights`` (b, R): ``loss_agg``'s per-token weights on the policy, entropy and KL terms (None: the
+    token mean)."""
     cfg, actor = run.cfg, run.actor
     answer_len = exp.mask.shape[1]
     sequences, mask = exp.sequences[rows], exp.mask[rows]
@@ -293,12 +301,16 @@ def _actor_step(run: RLRun, exp: Experience, rows: torch.Tensor, tokens: float, 
         exp.old_logprobs[rows] = logprobs.detach()
     old = exp.old_logprobs[rows]
     weights = tis_weights(old, exp.rollout_logprobs[rows], run.tis_cap) if run.tis_cap else None
-    pg_loss, stats = policy_loss(logprobs, old, exp.advantages[rows], mask, cfg.clip_eps, tokens, weights)
-    entropy = masked_sum(entropy_from_logits(logits if cfg.entropy_coef else logits.detach()), mask) / tokens
+    if agg_weights is not None:
+        weights = agg_weights if weights is None else weights * agg_weights
+    agg = 1.0 if agg_weights is None else agg_weights
+    pg_loss, stats = policy_loss(logprobs, old, exp.advantages[rows], mask, cfg.clip_eps, tokens, weights,
+                                 cfg.clip_eps_high, cfg.dual_clip)
+    entropy = masked_sum(entropy_from_logits(logits if cfg.entropy_coef else logits.detach()) * agg, mask) / tokens
     loss = pg_loss - cfg.entropy_coef * entropy
     stats = {**stats, "loss/policy": pg_loss, "entropy": entropy}
     if cfg.kl_in == "loss":  # GRPO: + beta * KL(pi || ref) per answer token
-        kl_loss = masked_sum(rl.KL_ESTIMATORS[cfg.kl_estimator](logprobs, exp.ref_logprobs[rows]), mask) / tokens
+        kl_loss = masked_sum(rl.KL_ESTIMATORS[cfg.kl_estimator](logprobs, exp.ref_logprobs[rows]) * agg, mask) / tokens
         loss = loss + run.kl_ctl.value * kl_loss
         stats["loss/kl"] = kl_loss
     if run.ptx is not None:

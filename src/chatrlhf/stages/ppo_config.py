@@ -117,7 +117,19 @@ class PPOConfig:
     ppo_epochs: int = 1
     """Optimisation passes over each rollout batch (DSC: 1)."""
     clip_eps: float = 0.2
-    """PPO ratio clip (DSC: 0.2)."""
+    """PPO ratio clip (DSC: 0.2): the ratio is clipped to [1 - clip_eps, 1 + clip_eps_high]."""
+    clip_eps_high: float | None = None
+    """Upper clip range when it differs from the lower (DAPO's clip-higher: 0.28 with clip_eps 0.2; verl's
+    ``clip_ratio_high``, TRL's ``epsilon_high``); None: clip_eps."""
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = (
+        "token-mean")
+    """How the per-token policy, entropy and KL-in-loss terms become one loss (verl's ``loss_agg_mode``): the
+    mean over the mini-batch's answer tokens (DSC, OpenRLHF); the mean over answers of each answer's token mean
+    (TRL's ``grpo`` loss type, the GRPO paper); of each answer's token sum; of each answer's token sum over
+    ``max_new_tokens`` (Dr. GRPO). Counted over the whole mini-batch on all processes."""
+    dual_clip: float | None = None
+    """Dual-clip PPO's C > 1 (Ye et al. 2020; verl's ``clip_ratio_c``, 3 there by default): where the advantage
+    is negative the per-token loss is capped at -A * C; None: off (DSC, OpenRLHF's default)."""
     value_clip: float | None = 0.2
     """Value clip around the rollout's values (DSC: 0.2; OpenRLHF 0.5); None: unclipped."""
     entropy_coef: float = 0.0
@@ -154,6 +166,14 @@ class PPOConfig:
         self.generation.validate(f"{prefix}generation")
         self._validate_rollouts(prefix)
         self._validate_shaping(prefix)
+        self._validate_loss(prefix)
+
+    def _validate_loss(self, p: str) -> None:
+        from chatrlhf.algorithms.advantages import ADVANTAGE_ESTIMATORS
+
+        if ADVANTAGE_ESTIMATORS[self.advantage_estimator].constant_normalizer and self.loss_agg != "token-mean":
+            raise ConfigError(f"--{p}advantage_estimator {self.advantage_estimator} fixes the loss's normaliser "
+                              f"(answers x max_new_tokens): leave --{p}loss_agg at token-mean, not {self.loss_agg}")
 
     def _validate_rollouts(self, p: str) -> None:
         from chatrlhf.algorithms.advantages import ADVANTAGE_ESTIMATORS
@@ -206,6 +226,8 @@ class PPOConfig:
         rules = {  # name -> (holds, rule); None means off for the optional ones
             "kl_coef": (self.kl_coef >= 0, ">= 0 (0: no KL term)"),
             "clip_eps": (self.clip_eps > 0, "> 0 (e.g. 0.2)"),
+            "clip_eps_high": (self.clip_eps_high is None or self.clip_eps_high > 0, "> 0 (e.g. 0.28), or null"),
+            "dual_clip": (self.dual_clip is None or self.dual_clip > 1, "> 1 (e.g. 3), or null for no dual clip"),
             "value_clip": (self.value_clip is None or self.value_clip > 0, "> 0, or null for no value clipping"),
             "reward_clip": (self.reward_clip is None or self.reward_clip > 0, "> 0, or null for no clipping"),
             "kl_stop": (self.kl_stop is None or self.kl_stop > 0, "> 0, or null for no early stop"),
