@@ -119,11 +119,12 @@ def metric_rows(out: Path) -> list[dict]:
 
 
 def test_grpo_with_clip_higher_dual_clip_and_sequence_mean_learns(setup, tmp_path):
-    """DAPO's clip-higher, dual-clip and TRL's seq-mean-token-mean aggregation together still learn the rule
-    reward, and the run logs the dual clip's share and both approximate KLs (k3 and the peers' k1)."""
+    """DAPO's clip-higher, dual-clip, TRL's seq-mean-token-mean aggregation and verl's clamped k3+ KL together
+    still learn the rule reward, and the run logs the dual clip's share and both approximate KLs (k3 and the peers' k1)."""
     out = tmp_path / "dapo"
     assert main(rl_flags(setup, out, "grpo", "--max_iterations", "30", "--ppo_epochs", "2", "--clip_eps_high", "0.28",
-                         "--dual_clip", "3", "--loss_agg", "seq-mean-token-mean")) == 0
+                         "--dual_clip", "3", "--loss_agg", "seq-mean-token-mean", "--kl_estimator", "k3+",
+                         "--kl_clamp", "10")) == 0
     r = rewards(out)
     assert sum(r[-4:]) / 4 > sum(r[:4]) / 4 + 0.2, r
     row = metric_rows(out)[-1]
@@ -143,3 +144,13 @@ def test_sequence_aggregation_is_the_same_over_micro_batches(setup, tmp_path, ag
         first[micro] = metric_rows(out)[0]
     for key in ("train/loss/policy", "train/loss/kl", "train/entropy"):
         assert first[4][key] == pytest.approx(first[8][key], rel=1e-5, abs=1e-7), key
+
+
+def test_gspo_sequence_ratio_learns(setup, tmp_path):
+    """GSPO's sequence-level ratio with its own aggregation and clip ranges (widened for a tiny model's large
+    steps) learns the rule reward."""
+    out = tmp_path / "gspo"
+    assert main(rl_flags(setup, out, "grpo", "--max_iterations", "30", "--ppo_epochs", "2", "--ratio_level", "sequence",
+                         "--loss_agg", "seq-mean-token-mean", "--clip_eps", "0.1", "--clip_eps_high", "0.2")) == 0
+    r = rewards(out)
+    assert sum(r[-4:]) / 4 > sum(r[:4]) / 4 + 0.2, r

@@ -73,7 +73,7 @@ def test_kl_estimators_by_hand():
     close(kl_k1(lp, lq), [1.0, -1.0, 0.0])
     close(kl_k2(lp, lq), [0.5, 0.5, 0.0])
     close(kl_k3(lp, lq), [0.36787944117144233, 0.7182818284590451, 0.0])
-    assert KL_ESTIMATORS == {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
+    assert set(KL_ESTIMATORS) == {"k1", "k2", "k3", "k3+"} and KL_ESTIMATORS["k3"] is kl_k3
 
 
 def test_kl_k3_nonnegative_and_precise_for_tiny_differences():
@@ -528,3 +528,37 @@ def test_aggregated_policy_loss_equals_the_direct_formula_and_adds_up_over_micro
                             weights=aggregation_weights(mask[r], mode, tokens, answers, max_len))[0]
                 for r in (slice(0, 2), slice(2, None)))
     close(parts, direct)
+
+
+def test_k3_plus_has_k3_value_and_k2_gradient():
+    """log p = [-1, -2], log q = [-2, -1]: value [e^-1, e - 2] (k3); gradient wrt log p = log p - log q = [1, -1]
+    (k2's), where k3's own gradient would be 1 - e^d = [1 - e^-1, 1 - e]."""
+    from chatrlhf.algorithms.rl import KL_ESTIMATORS, kl_estimate
+
+    lp = t([-1.0, -2.0]).requires_grad_(True)
+    value = KL_ESTIMATORS["k3+"](lp, t([-2.0, -1.0]))
+    close(value, [math.exp(-1), math.e - 2])
+    value.sum().backward()
+    close(lp.grad, [1.0, -1.0])
+    close(kl_estimate("k1", t([-1.0, -30.0]), t([-2.0, -1.0]), clamp=10), [1.0, -10.0])
+    close(kl_estimate("k1", t([-1.0, -30.0]), t([-2.0, -1.0])), [1.0, -29.0])
+
+
+def test_policy_loss_sequence_ratio_by_hand():
+    """GSPO: token ratios [2, 1] (and a masked token) -> both tokens take sqrt 2 = 1.41421356; A 1.
+    eps 0.2: max(-1.414, -1.2) = -1.2 on both, clipped, gradient 0. eps_high 0.5: unclipped, loss -sqrt 2,
+    and d loss / d log p_t = -A sqrt 2 / 2 on each token (r_t = sg[seq] + log p_t - sg[log p_t])."""
+    old = t([[-1.0, -2.0, -3.0]])
+    lp = (old + t([[2.0, 1.0, 5.0]]).log()).requires_grad_(True)
+    adv, mask = t([[1.0, 1.0, 1.0]]), t([[1, 1, 0]])
+    loss, stats = policy_loss(lp, old, adv, mask, clip_eps=0.2, sequence_ratio=True)
+    close(loss, t(-1.2))
+    close(stats["ratio"], t(math.sqrt(2)))
+    close(stats["clipfrac"], t(1.0))
+    loss.backward()
+    close(lp.grad, [[0.0, 0.0, 0.0]])
+    lp.grad = None
+    loss, _ = policy_loss(lp, old, adv, mask, clip_eps=0.2, clip_eps_high=0.5, sequence_ratio=True)
+    close(loss, t(-math.sqrt(2)))
+    loss.backward()
+    close(lp.grad, [[-math.sqrt(2) / 2, -math.sqrt(2) / 2, 0.0]])

@@ -48,7 +48,27 @@ def kl_k3(log_probs: Tensor, ref_log_probs: Tensor) -> Tensor:
     return torch.expm1(d) - d
 
 
-KL_ESTIMATORS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
+def kl_k3_plus(log_probs: Tensor, ref_log_probs: Tensor) -> Tensor:
+    """k3's value with k2's gradient (straight-through; verl's ``k3+``): k2 + (k3 - k2).detach(). k2's
+    gradient is the unbiased gradient of KL(p || q) on p's own samples, which k3's is not.
+
+    Example as k1: value [e^-1, e - 2]; d value / d log p = log p - log q = [1, -1].
+    """
+    k2 = kl_k2(log_probs, ref_log_probs)
+    return k2 + (kl_k3(log_probs, ref_log_probs) - k2).detach()
+
+
+KL_ESTIMATORS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3,
+                                                                "k3+": kl_k3_plus}
+
+
+def kl_estimate(name: str, log_probs: Tensor, ref_log_probs: Tensor, clamp: float | None = None) -> Tensor:
+    """Per-token KL estimate ``KL_ESTIMATORS[name]``, clamped to [-clamp, clamp] when given (verl clamps its
+    k3 to +-10, so one token far off the reference cannot dominate the reward or the loss).
+
+    Example: k1, log p = [-1, -30], log q = [-2, -1], clamp 10 -> [1, -10]."""
+    kl = KL_ESTIMATORS[name](log_probs, ref_log_probs)
+    return kl if clamp is None else kl.clamp(-clamp, clamp)
 
 
 def sequence_kl(kl: Tensor, mask: Tensor) -> Tensor:

@@ -205,7 +205,7 @@ def compute_advantages(run: RLRun, exp: Experience) -> tuple[torch.Tensor, torch
     """(rewards, advantages, returns) (B, R): the score at the last answer token (- beta * KL per token when
     the KL sits in the reward), then the estimator; advantages whitened over all processes if asked."""
     cfg = run.cfg
-    kl = rl.KL_ESTIMATORS[cfg.kl_estimator](exp.old_logprobs, exp.ref_logprobs) * exp.mask  # (B, R)
+    kl = rl.kl_estimate(cfg.kl_estimator, exp.old_logprobs, exp.ref_logprobs, cfg.kl_clamp) * exp.mask  # (B, R)
     beta_in_reward = run.kl_ctl.value if cfg.kl_in == "reward" else 0.0
     rewards = rl.shaped_rewards(exp.scores, kl, exp.mask, beta_in_reward, cfg.reward_clip)
     if exp.turn_rewards is not None:  # an environment's per-turn rewards, each on its turn's last token
@@ -305,12 +305,13 @@ def _actor_step(run: RLRun, exp: Experience, rows: torch.Tensor, tokens: float, 
         weights = agg_weights if weights is None else weights * agg_weights
     agg = 1.0 if agg_weights is None else agg_weights
     pg_loss, stats = policy_loss(logprobs, old, exp.advantages[rows], mask, cfg.clip_eps, tokens, weights,
-                                 cfg.clip_eps_high, cfg.dual_clip)
+                                 cfg.clip_eps_high, cfg.dual_clip, cfg.ratio_level == "sequence")
     entropy = masked_sum(entropy_from_logits(logits if cfg.entropy_coef else logits.detach()) * agg, mask) / tokens
     loss = pg_loss - cfg.entropy_coef * entropy
     stats = {**stats, "loss/policy": pg_loss, "entropy": entropy}
     if cfg.kl_in == "loss":  # GRPO: + beta * KL(pi || ref) per answer token
-        kl_loss = masked_sum(rl.KL_ESTIMATORS[cfg.kl_estimator](logprobs, exp.ref_logprobs[rows]) * agg, mask) / tokens
+        kl = rl.kl_estimate(cfg.kl_estimator, logprobs, exp.ref_logprobs[rows], cfg.kl_clamp)
+        kl_loss = masked_sum(kl * agg, mask) / tokens
         loss = loss + run.kl_ctl.value * kl_loss
         stats["loss/kl"] = kl_loss
     if run.ptx is not None:

@@ -77,9 +77,12 @@ class PPOConfig:
     kl_coef: float = 0.1
     """Initial beta of the KL penalty (DSC: 0.1, fixed): with ``kl_in=reward`` each answer token's reward
     gets -beta * KL(pi || pi_ref); with ``kl_in=loss`` +beta * KL is added to the policy loss instead."""
-    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    kl_estimator: Literal["k1", "k2", "k3", "k3+"] = "k1"
     """Per-token KL estimate, in the reward or the loss as ``kl_in`` says: k1 = log pi - log pi_ref (DSC),
-    k3 = the non-negative one (Schulman's blog, "Approximating KL divergence")."""
+    k2 = half its square, k3 = the non-negative one (Schulman's blog, "Approximating KL divergence"), k3+ =
+    k3's value with k2's unbiased gradient (verl's ``k3+``; in the loss)."""
+    kl_clamp: float | None = None
+    """Clamp each token's KL estimate to +-this (verl: 10) in the reward and the loss; None: no clamp."""
     kl_target: float | None = None
     """With a target, beta adapts toward this mean per-answer KL (Ziegler et al. 2019); None: fixed beta."""
     kl_horizon: int = 10000
@@ -127,6 +130,9 @@ class PPOConfig:
     mean over the mini-batch's answer tokens (DSC, OpenRLHF); the mean over answers of each answer's token mean
     (TRL's ``grpo`` loss type, the GRPO paper); of each answer's token sum; of each answer's token sum over
     ``max_new_tokens`` (Dr. GRPO). Counted over the whole mini-batch on all processes."""
+    ratio_level: Literal["token", "sequence"] = "token"
+    """The importance ratio per token (PPO) or per answer, the geometric mean of its tokens' ratios (GSPO,
+    Zheng et al. 2025: with ``--loss_agg seq-mean-token-mean --clip_eps 3e-4 --clip_eps_high 4e-4``)."""
     dual_clip: float | None = None
     """Dual-clip PPO's C > 1 (Ye et al. 2020; verl's ``clip_ratio_c``, 3 there by default): where the advantage
     is negative the per-token loss is capped at -A * C; None: off (DSC, OpenRLHF's default)."""
@@ -227,6 +233,7 @@ class PPOConfig:
             "kl_coef": (self.kl_coef >= 0, ">= 0 (0: no KL term)"),
             "clip_eps": (self.clip_eps > 0, "> 0 (e.g. 0.2)"),
             "clip_eps_high": (self.clip_eps_high is None or self.clip_eps_high > 0, "> 0 (e.g. 0.28), or null"),
+            "kl_clamp": (self.kl_clamp is None or self.kl_clamp > 0, "> 0 (e.g. 10), or null for no clamp"),
             "dual_clip": (self.dual_clip is None or self.dual_clip > 1, "> 1 (e.g. 3), or null for no dual clip"),
             "value_clip": (self.value_clip is None or self.value_clip > 0, "> 0, or null for no value clipping"),
             "reward_clip": (self.reward_clip is None or self.reward_clip > 0, "> 0, or null for no clipping"),
@@ -253,7 +260,7 @@ class GRPOConfig(PPOConfig):
     """Prompts per iteration over all processes (x samples_per_prompt answers)."""
     kl_in: Literal["reward", "loss"] = "loss"
     """GRPO puts the KL in the loss, not the reward."""
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    kl_estimator: Literal["k1", "k2", "k3", "k3+"] = "k3"
     """GRPO's unbiased, non-negative estimator (Schulman's k3)."""
     kl_coef: float = 0.04
     """GRPO's beta (DeepSeekMath: 0.04), on the KL term of the loss."""
