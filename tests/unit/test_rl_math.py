@@ -562,3 +562,27 @@ def test_policy_loss_sequence_ratio_by_hand():
     close(loss, t(-math.sqrt(2)))
     loss.backward()
     close(lp.grad, [[-math.sqrt(2) / 2, -math.sqrt(2) / 2, 0.0]])
+
+
+@pytest.mark.parametrize(("of", "beta"), [("answer", 0.1), ("token", 0.1 * (1 - 0.2 * 2 / 10))])
+def test_adaptive_kl_is_fed_the_answer_or_the_token_mean(of, beta):
+    """k1 0.5 on each of 4 answer tokens, answers of 3 and 1 tokens: answer KLs [1.5, 0.5], mean 1.0; token
+    mean 2.0 / 4 = 0.5. Target 1, horizon 10, 2 answers: fed 1.0, e = 0 and beta stays 0.1; fed 0.5,
+    e = clip(-0.5) = -0.2 and beta = 0.1 (1 - 0.2 * 2 / 10) = 0.096. The logged KL is the answer mean either way."""
+    from types import SimpleNamespace
+
+    from chatrlhf.algorithms.rl import AdaptiveKLController
+    from chatrlhf.stages.ppo import _adapt_kl
+
+    mask = t([[1, 1, 1, 0], [1, 0, 0, 0]])
+    old = t([[-1.0, -1.0, -1.0, 0.0], [-1.0, 0.0, 0.0, 0.0]])
+    run = SimpleNamespace(world=1, actor=SimpleNamespace(all_reduce=lambda x: x), cfg=SimpleNamespace(kl_target_of=of),
+                          kl_ctl=AdaptiveKLController(0.1, 1.0, 10))
+    kl, used = _adapt_kl(run, SimpleNamespace(old_logprobs=old, ref_logprobs=old - 0.5 * mask, mask=mask))
+    assert kl == pytest.approx(1.0) and used == 0.1 and run.kl_ctl.value == pytest.approx(beta)
+
+
+def test_grpo_does_not_clip_rewards_by_default_and_ppo_does():
+    from chatrlhf.stages.ppo_config import GRPOConfig, PPOConfig
+
+    assert GRPOConfig().reward_clip is None and PPOConfig().reward_clip == 5.0

@@ -342,12 +342,14 @@ def _add(d: dict, key: str, value: float) -> None:
 
 
 def _adapt_kl(run: RLRun, exp: Experience) -> tuple[float, float]:
-    """(mean answer KL over all processes, the beta this iteration used); then the KL controller's step."""
+    """(mean answer KL over all processes, the beta this iteration used); then the KL controller's step, fed
+    the mean answer KL or, with ``kl_target_of=token``, the mean token KL."""
     n = exp.mask.shape[0] * run.world
     seq_kl = rl.sequence_kl(rl.kl_k1(exp.old_logprobs, exp.ref_logprobs), exp.mask)  # (B,) the KL the plots report
-    kl = run.actor.all_reduce(seq_kl.sum().double()).item() / n
+    kl_sum, tokens = run.actor.all_reduce(torch.stack([seq_kl.sum().double(), exp.mask.sum().double()])).tolist()
+    kl = kl_sum / n
     kl_coef = run.kl_ctl.value
-    run.kl_ctl.update(kl, n)
+    run.kl_ctl.update(kl if run.cfg.kl_target_of == "answer" else kl_sum / max(tokens, 1.0), n)
     return kl, kl_coef
 
 

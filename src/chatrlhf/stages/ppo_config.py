@@ -84,7 +84,11 @@ class PPOConfig:
     kl_clamp: float | None = None
     """Clamp each token's KL estimate to +-this (verl: 10) in the reward and the loss; None: no clamp."""
     kl_target: float | None = None
-    """With a target, beta adapts toward this mean per-answer KL (Ziegler et al. 2019); None: fixed beta."""
+    """With a target, beta adapts toward this KL (Ziegler et al. 2019; ``kl_target_of`` says which); None:
+    fixed beta."""
+    kl_target_of: Literal["answer", "token"] = "answer"
+    """The KL ``kl_target`` refers to: the mean per-answer sum (Ziegler et al. 2019) or the per-token mean over
+    all answer tokens (what OpenRLHF's and verl's adaptive controllers are fed: copy their targets with this)."""
     kl_horizon: int = 10000
     """Adaptive-KL horizon in samples (Ziegler et al.: 10000)."""
     reward_clip: float | None = 5.0
@@ -264,4 +268,7 @@ class GRPOConfig(PPOConfig):
     """GRPO's unbiased, non-negative estimator (Schulman's k3)."""
     kl_coef: float = 0.04
     """GRPO's beta (DeepSeekMath: 0.04), on the KL term of the loss."""
+    reward_clip: float | None = None
+    """No clip by default (TRL, verl): the group normalisation already sets the advantages' scale, and a clip
+    at DSC's 5 would flatten differences between large scores within a group. Set it to clip as ``ppo`` does."""
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="outputs/grpo", eval_at_start=False))
