@@ -53,6 +53,18 @@ def test_reinforce_baseline_hand_example():
     close(adv, [[-1.0, -1.0], [1.0, 1.0]])
 
 
+def test_reinforce_baseline_is_global_over_processes():
+    """Two processes, one answer each: G_0 = 1 here and 3 on the other, so b = 2 on both (not each its own
+    return, which would give zero advantages). ``reduce`` stands in for the all-reduce: it adds the other
+    process's (sum 3, count 1)."""
+    other = torch.tensor([3.0, 1.0], dtype=torch.float64)
+    adv, _ = reinforce_baseline_advantages(T([[0.0, 1.0]]), T([[1, 1]]), None, 1, 1.0, 1.0,
+                                           reduce=lambda total: total + other)
+    close(adv, [[-1.0, -1.0]])
+    alone, _ = reinforce_baseline_advantages(T([[0.0, 1.0]]), T([[1, 1]]), None, 1, 1.0, 1.0)
+    close(alone, [[0.0, 0.0]])
+
+
 def test_a2c_hand_example_and_equals_gae_with_lambda_one():
     r, v, m = T([[0.0, 0.0, 2.0]]), T([[0.5, 1.0, 1.5]]), T([[1, 1, 1]])
     adv, ret = a2c_advantages(r, m, v, 1, 1.0, 0.95)

@@ -87,9 +87,10 @@ def reinforce_advantages(rewards, mask, values, group_size, gamma, lam):
     return g, g
 
 
-def reinforce_baseline_advantages(rewards, mask, values, group_size, gamma, lam):
+def reinforce_baseline_advantages(rewards, mask, values, group_size, gamma, lam, reduce=None):
     """REINFORCE with a baseline: A_t = G_t - b, b = the batch mean of the answers' returns G_0, each read at
-    its answer's first token (wherever the answer starts in the row).
+    its answer's first token (wherever the answer starts in the row). ``reduce`` sums a tensor over processes
+    (the engine's ``all_reduce``), so b is the mean over every process's answers, not this one's.
 
     Example (gamma 1): answers' rewards [[0, 1], [0, 3]], full masks -> G = [[1, 1], [3, 3]], b = 2,
     A = [[-1, -1], [1, 1]]. Shifted right, rewards [[0, 0, 1], [0, 3, 0]] with masks [[0, 1, 1], [1, 1, 0]]
@@ -99,7 +100,10 @@ def reinforce_baseline_advantages(rewards, mask, values, group_size, gamma, lam)
     keep = mask.bool()
     first = keep.int().argmax(-1)  # (B,) each answer's first token (0 for an empty row, dropped below)
     starts = g.gather(1, first.unsqueeze(-1)).squeeze(-1)[keep.any(-1)] if g.shape[1] else g.new_zeros(0)
-    baseline = starts.mean() if starts.numel() else g.new_zeros(())
+    total = torch.stack([starts.double().sum(), torch.tensor(float(starts.numel()), dtype=torch.float64)])
+    if reduce is not None:
+        total = reduce(total.to(g.device))
+    baseline = (total[0] / total[1].clamp(min=1.0)).to(g.dtype)
     m = mask.to(g.dtype)
     return (g - baseline) * m, g
 
@@ -159,13 +163,16 @@ class Estimator:
     """Compares the answers to one prompt: needs samples_per_prompt >= 2."""
     constant_normalizer: bool = False
     """Divide the policy loss by answers x max_new_tokens instead of the answer-token count (Dr. GRPO)."""
+    global_baseline: bool = False
+    """Takes ``reduce=`` (a sum over processes) for a baseline over every process's answers."""
 
 
 ADVANTAGE_ESTIMATORS: dict[str, Estimator] = {
     "gae": Estimator(gae_advantages, critic=True, whiten=True, grouped=False),
     "a2c": Estimator(a2c_advantages, critic=True, whiten=True, grouped=False),
     "reinforce": Estimator(reinforce_advantages, critic=False, whiten=False, grouped=False),
-    "reinforce_baseline": Estimator(reinforce_baseline_advantages, critic=False, whiten=False, grouped=False),
+    "reinforce_baseline": Estimator(reinforce_baseline_advantages, critic=False, whiten=False, grouped=False,
+                                    global_baseline=True),
     "rloo": Estimator(rloo_advantages, critic=False, whiten=False, grouped=True),
     "grpo": Estimator(grpo_advantages, critic=False, whiten=False, grouped=True),
     "dr_grpo": Estimator(dr_grpo_advantages, critic=False, whiten=False, grouped=True, constant_normalizer=True),

@@ -210,8 +210,9 @@ def compute_advantages(run: RLRun, exp: Experience) -> tuple[torch.Tensor, torch
     rewards = rl.shaped_rewards(exp.scores, kl, exp.mask, beta_in_reward, cfg.reward_clip)
     if exp.turn_rewards is not None:  # an environment's per-turn rewards, each on its turn's last token
         rewards = rewards + exp.turn_rewards
+    over_processes = {"reduce": run.actor.all_reduce} if run.estimator.global_baseline else {}
     advantages, returns = run.estimator.fn(rewards, exp.mask, exp.values, cfg.samples_per_prompt, cfg.gamma,
-                                           cfg.lam)
+                                           cfg.lam, **over_processes)
     if run.whiten:
         advantages = _whiten_global(run.actor, advantages, exp.mask)
     return rewards, advantages, returns
