@@ -182,6 +182,10 @@ def b_grpo_dual_clip(env):
     return env.rl("grpo", "--reward", "rater", "--dual_clip", "0.5")
 
 
+def b_grpo_overlong_buffer(env):
+    return env.rl("grpo", "--reward", "rater", "--overlong_buffer", "500")
+
+
 def b_dr_grpo_loss_agg(env):
     return env.rl("grpo", "--reward", "rater", "--advantage_estimator", "dr_grpo", "--loss_agg", "seq-mean-token-mean")
 
@@ -337,6 +341,8 @@ CASES = [
     Case("grpo-one-sample", b_grpo_one_sample, ("samples_per_prompt >= 2", "got 1")),
     Case("ppo-bad-kl-in", b_ppo_kl_in, ("--kl_in", "'nope'", "'reward', 'loss'")),
     Case("grpo-dual-clip-below-one", b_grpo_dual_clip, ("--dual_clip", "> 1", "0.5")),
+    Case("grpo-overlong-buffer-past-max", b_grpo_overlong_buffer, ("--overlong_buffer", "500",
+                                                                   "--generation.max_new_tokens")),
     Case("dr-grpo-with-loss-agg", b_dr_grpo_loss_agg, ("--advantage_estimator dr_grpo", "--loss_agg at token-mean")),
     Case("ppo-reward-file-missing", b_ppo_reward_file, ("missing.py does not exist", "FILE.py:function")),
     Case("ppo-reward-function-missing", b_ppo_reward_function, ("no function 'not_there'", "define not_there(")),

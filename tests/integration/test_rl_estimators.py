@@ -119,12 +119,12 @@ def metric_rows(out: Path) -> list[dict]:
 
 
 def test_grpo_with_clip_higher_dual_clip_and_sequence_mean_learns(setup, tmp_path):
-    """DAPO's clip-higher, dual-clip, TRL's seq-mean-token-mean aggregation and verl's clamped k3+ KL together
-    still learn the rule reward, and the run logs the dual clip's share and both approximate KLs (k3 and the peers' k1)."""
+    """DAPO's clip-higher, dual-clip, TRL's seq-mean-token-mean aggregation, verl's clamped k3+ KL and DAPO's
+    overlong penalty together still learn the rule reward, and the run logs the dual clip's share and both approximate KLs (k3 and the peers' k1)."""
     out = tmp_path / "dapo"
     assert main(rl_flags(setup, out, "grpo", "--max_iterations", "30", "--ppo_epochs", "2", "--clip_eps_high", "0.28",
                          "--dual_clip", "3", "--loss_agg", "seq-mean-token-mean", "--kl_estimator", "k3+",
-                         "--kl_clamp", "10")) == 0
+                         "--kl_clamp", "10", "--overlong_buffer", "4")) == 0
     r = rewards(out)
     assert sum(r[-4:]) / 4 > sum(r[:4]) / 4 + 0.2, r
     row = metric_rows(out)[-1]

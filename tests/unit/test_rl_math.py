@@ -586,3 +586,13 @@ def test_grpo_does_not_clip_rewards_by_default_and_ppo_does():
     from chatrlhf.stages.ppo_config import GRPOConfig, PPOConfig
 
     assert GRPOConfig().reward_clip is None and PPOConfig().reward_clip == 5.0
+
+
+def test_overlong_penalty_by_hand():
+    """max_len 10, buffer 4, factor 1: free up to 6 tokens, then -1/4 per token: [3, 6, 8, 10] -> [0, 0, -0.5, -1];
+    factor 0.5 halves it."""
+    from chatrlhf.algorithms.rl import overlong_penalty
+
+    lengths = torch.tensor([3, 6, 8, 10])
+    assert overlong_penalty(lengths, 10, 4, 1.0).tolist() == [0.0, 0.0, -0.5, -1.0]
+    assert overlong_penalty(lengths, 10, 4, 0.5).tolist() == [0.0, 0.0, -0.25, -0.5]

@@ -106,6 +106,16 @@ def shaped_rewards(
     return rewards + torch.where(at_last, score.unsqueeze(-1).to(rewards.dtype), torch.zeros_like(rewards))
 
 
+def overlong_penalty(lengths: Tensor, max_len: int, buffer: int, factor: float) -> Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), added to the score: 0 up to
+    ``max_len - buffer`` tokens, then falling linearly to ``-factor`` at ``max_len``; lengths (B,) -> (B,).
+
+    Example: max_len 10, buffer 4, factor 1, lengths [3, 6, 8, 10] -> [0, 0, -0.5, -1].
+    """
+    exceed = (lengths.double() - (max_len - buffer)).clamp(min=0.0)
+    return (-factor * exceed / max(buffer, 1)).clamp(min=-factor).to(torch.float32)
+
+
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
     """Generalised Advantage Estimation (Schulman et al. 2016, eq. 16), one episode per row.
 

@@ -144,7 +144,8 @@ def generate_rollouts(run: RLRun, iteration: int) -> tuple[Rollout, dict]:
 def score_rollouts(run: RLRun, rollout: Rollout, prompt_batch: dict) -> Experience:
     """Old and reference log-probs, values and the reward source's scores of the rollouts.
 
-    Answers cut off without EOS lose ``missing_eos_penalty``; with ``normalize_reward`` the scores are
+    Answers cut off without EOS lose ``missing_eos_penalty``, long ones DAPO's ``overlong_penalty`` within
+    ``overlong_buffer`` tokens of ``max_new_tokens``; with ``normalize_reward`` the scores are
     normalised by running moments over all processes' scores.
     """
     cfg = run.cfg
@@ -155,6 +156,9 @@ def score_rollouts(run: RLRun, rollout: Rollout, prompt_batch: dict) -> Experien
     raw_scores = run.reward(reward_batch).float()
     mask = rollout.response_mask.float()  # from the rollout, never from pad ids (pad == eos in SmolLM2)
     scores = raw_scores - cfg.missing_eos_penalty * (~rollout.finished).float()
+    if cfg.overlong_buffer:
+        scores = scores + rl.overlong_penalty(mask.sum(-1), cfg.generation.max_new_tokens, cfg.overlong_buffer,
+                                              cfg.overlong_penalty).to(scores.device)
     if cfg.normalize_reward:
         run.moments.update(run.actor.all_gather(scores))
         scores = run.moments.normalize(scores)

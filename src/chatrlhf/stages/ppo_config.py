@@ -97,6 +97,11 @@ class PPOConfig:
     """Normalise scores by running mean/std over all rollouts so far."""
     missing_eos_penalty: float = 0.0
     """Subtracted from the score of an answer cut off at ``max_new_tokens`` without EOS (0 = off)."""
+    overlong_buffer: int = 0
+    """DAPO's soft overlong punishment (0 = off): an answer longer than ``max_new_tokens`` minus this many tokens
+    loses up to ``overlong_penalty``, linearly in the tokens past that point (verl's ``overlong_buffer.len``)."""
+    overlong_penalty: float = 1.0
+    """The most ``overlong_buffer`` takes off a score (at ``max_new_tokens`` tokens)."""
     # --- Advantages --------------------------------------------------------------------------------------
     advantage_estimator: EstimatorName = "gae"
     """How advantages are computed (docs/rl.md): ``gae`` (PPO) and ``a2c`` train a critic; ``reinforce``
@@ -181,6 +186,9 @@ class PPOConfig:
     def _validate_loss(self, p: str) -> None:
         from chatrlhf.algorithms.advantages import ADVANTAGE_ESTIMATORS
 
+        if self.env and self.overlong_buffer:
+            raise ConfigError(f"--{p}overlong_buffer counts one answer's tokens against max_new_tokens: an "
+                              f"environment's episodes take several turns (--{p}env {self.env}); leave it 0")
         if ADVANTAGE_ESTIMATORS[self.advantage_estimator].constant_normalizer and self.loss_agg != "token-mean":
             raise ConfigError(f"--{p}advantage_estimator {self.advantage_estimator} fixes the loss's normaliser "
                               f"(answers x max_new_tokens): leave --{p}loss_agg at token-mean, not {self.loss_agg}")
@@ -244,6 +252,9 @@ class PPOConfig:
             "kl_stop": (self.kl_stop is None or self.kl_stop > 0, "> 0, or null for no early stop"),
             "ptx_coef": (self.ptx_coef >= 0, ">= 0 (0: no pretraining loss)"),
             "missing_eos_penalty": (self.missing_eos_penalty >= 0, ">= 0 (subtracted from a cut-off answer's score)"),
+            "overlong_buffer": (0 <= self.overlong_buffer <= self.generation.max_new_tokens,
+                                f"in [0, --generation.max_new_tokens = {self.generation.max_new_tokens}] (0: off)"),
+            "overlong_penalty": (self.overlong_penalty >= 0, ">= 0"),
         }
         for name, (holds, rule) in rules.items():
             if not holds:
