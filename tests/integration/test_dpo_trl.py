@@ -103,3 +103,24 @@ def test_trl_ipo_is_ours_on_per_token_means(setup):
     torch.testing.assert_close(ipo(h_mean, BETA).mean(), trl_loss.float(), rtol=1e-5, atol=0)
     h_sum = preference_logits(*setup["ours"].split(p), *setup["ours_ref"].split(p))
     assert ipo(h_sum, BETA).mean().item() != pytest.approx(trl_loss.item(), rel=1e-3)
+
+
+def test_simpo_and_orpo_equal_trl():
+    """SimPO against TRL's CPOTrainer.cpo_loss (loss_type "simpo") and ORPO's odds-ratio term against
+    ORPOTrainer.odds_ratio_loss, run on the same mean per-token log-probs (their trainers' own methods,
+    called on a stand-in holding the settings they read). TRL's ORPO loss is its NLL minus that term's mean."""
+    from types import SimpleNamespace
+
+    from trl.experimental.cpo import CPOTrainer
+    from trl.experimental.orpo import ORPOTrainer
+
+    from chatrlhf.algorithms.preference import orpo, simpo
+
+    g = torch.Generator().manual_seed(0)
+    chosen, rejected = -torch.rand(16, generator=g) * 3 - 0.01, -torch.rand(16, generator=g) * 3 - 0.01
+    cpu = SimpleNamespace(device=torch.device("cpu"))
+    cpo = SimpleNamespace(alpha=0.0, loss_type="simpo", simpo_gamma=0.5, beta=2.0, label_smoothing=0.0, accelerator=cpu)
+    trl_simpo = CPOTrainer.cpo_loss(cpo, chosen, rejected)[0]
+    torch.testing.assert_close(simpo(chosen, rejected, 2.0, 0.5), trl_simpo, rtol=1e-6, atol=1e-7)
+    trl_term = ORPOTrainer.odds_ratio_loss(SimpleNamespace(beta=0.1, accelerator=cpu), chosen, rejected)[0]
+    torch.testing.assert_close(orpo(chosen, rejected, 0.1), -chosen - trl_term, rtol=1e-6, atol=1e-6)

@@ -84,3 +84,23 @@ def test_sequence_log_probs_by_hand():
     assert got.dtype == torch.float32  # gathered in float32 whatever the logits' dtype
     # the first position is never counted: nothing predicts it
     assert torch.equal(sequence_log_probs(logits, tokens, mask.clone().index_fill_(1, torch.tensor([0]), 1)), got)
+
+
+def test_simpo_by_hand():
+    """beta 2, gamma 0.5, mean log-probs -1 and -1.5: -log sigmoid(2 * 0.5 - 0.5) = -log sigmoid(0.5)."""
+    from chatrlhf.algorithms.preference import simpo
+
+    got = simpo(torch.tensor([-1.0], dtype=torch.float64), torch.tensor([-1.5], dtype=torch.float64), 2.0, 0.5)
+    torch.testing.assert_close(got, torch.tensor([0.47407698418010663], dtype=torch.float64))
+
+
+def test_orpo_by_hand():
+    """beta 0.1, mean probabilities 0.5 and 0.25: odds 1 and 1/3, log odds ratio ln 3;
+    NLL ln 2 + 0.1 * -log sigmoid(ln 3) = ln 2 + 0.1 ln(4/3)."""
+    from chatrlhf.algorithms.preference import orpo
+
+    got = orpo(torch.tensor([math.log(0.5)], dtype=torch.float64), torch.tensor([math.log(0.25)], dtype=torch.float64),
+               0.1)
+    torch.testing.assert_close(got, torch.tensor([math.log(2) + 0.1 * math.log(4 / 3)], dtype=torch.float64))
+    near_one = orpo(torch.tensor([-1e-12]), torch.tensor([-3.0]), 0.1)  # probability ~1: finite, not log 0
+    assert torch.isfinite(near_one).all()

@@ -1,8 +1,10 @@
 """Offline preference losses (DPO family): pure functions of per-sequence log-probabilities.
 
-Inputs are (B,) summed answer log-probs of the chosen and rejected answers under the policy and the
-reference (pass zeros for the reference in reference-free mode). Each loss returns (B,) per-pair losses;
-the caller averages. Variants are picked from ``PREFERENCE_LOSSES`` by name, never by branching here.
+``PREFERENCE_LOSSES`` (DPO, cDPO, IPO) take the margin h of (B,) summed answer log-probs of the chosen and
+rejected answers under the policy and the reference (zeros for the reference in reference-free mode);
+``LENGTH_NORMALISED_LOSSES`` (SimPO, ORPO) take the answers' (B,) mean per-token log-probs and no reference.
+Each loss returns (B,) per-pair losses; the caller averages. Variants are picked by name, never by
+branching here.
 """
 
 from __future__ import annotations
@@ -44,6 +46,40 @@ def ipo(h: Tensor, beta: float, label_smoothing: float = 0.0) -> Tensor:
 
 
 PREFERENCE_LOSSES: dict[str, Callable[..., Tensor]] = {"sigmoid": dpo_sigmoid, "ipo": ipo}
+
+
+def simpo(avg_chosen: Tensor, avg_rejected: Tensor, beta: float, gamma: float) -> Tensor:
+    """SimPO (Meng et al. 2024, eq. 6), reference-free: -log sigmoid(beta (avg_w - avg_l) - gamma), where avg is an
+    answer's mean per-token log-prob and gamma a target margin (TRL's CPO ``loss_type="simpo"``).
+
+    Example: beta 2, gamma 0.5, avg_w -1, avg_l -1.5: -log sigmoid(2 * 0.5 - 0.5) = -log sigmoid(0.5)
+    = 0.47407698418010663.
+    """
+    return -F.logsigmoid(beta * (avg_chosen - avg_rejected) - gamma)
+
+
+def orpo(avg_chosen: Tensor, avg_rejected: Tensor, beta: float, gamma: float = 0.0) -> Tensor:
+    """ORPO (Hong et al. 2024, eqs. 6-7), reference-free: the chosen answer's NLL (its mean per-token -log p)
+    plus beta (the paper's lambda) times -log sigmoid of the log odds ratio, odds(y) = p / (1 - p) with p the
+    answer's mean per-token probability exp(avg):
+    log odds_w - log odds_l = (avg_w - avg_l) - (log(1 - e^avg_w) - log(1 - e^avg_l)).
+
+    Example: beta 0.1, avg_w = ln 0.5, avg_l = ln 0.25: odds 1 and 1/3, log ratio ln 3;
+    loss = ln 2 + 0.1 * (-log sigmoid(ln 3)) = 0.6931471805599453 + 0.1 * ln(4/3) = 0.7219154527... .
+    """
+    del gamma  # SimPO's margin; ORPO has none
+    log_odds = (avg_chosen - avg_rejected) - (_log1mexp(avg_chosen) - _log1mexp(avg_rejected))
+    return -avg_chosen - beta * F.logsigmoid(log_odds)
+
+
+def _log1mexp(x: Tensor) -> Tensor:
+    """log(1 - e^x) for x < 0, accurate near 0 (log(-expm1 x)) and far below it (log1p(-e^x)) (Maechler 2012)."""
+    x = x.clamp(max=-1e-7)  # a mean log-prob of exactly 0 (probability 1) would give log 0
+    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+LENGTH_NORMALISED_LOSSES: dict[str, Callable[..., Tensor]] = {"simpo": simpo, "orpo": orpo}
+"""Reference-free losses of answers' mean per-token log-probs: (avg_w, avg_l, beta, gamma) -> (B,)."""
 
 
 def implicit_rewards(log_probs: Tensor, ref_log_probs: Tensor, beta: float) -> Tensor:

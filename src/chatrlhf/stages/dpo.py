@@ -1,4 +1,5 @@
-"""Direct preference optimisation (Rafailov et al. 2023) and its IPO / cDPO variants, on preference pairs.
+"""Direct preference optimisation (Rafailov et al. 2023), its IPO / cDPO variants and the reference-free SimPO
+and ORPO, on preference pairs.
 
 No reward model and no sampling. Per pair, the policy's summed answer log-probs of the chosen answer y_w
 and the rejected answer y_l, against a frozen reference's, give
@@ -20,7 +21,12 @@ import torch
 from tqdm.auto import tqdm
 
 from chatrlhf.algorithms import answer_mask, position_ids_from_mask, sequence_log_probs
-from chatrlhf.algorithms.preference import PREFERENCE_LOSSES, implicit_rewards, preference_logits
+from chatrlhf.algorithms.preference import (
+    LENGTH_NORMALISED_LOSSES,
+    PREFERENCE_LOSSES,
+    implicit_rewards,
+    preference_logits,
+)
 from chatrlhf.checkpoint import write_json_atomic
 from chatrlhf.data import PairCollator, encode_records, prepare_records
 from chatrlhf.engine import Engine, init_distributed
@@ -85,10 +91,16 @@ def _pair_terms(policy, reference, batch: dict, cfg: DPOConfig, device: torch.de
     else:
         with torch.no_grad():
             ref = answer_log_probs(reference, batch, device)  # (2P,)
+    if cfg.loss in LENGTH_NORMALISED_LOSSES:  # SimPO, ORPO: each answer's mean per-token log-prob, no reference
+        tokens = answer_mask(batch["attention_mask"], batch["prompt_lens"]).sum(-1).clamp(min=1)  # (2P,)
+        logps = logps / tokens.to(logps)
     chosen, rejected = logps.split(batch["num_pairs"])  # (P,), (P,)
     ref_chosen, ref_rejected = ref.split(batch["num_pairs"])
-    h = preference_logits(chosen, rejected, ref_chosen, ref_rejected)  # (P,)
-    losses = PREFERENCE_LOSSES[cfg.loss](h, cfg.beta, cfg.label_smoothing)  # (P,)
+    if cfg.loss in LENGTH_NORMALISED_LOSSES:
+        losses = LENGTH_NORMALISED_LOSSES[cfg.loss](chosen, rejected, cfg.beta, cfg.simpo_gamma)  # (P,)
+    else:
+        h = preference_logits(chosen, rejected, ref_chosen, ref_rejected)  # (P,)
+        losses = PREFERENCE_LOSSES[cfg.loss](h, cfg.beta, cfg.label_smoothing)  # (P,)
     return PairTerms(losses, chosen, rejected, ref_chosen, ref_rejected)
 
 
@@ -157,7 +169,7 @@ def _load_reference(cfg: DPOConfig, device: torch.device):
 def _prepare_reference(cfg: DPOConfig, engine: Engine, start: int, splits: list[tuple[str, list[dict]]], collate):
     """The reference for per-step scoring, or None: reference-free, or its log-probs are now stored in the
     items of every split (``precompute_reference``) and the reference itself is freed."""
-    if cfg.reference_free:
+    if cfg.reference_free or cfg.loss in LENGTH_NORMALISED_LOSSES:
         return None
     # Before the first update the policy *is* the reference (unless another one is named): score with it and
     # load no second copy. On resume the policy has moved, so the reference is loaded again; its log-probs are

@@ -27,10 +27,15 @@ class DPOConfig:
                                              gradient_accumulation_steps=2)
     )
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="outputs/dpo"))
-    loss: Literal["sigmoid", "ipo"] = "sigmoid"
-    """``sigmoid``: DPO (with ``label_smoothing`` > 0: cDPO); ``ipo``: IPO (Azar et al. 2023)."""
+    loss: Literal["sigmoid", "ipo", "simpo", "orpo"] = "sigmoid"
+    """``sigmoid``: DPO (with ``label_smoothing`` > 0: cDPO); ``ipo``: IPO (Azar et al. 2023); ``simpo``: SimPO
+    (Meng et al. 2024) and ``orpo``: ORPO (Hong et al. 2024), both reference-free on each answer's mean
+    per-token log-prob (no reference is loaded; the logged log-probs and rewards are per-token means)."""
     beta: float = 0.1
-    """Strength of the implicit KL constraint (DPO paper: 0.1; for IPO it sets the target margin 1/(2 beta))."""
+    """Strength of the implicit KL constraint (DPO paper: 0.1; for IPO it sets the target margin 1/(2 beta));
+    SimPO's beta (its paper: 2-2.5); ORPO's lambda, the weight of its odds-ratio term (its paper: 0.1)."""
+    simpo_gamma: float = 0.5
+    """SimPO's target margin gamma (TRL's ``simpo_gamma``: 0.5)."""
     label_smoothing: float = 0.0
     """cDPO: the assumed probability that a pair's label is flipped, in [0, 0.5). Sigmoid loss only."""
     reference_free: bool = False
@@ -53,8 +58,11 @@ class DPOConfig:
         self.model.validate(f"{p}model")
         self.engine.validate(f"{p}engine")
         self.run.validate(f"{p}run")
-        if self.loss not in ("sigmoid", "ipo"):
-            raise ConfigError(f"--{p}loss must be 'sigmoid' (DPO, cDPO) or 'ipo', got {self.loss!r}")
+        if self.loss not in ("sigmoid", "ipo", "simpo", "orpo"):
+            raise ConfigError(f"--{p}loss must be 'sigmoid' (DPO, cDPO), 'ipo', 'simpo' or 'orpo', got {self.loss!r}")
+        if self.loss in ("simpo", "orpo") and (self.reference or self.label_smoothing):
+            raise ConfigError(f"--{p}loss {self.loss} is reference-free and has no label smoothing: drop "
+                              f"--{p}reference and --{p}label_smoothing")
         if not self.beta > 0:  # also catches NaN
             raise ConfigError(f"--{p}beta must be > 0 (the DPO paper uses 0.1), got {self.beta}")
         if not 0 <= self.label_smoothing < 0.5:
