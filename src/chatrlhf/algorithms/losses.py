@@ -103,6 +103,14 @@ def _normalizer(mask: Tensor, normalizer: float | Tensor | None) -> float | Tens
     return normalizer
 
 
+def sequence_log_ratio(log_ratio: Tensor, log_probs: Tensor, mask: Tensor) -> Tensor:
+    """GSPO (Zheng et al. 2025), its per-token form: every answer token takes the answer's log-ratio, the mean
+    of its tokens' (the ratio is their geometric mean), with each token's own gradient:
+    log r_t = sg[mean_t log_ratio] + log p_t - sg[log p_t]. All (B, T), zero off the mask."""
+    seq = log_ratio.detach().sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)  # (B, 1)
+    return (log_probs - log_probs.detach() + seq) * mask
+
+
 def policy_loss(
     log_probs: Tensor,
     old_log_probs: Tensor,
@@ -121,14 +129,10 @@ def policy_loss(
     All inputs (B, T); normalizer defaults to mask.sum() (at least 1); ``weights`` (B, T), constant per
     token (e.g. :func:`tis_weights`), default 1. ``clip_eps_high``: the upper clip range when it differs from
     the lower (DAPO's clip-higher, Yu et al. 2025: 0.28 with eps 0.2); None: eps. ``dual_clip`` C > 1 (Ye et
-    al. 2020; verl's default 3): where A < 0 the per-token loss is also capped at -A C, so a token whose
-    ratio has grown far past 1 cannot produce an unbounded loss. ``sequence_ratio`` (GSPO, Zheng et al. 2025,
-    its per-token form): every token of an answer takes the answer's ratio, the geometric mean
-    exp(mean_t (log p - log p_old)), with each token's own gradient: log r_t = sg[mean] + log p_t - sg[log p_t].
-    Stats (detached, sums / normalizer):
-    clipfrac (tokens where the clipped branch is strictly larger), clipfrac_dual (tokens the dual clip
-    capped; 0 without it), approx_kl (k3 of old vs new: (r - 1) - log r), approx_kl_k1 (log p_old - log p,
-    what OpenRLHF, verl and TRL log), ratio (mean r).
+    al. 2020; verl's default 3): where A < 0 the per-token loss is also capped at -A C. ``sequence_ratio``:
+    GSPO's per-answer ratio (:func:`sequence_log_ratio`). Stats (detached, sums / normalizer):
+    clipfrac (tokens where the clipped branch is strictly larger), clipfrac_dual (tokens the dual clip capped),
+    approx_kl (k3 of old vs new: (r - 1) - log r), approx_kl_k1 (log p_old - log p, the peers'), ratio (mean r).
 
     Example, eps 0.2, four answer tokens (r, A) -> max(-A r, -A clip(r)):
       (1.5,  1) -> max(-1.5, -1.2) = -1.2 clipped      (0.5, -1) -> max(0.5, 0.8) = 0.8 clipped
@@ -137,7 +141,6 @@ def policy_loss(
       approx_kl = [(0.5 - ln 1.5) + 2 (ln 2 - 0.5) + (0.1 - ln 1.1)] / 4 = 0.12137976830185...
     With eps_high 0.6 the first token is not clipped (r 1.5 < 1.6): loss (-1.5 + 0.8 - 1.0 + 2.2) / 4 = 0.125.
     With dual_clip 1.5 a token (r 4, A -1) gives min(max(4, 1.2), 1.5) = 1.5 instead of 4.
-    With sequence_ratio an answer of token ratios [2, 1] has ratio sqrt 2 on both tokens.
     """
     high = clip_eps if clip_eps_high is None else clip_eps_high
     keep = mask.bool()
@@ -145,9 +148,7 @@ def policy_loss(
     n = _normalizer(m, normalizer)
     log_ratio = zero_off_mask(log_probs, keep) - zero_off_mask(old_log_probs, keep)  # (B, T), 0 off the mask
     if sequence_ratio:
-        seq = log_ratio.detach().sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)  # (B, 1)
-        own = zero_off_mask(log_probs, keep)
-        log_ratio = (own - own.detach() + seq) * m
+        log_ratio = sequence_log_ratio(log_ratio, zero_off_mask(log_probs, keep), m)
     ratio = torch.exp(log_ratio)  # (B, T)
     adv = zero_off_mask(advantages, keep).to(ratio.dtype)  # (B, T)
     unclipped = -adv * ratio
