@@ -229,7 +229,7 @@ class GenerationConfig:
     (vllm when installed and the run is in bf16, else native; exact fp32 runs use native)."""
 
     def validate(self, flag: str = "generation") -> None:
-        if self.max_new_tokens < 1:
+        if not self.max_new_tokens >= 1:  # also catches NaN
             raise ConfigError(f"--{flag}.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not self.temperature >= 0:
             raise ConfigError(f"--{flag}.temperature must be >= 0 (0: greedy), got {self.temperature}")

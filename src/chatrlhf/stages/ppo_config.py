@@ -253,7 +253,7 @@ class PPOConfig:
             "ptx_coef": (self.ptx_coef >= 0, ">= 0 (0: no pretraining loss)"),
             "missing_eos_penalty": (self.missing_eos_penalty >= 0, ">= 0 (subtracted from a cut-off answer's score)"),
             "overlong_buffer": (0 <= self.overlong_buffer <= self.generation.max_new_tokens,
-                                f"in [0, --generation.max_new_tokens = {self.generation.max_new_tokens}] (0: off)"),
+                                f"in [0, --{p}generation.max_new_tokens = {self.generation.max_new_tokens}] (0: off)"),
             "overlong_penalty": (self.overlong_penalty >= 0, ">= 0"),
         }
         for name, (holds, rule) in rules.items():
