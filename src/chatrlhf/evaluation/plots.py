@@ -114,6 +114,11 @@ def plot_rl_kl(rows: list[dict], out: Path, stage: str = "ppo") -> Path | None:
         (s, t) for s, t in ((kl, f"{name}: KL to reference (per answer)"), (beta, f"{name}: KL coefficient beta"))
         if s[0]
     ]
+    return _step_panels(panels, name, out)
+
+
+def _step_panels(panels: list[tuple[Series, str]], name: str, out: Path) -> Path | None:
+    """One panel per (series, title) against the stage's step, side by side; None when there are none."""
     if not panels:
         return None
     fig = _new_figure(len(panels))
@@ -150,16 +155,8 @@ def plot_env(rows: list[dict], out: Path, stage: str = "grpo") -> Path | None:
     name = stage_title(stage)
     wanted = [(f"{name}: accuracy", "train/env/accuracy"), (f"{name}: turns per episode", "train/env/turns"),
               (f"{name}: tool calls per episode", "train/env/tool_calls")]
-    panels = [(series(rows, key), title) for title, key in wanted if series(rows, key)[0]]
-    if not panels:
-        return None
-    fig = _new_figure(len(panels))
-    for i, (s, title) in enumerate(panels):
-        ax = fig.add_subplot(1, len(panels), i + 1)
-        _plot(ax, s, title)
-        ax.set(xlabel=f"{name} step", title=title)
-        ax.grid(alpha=0.3)
-    return _save(fig, out)
+    panels = [(s, title) for s, title in ((series(rows, key), title) for title, key in wanted) if s[0]]
+    return _step_panels(panels, name, out)
 
 
 def plot_preference(rows: list[dict], out: Path, stage: str = "dpo") -> Path | None:

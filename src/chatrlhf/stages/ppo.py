@@ -274,7 +274,7 @@ def _minibatch_step(run: RLRun, exp: Experience, rows: torch.Tensor, iteration: 
     else:
         tokens = max(run.actor.all_reduce(exp.mask[rows].sum().double()).item(), 1.0)
     agg = run.cfg.loss_agg
-    answers = run.actor.all_reduce(torch.tensor(float(len(rows)), dtype=torch.float64)).item() if agg != "token-mean" else 0.0
+    answers = float(len(rows) * run.world)  # every process trains the same number of rows per mini-batch
     stats: dict[str, float] = {}
     for micro_index, micro_rows in enumerate(rows.split(run.cfg.actor_engine.micro_batch_size)):
         agg_weights = (None if agg == "token-mean" else
