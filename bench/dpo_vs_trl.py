@@ -22,7 +22,7 @@ assembly, the forward(s), backward, clipping, the optimizer and each library's p
 loading, tokenisation, the reference precompute and everything after the last step (chatrlhf's final
 eval and model save) fall outside; the first --warmup steps (at least 1, whose start has no stamp) are
 dropped. The reference precompute is timed on its own (a wrapper around
-``chatrlhf.stages.dpo.precompute_reference`` / ``DPOTrainer._precompute_ref_logps``) and reported beside
+``chatrlhf.reference.precompute_reference`` / ``DPOTrainer._precompute_ref_logps``) and reported beside
 the loop, since it is the price of the precomputing runs' cheaper steps.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/dpo_vs_trl.py [--model smollm2-135m-instruct --pairs demo:pairs

@@ -85,7 +85,7 @@ class DataConfig:
     weights: list[float] | None = None
     """Blending weights, one per source: each source then supplies that share of the blended records.
     Default (None): plain concatenation, so each source counts in proportion to its size."""
-    format: Literal["auto", "preference", "hh", "messages", "sft", "prompt", "rating"] = "auto"
+    format: Literal["auto", "preference", "hh", "messages", "sft", "prompt", "rating", "unpaired"] = "auto"
     """Row format; ``auto`` detects it from the column names."""
     data_split: str = "2,4,4"
     """DeepSpeed-Chat's phase split: each source is split between SFT, reward model and RL in these

@@ -72,7 +72,8 @@ def _export_feedback(cfg: PipelineConfig, root: Path) -> dict | None:
     done = out / "export.json"
     if cfg.run.resume and done.is_file():
         earlier = json.loads(done.read_text(encoding="utf-8"))
-        if (earlier.get("db") == str(Path(feedback.db).resolve()) and earlier.get("settings") == settings
+        same = {k: earlier.get("settings", {}).get(k) for k in settings} == settings  # the pairs' thresholds
+        if (earlier.get("db") == str(Path(feedback.db).resolve()) and same
                 and earlier.get("counts", {}).get("pairs", 0) > 0):
             print(f"[chatrlhf] feedback: {out} exported before, reused (resume)")
             return earlier

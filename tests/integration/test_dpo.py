@@ -14,7 +14,7 @@ from chatrlhf.config import ConfigError
 from chatrlhf.data import PairCollator, encode_records
 from chatrlhf.models import load_causal_lm, load_tokenizer
 from chatrlhf.models.tiny import build_tiny_llama
-from chatrlhf.stages.dpo import answer_log_probs
+from chatrlhf.reference import answer_log_probs
 from chatrlhf.stages.dpo_config import DPOConfig
 from chatrlhf.training import rank_batches
 

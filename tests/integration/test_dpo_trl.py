@@ -11,7 +11,7 @@ from chatrlhf.algorithms.preference import dpo_sigmoid, ipo, preference_logits
 from chatrlhf.data import PairCollator, encode_records
 from chatrlhf.models import load_causal_lm, load_tokenizer
 from chatrlhf.models.tiny import build_tiny_llama
-from chatrlhf.stages.dpo import answer_log_probs
+from chatrlhf.reference import answer_log_probs
 
 trl = pytest.importorskip("trl")
 pytestmark = pytest.mark.slow

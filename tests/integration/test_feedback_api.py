@@ -479,7 +479,7 @@ def test_export_files(client, judged):
 
 
 def test_export_unknown_file_is_404(client, judged):
-    assert "no export named 'votes': use pairs, ratings or comparisons" in error(client.get("/export/votes.jsonl"), 404)
+    assert "no export named 'votes': use pairs, ratings, comparisons or kto" in error(client.get("/export/votes.jsonl"), 404)
 
 
 def test_healthz(client):

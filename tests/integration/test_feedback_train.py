@@ -57,7 +57,9 @@ def test_export_then_reward_model_learns_and_dpo_runs(feedback_db, tiny_model, t
     out = tmp_path / "export"
     assert main(["export", "--db", str(feedback_db), "--output_dir", str(out)]) == 0
     summary = json.loads((out / "export.json").read_text())
-    assert summary["counts"] == {"comparisons": 2 * N_PROMPTS, "ratings": 4 * N_PROMPTS, "pairs": PAIRS}
+    # kto: both answers of every prompt but the disputed one (means 5 and 1.5); prompt 0's answers average 3
+    assert summary["counts"] == {"comparisons": 2 * N_PROMPTS, "ratings": 4 * N_PROMPTS, "pairs": PAIRS,
+                                 "kto": 2 * PAIRS}
     assert summary["stats"]["merged"] == PAIRS and summary["stats"]["comparisons"]["dropped_tie"] == 1
     pairs = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
     assert all(p["chosen"].endswith("good answer thanks") and p["rejected"].startswith("no ") for p in pairs)
@@ -76,6 +78,14 @@ def test_export_then_reward_model_learns_and_dpo_runs(feedback_db, tiny_model, t
     assert main(["dpo", *data, "--run.output_dir", str(dpo), "--max_steps", "2", "--engine.micro_batch_size", "4",
                  "--engine.gradient_accumulation_steps", "1"]) == 0
     assert (dpo / "model" / "config.json").is_file() and json.loads((dpo / "eval.json").read_text())
+
+    # the ratings, unpaired, train KTO: polite answers desirable, rude ones undesirable
+    kto = tmp_path / "kto"
+    assert main(["kto", *data, "--data.datasets", f"[{out / 'kto.jsonl'}]", "--run.output_dir", str(kto),
+                 "--engine.learning_rate", "1e-3", "--engine.warmup_steps", "0", "--max_steps", "12",
+                 "--engine.micro_batch_size", "8", "--engine.gradient_accumulation_steps", "1"]) == 0
+    ev = json.loads((kto / "eval.json").read_text())
+    assert ev["answers"] == 12 and ev["rewards/margin"] > ev["start"]["rewards/margin"] + 0.2, ev
 
 
 def test_train_feedback_trains_the_rm_on_exactly_the_exported_pairs(feedback_db, tmp_path, monkeypatch, capsys):
@@ -98,7 +108,8 @@ def test_train_feedback_trains_the_rm_on_exactly_the_exported_pairs(feedback_db,
     sft_cfg = (out / "sft" / "config.yaml").read_text()
     assert str(exported) not in sft_cfg  # SFT still trains on data.datasets (the demo)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["feedback"] == {"comparisons": 2 * N_PROMPTS, "ratings": 4 * N_PROMPTS, "pairs": PAIRS}
+    assert summary["feedback"] == {"comparisons": 2 * N_PROMPTS, "ratings": 4 * N_PROMPTS, "pairs": PAIRS,
+                                   "kto": 2 * PAIRS}
     assert {"sft", "rm", "ppo"} <= set(summary)
 
     # --resume reuses the export the run trained on, even if feedback arrived since

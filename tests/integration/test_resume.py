@@ -69,7 +69,7 @@ def stage_args(stage: str, x: dict[str, str], world: int) -> tuple[list[str], in
         return ["sft", *common, "--data.datasets", f"[{x['copy']}]", "--data.data_split", "1,0,0",
                 "--engine.learning_rate", "3e-3", "--engine.micro_batch_size", micro,
                 "--engine.gradient_accumulation_steps", "2", "--epochs", "2"], 3
-    if stage in ("rm", "dpo"):
+    if stage in ("rm", "dpo", "kto"):
         return [stage, *common, "--data.datasets", f"[{x['pairs']}]", "--data.data_split", "0,1,0",
                 "--data.eval_fraction", "0.2", "--engine.learning_rate", "1e-3", "--engine.micro_batch_size", micro,
                 "--engine.gradient_accumulation_steps", "2", "--max_steps", "6"], 3
@@ -140,13 +140,13 @@ def check_resume(stage: str, x: dict[str, str], tmp: Path, world: int) -> Path:
     return full
 
 
-@pytest.mark.parametrize("stage", ["sft", "rm", "dpo", "ppo", "grpo"])
+@pytest.mark.parametrize("stage", ["sft", "rm", "dpo", "kto", "ppo", "grpo"])
 def test_resume_in_a_fresh_process_is_bit_exact(stage, inputs, tmp_path):
     check_resume(stage, inputs, tmp_path, world=1)
 
 
 @needs_launcher
-@pytest.mark.parametrize("stage", ["sft", "rm", "dpo", "ppo", "grpo"])
+@pytest.mark.parametrize("stage", ["sft", "rm", "dpo", "kto", "ppo", "grpo"])
 def test_two_process_zero2_resume_is_bit_exact(stage, inputs, tmp_path, capsys):
     full = check_resume(stage, inputs, tmp_path, world=2)
     if stage == "sft":  # the same checkpoint resumed by one process: ZeRO-2 state is partitioned over two

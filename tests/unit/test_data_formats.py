@@ -11,7 +11,8 @@ import json  # noqa: E402
 import pytest  # noqa: E402
 
 from chatrlhf.data import sources  # noqa: E402
-from chatrlhf.data.formats import DataError, convert_records, detect_format, parse_hh  # noqa: E402
+from chatrlhf.data.convert import convert_records  # noqa: E402
+from chatrlhf.data.formats import DataError, detect_format, parse_hh  # noqa: E402
 from chatrlhf.data.sources import load_records  # noqa: E402
 
 HH_CHOSEN = "\n\nHuman: hi there\n\nAssistant: hello!\n\nHuman: capital of france?\n\nAssistant: Paris."

@@ -202,6 +202,7 @@ def test_export_writes_the_four_files_and_training_reads_them(tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == sorted(FILES)  # no temp file left behind
     line = capsys.readouterr().out
     assert line.startswith("[chatrlhf] export: 5 comparisons, 4 ratings -> 2 pairs (") and line.rstrip().endswith(str(out))
+    assert "), 4 labelled answers -> " in line
 
     pairs = [json.loads(x) for x in (out / "pairs.jsonl").read_text().splitlines()]
     hi, sky = [{"role": "user", "content": "hi?"}], [{"role": "user", "content": "sky?"}]
@@ -234,12 +235,22 @@ def test_export_writes_the_four_files_and_training_reads_them(tmp_path, capsys):
 
     written = json.loads((out / "export.json").read_text())
     assert written == summary
-    assert written["counts"] == {"comparisons": 5, "ratings": 4, "pairs": 2}
-    assert written["settings"] == {"min_margin": 1.0, "min_agreement": 1.0} and written["db"] == str(db.resolve())
+    assert written["counts"] == {"comparisons": 5, "ratings": 4, "pairs": 2, "kto": 4}
+    assert written["settings"] == {"min_margin": 1.0, "min_agreement": 1.0, "kto_desirable_min": 4.0,
+                                   "kto_undesirable_max": 2.0} and written["db"] == str(db.resolve())
     assert written["stats"]["comparisons"] == {"comparisons": 5, "superseded": 0, "candidate_pairs": 3,
                                                "dropped_identical": 0, "dropped_tie": 2, "dropped_disagreement": 0,
                                                "pairs": 1}
     assert (written["stats"]["merged"], written["stats"]["dropped_conflict"]) == (1, 0)
+
+    # kto.jsonl: each rated answer with its mean overall score, 5 -> desirable, 1 and 2 -> undesirable (<= 2)
+    kto = [json.loads(x) for x in (out / "kto.jsonl").read_text().splitlines()]
+    assert [(r["response"], r["label"], r["mean_score"]) for r in kto] == [
+        ("Hello! How can I help?", True, 5), ("Go away.", False, 1), ("Blue.", True, 5), ("Green.", False, 2)]
+    records, kind = load_records(str(out / "kto.jsonl"))
+    assert kind == "unpaired" and [r["label"] for r in records] == [True, False, True, False]
+    assert written["stats"]["kto"] == {"ratings": 4, "answers": 4, "desirable": 2, "undesirable": 2,
+                                       "dropped_neutral": 0}
 
 
 def test_export_refuses_to_overwrite_and_a_missing_db(tmp_path):
@@ -273,7 +284,8 @@ def test_no_surviving_pair_writes_the_files_then_raises(tmp_path):
     assert (out / "pairs.jsonl").read_text() == ""
     assert len((out / "ratings.jsonl").read_text().splitlines()) == 2
     assert len((out / "comparisons.jsonl").read_text().splitlines()) == 2
-    assert json.loads((out / "export.json").read_text())["counts"] == {"comparisons": 2, "ratings": 2, "pairs": 0}
+    assert json.loads((out / "export.json").read_text())["counts"] == {"comparisons": 2, "ratings": 2, "pairs": 0,
+                                                                        "kto": 2}
     empty = tmp_path / "empty.db"
     FeedbackStore(empty)
     with pytest.raises(DataError, match="holds no comparisons or ratings yet"):

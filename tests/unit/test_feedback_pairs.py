@@ -244,3 +244,17 @@ def test_cli_pairs(tmp_path, capsys):
     assert load_records(str(out))[1] == "preference"
     assert main(["pairs", "--input", f"[{src}]", "--output", str(out)]) == 2  # exists, no --overwrite
     assert "--overwrite true" in capsys.readouterr().err
+
+
+def test_ratings_to_labels_worked_example():
+    from chatrlhf.data.feedback import ratings_to_labels
+
+    q = [{"role": "user", "content": "2+2?"}]
+    records = [{"prompt": q, "response": "4", "score": 5}, {"prompt": q, "response": " 4 ", "score": 4},
+               {"prompt": q, "response": "5", "score": 1}, {"prompt": q, "response": "four", "score": 3}]
+    rows, stats = ratings_to_labels(records, desirable_min=4, undesirable_max=2)
+    assert rows == [{"prompt": q, "response": "4", "label": True, "mean_score": 4.5, "n_ratings": 2},
+                    {"prompt": q, "response": "5", "label": False, "mean_score": 1.0, "n_ratings": 1}]
+    assert stats == {"ratings": 4, "answers": 3, "desirable": 1, "undesirable": 1, "dropped_neutral": 1}
+    # the thresholds are inclusive: 3 is desirable at desirable_min 3
+    assert [r["label"] for r in ratings_to_labels(records, 3, 2)[0]] == [True, False, True]

@@ -12,6 +12,8 @@ from chatrlhf.algorithms.preference import (
     dpo_sigmoid,
     implicit_rewards,
     ipo,
+    kto,
+    kto_reference_point,
     preference_logits,
 )
 
@@ -104,3 +106,29 @@ def test_orpo_by_hand():
     torch.testing.assert_close(got, torch.tensor([math.log(2) + 0.1 * math.log(4 / 3)], dtype=torch.float64))
     near_one = orpo(torch.tensor([-1e-12]), torch.tensor([-3.0]), 0.1)  # probability ~1: finite, not log 0
     assert torch.isfinite(near_one).all()
+
+
+def test_kto_by_hand():
+    # beta 0.5, z0 1: desirable r 2 -> 1 - sigmoid(0.5 * (2 - 1)) = 1 - 0.6224593312018546 = 0.3775406687981454;
+    # undesirable r 1 -> lambda_U 1.5 * (1 - sigmoid(0.5 * (1 - 1))) = 1.5 * 0.5 = 0.75
+    loss = kto(torch.tensor([2.0, 1.0], dtype=D), torch.tensor([True, False]), torch.tensor(1.0, dtype=D), beta=0.5,
+               undesirable_weight=1.5)
+    torch.testing.assert_close(loss, torch.tensor([0.3775406687981454, 0.75], dtype=D), rtol=1e-12, atol=0)
+    # an undesirable answer the policy makes less likely than the reference point lowers its loss: r -3 with z0 1:
+    # 1 - sigmoid(0.5 * 4) = 1 - 0.8807970779778823
+    low = kto(torch.tensor([-3.0], dtype=D), torch.tensor([False]), torch.tensor(1.0, dtype=D), beta=0.5)
+    assert low.item() == pytest.approx(1 - 0.8807970779778823, rel=1e-12)
+
+
+def test_kto_reference_point_by_hand():
+    assert kto_reference_point(torch.tensor(3.0, dtype=D), torch.tensor(2.0, dtype=D)).item() == 1.5
+    assert kto_reference_point(torch.tensor(-2.0, dtype=D), torch.tensor(4.0, dtype=D)).item() == 0.0  # clamped
+    kl_sum = torch.tensor(3.0, dtype=D, requires_grad=True)
+    assert not kto_reference_point(kl_sum, torch.tensor(2.0, dtype=D)).requires_grad  # no gradient through z0
+
+
+def test_kto_gradient_direction():
+    # desirable answers are pushed up, undesirable ones down
+    r = torch.zeros(2, dtype=D, requires_grad=True)
+    kto(r, torch.tensor([True, False]), torch.tensor(0.0, dtype=D), beta=0.1).sum().backward()
+    assert r.grad[0] < 0 < r.grad[1]

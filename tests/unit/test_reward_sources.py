@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from chatrlhf.algorithms.rl import RunningMoments
-from chatrlhf.data.formats import normalise_rows, to_prompt
+from chatrlhf.data.convert import to_prompt
+from chatrlhf.data.formats import normalise_rows
 from chatrlhf.rewards import examples as ex
 from chatrlhf.rewards.contract import RewardBatch
 from chatrlhf.rewards.ensemble import EnsembleSource, is_ensemble_spec, parse_ensemble_spec, unique_names

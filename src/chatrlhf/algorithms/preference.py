@@ -4,7 +4,7 @@
 rejected answers under the policy and the reference (zeros for the reference in reference-free mode);
 ``LENGTH_NORMALISED_LOSSES`` (SimPO, ORPO) take the answers' (B,) mean per-token log-probs and no reference.
 Each loss returns (B,) per-pair losses; the caller averages. Variants are picked by name, never by
-branching here.
+branching here. KTO (unpaired answers, each desirable or undesirable) has its own two functions below.
 """
 
 from __future__ import annotations
@@ -80,6 +80,31 @@ def _log1mexp(x: Tensor) -> Tensor:
 
 LENGTH_NORMALISED_LOSSES: dict[str, Callable[..., Tensor]] = {"simpo": simpo, "orpo": orpo}
 """Reference-free losses of answers' mean per-token log-probs: (avg_w, avg_l, beta, gamma) -> (B,)."""
+
+
+def kto_reference_point(kl_sum: Tensor, count: Tensor) -> Tensor:
+    """KTO's reference point z0 (Ethayarajh et al. 2024, eq. 7): the KL of policy to reference, estimated as the
+    mean of log pi(y'|x) - log ref(y'|x) over mismatched pairs (a prompt with another example's answer),
+    clamped at 0 and detached (no gradient flows through it). Takes the estimate's sum and count, so the caller
+    can add them up over micro-batches and processes first.
+
+    Example: sum 3 over 2 answers -> 1.5; sum -2 over 4 -> 0 (clamped).
+    """
+    return (kl_sum / count.clamp(min=1)).clamp(min=0).detach()
+
+
+def kto(log_ratios: Tensor, desirable: Tensor, z0: Tensor, beta: float, desirable_weight: float = 1.0,
+        undesirable_weight: float = 1.0) -> Tensor:
+    """KTO (Ethayarajh et al. 2024, eq. 8), per answer (B,): with r = log pi(y|x) - log ref(y|x) (``log_ratios``)
+    and the reference point ``z0``, lambda_D (1 - sigmoid(beta (r - z0))) for a desirable answer and
+    lambda_U (1 - sigmoid(beta (z0 - r))) for an undesirable one (TRL's ``loss_type="kto"``).
+
+    Example: beta 0.5, z0 1, r = [2, 1], desirable [True, False], lambda_U 1.5:
+    1 - sigmoid(0.5) = 0.3775406687981454 and 1.5 * (1 - sigmoid(0)) = 0.75.
+    """
+    gain = torch.where(desirable, log_ratios - z0, z0 - log_ratios)  # (B,)
+    weight = torch.where(desirable, desirable_weight, undesirable_weight).to(log_ratios)  # (B,)
+    return weight * (1.0 - torch.sigmoid(beta * gain))
 
 
 def implicit_rewards(log_probs: Tensor, ref_log_probs: Tensor, beta: float) -> Tensor:

@@ -16,6 +16,7 @@ from chatrlhf.data.collate import (
     pad_sequences,
     rating_level,
 )
+from chatrlhf.data.convert import convert_records, to_prompt, to_sft, to_unpaired
 from chatrlhf.data.encode import (
     IGNORE_INDEX,
     LONG_PROMPT,
@@ -29,17 +30,7 @@ from chatrlhf.data.encode import (
     encode_sft,
     eos_id,
 )
-from chatrlhf.data.formats import (
-    FORMATS,
-    KINDS,
-    DataError,
-    convert_records,
-    detect_format,
-    normalise_rows,
-    parse_hh,
-    to_prompt,
-    to_sft,
-)
+from chatrlhf.data.formats import FORMATS, KINDS, DataError, detect_format, normalise_rows, parse_hh
 from chatrlhf.data.sources import DEMO_DIR, demo_names, load_records, load_rows
 from chatrlhf.data.split import blend, parse_split, phase_split, prepare_records, train_eval_split
 
@@ -48,5 +39,5 @@ __all__ = [
     "PromptCollator", "RatingCollator", "SFTCollator", "answer_ids", "blend", "check_rating_levels", "convert_records", "demo_names",
     "detect_format", "encode_pair", "encode_prompt", "encode_rating", "encode_records", "encode_sft", "eos_id",
     "load_records", "load_rows", "normalise_rows", "pad_sequences", "parse_hh", "parse_split", "phase_split", "rating_level",
-    "prepare_records", "to_prompt", "to_sft", "train_eval_split",
+    "prepare_records", "to_prompt", "to_sft", "to_unpaired", "train_eval_split",
 ]

@@ -245,9 +245,11 @@ def _encode_one(rec: dict, kind: str, tokenizer, max_len: int, max_prompt_len: i
                 stats.dropped_identical += 1
                 return None
             item = {"chosen_input_ids": p + ans[0], "rejected_input_ids": p + ans[1], "prompt_len": len(p)}
+        elif p is not None:
+            label = {"score": float(rec["score"])} if kind == "rating" else {"label": bool(rec["label"])}
+            item = {"input_ids": p + ans[0], "prompt_len": len(p), **label}
         else:
-            item = None if p is None else {"input_ids": p + ans[0], "prompt_len": len(p),
-                                           "score": float(rec["score"])}
+            item = None
     if item is None:
         stats.dropped_long_prompt += 1
     else:
@@ -288,7 +290,8 @@ def encode_records(records: Sequence[dict], kind: str, tokenizer, limits=None, *
     ``limits`` is any object with ``max_len``, ``max_prompt_len``, ``long_prompt`` (the stage's
     DataConfig); keyword arguments override it; defaults 512 / 256 / "error". Items:
     sft {"input_ids", "labels"}; preference {"chosen_input_ids", "rejected_input_ids", "prompt_len"};
-    prompt {"input_ids", "prompt", "meta"}; rating {"input_ids", "prompt_len", "score", "_source", "_row"}.
+    prompt {"input_ids", "prompt", "meta"}; rating {"input_ids", "prompt_len", "score", "_source", "_row"};
+    unpaired {"input_ids", "prompt_len", "label"}.
     An empty input gives an empty result; a non-empty input that loses every row raises.
     """
     max_len, max_prompt_len, long_prompt = _limits(limits, max_len, max_prompt_len, long_prompt)
@@ -296,7 +299,7 @@ def encode_records(records: Sequence[dict], kind: str, tokenizer, limits=None, *
         raise DataError(f"unknown record kind {kind!r}.", f"use one of {', '.join(KINDS)}.")
     if long_prompt not in LONG_PROMPT:
         raise DataError(f"data.long_prompt={long_prompt!r} is not one of {LONG_PROMPT}.", _LONG_FIX)
-    if max_len < 2 or max_prompt_len < 1 or (kind in ("preference", "rating") and max_prompt_len >= max_len):
+    if max_len < 2 or max_prompt_len < 1 or (kind in ("preference", "rating", "unpaired") and max_prompt_len >= max_len):
         raise DataError(f"data.max_prompt_len={max_prompt_len} must be >= 1 and below data.max_len={max_len}.",
                         "leave room for the answer: e.g. data.max_len=512, data.max_prompt_len=256.")
     stats, items = EncodeStats(total=len(records)), Encoded()

@@ -220,6 +220,40 @@ def ratings_to_pairs(records: Iterable[dict], min_margin: float,
     return pairs, stats
 
 
+LABEL_STAT_KEYS = ("ratings", "answers", "desirable", "undesirable", "dropped_neutral")
+
+
+def ratings_to_labels(records: Iterable[dict], desirable_min: float,
+                      undesirable_max: float) -> tuple[list[dict], dict[str, int]]:
+    """Turns rating records into unpaired labelled answers for KTO (``chatrlhf kto``); returns (rows, stats).
+
+    Answers are pooled as in ``ratings_to_pairs`` (per prompt, equal after whitespace normalisation); an answer
+    whose mean score is >= ``desirable_min`` is desirable, <= ``undesirable_max`` undesirable, and one between
+    the two is dropped as neutral. Rows: ``{"prompt", "response", "label", "mean_score", "n_ratings"}``,
+    prompts and answers in first-seen order.
+
+    Worked example (desirable_min 4, undesirable_max 2), prompt "2+2?": "4" rated 5 and 4 (mean 4.5) ->
+    desirable; "5" rated 1 -> undesirable; "four" rated 3 -> neutral, dropped.
+    stats: ratings 4, answers 3, desirable 1, undesirable 1, dropped_neutral 1.
+    """
+    records = list(records)
+    stats = dict.fromkeys(LABEL_STAT_KEYS, 0)
+    stats["ratings"] = len(records)
+    rows = []
+    for prompt, answers in _group(records).values():
+        for answer in answers.values():
+            stats["answers"] += 1
+            mean = answer.mean
+            if undesirable_max < mean < desirable_min:
+                stats["dropped_neutral"] += 1
+                continue
+            label = mean >= desirable_min
+            stats["desirable" if label else "undesirable"] += 1
+            rows.append({"prompt": prompt, "response": answer.text, "label": label, "mean_score": round(mean, 9),
+                         "n_ratings": len(answer.scores)})
+    return rows, stats
+
+
 def summarise(stats: dict[str, int]) -> str:
     """One line for the log, the stats in ``STAT_KEYS`` order: ``ratings=6 prompts=1 ... pairs=1``."""
     return " ".join(f"{k}={stats[k]}" for k in STAT_KEYS)

@@ -6,6 +6,7 @@ Canonical records (plain dicts, see docs/data.md):
     sft         {"messages": [messages with >= 1 assistant turn]}
     prompt      {"prompt": [messages ending with user]}
     rating      {"prompt": [messages], "response": str, "score": float}
+    unpaired    {"prompt": [messages ending with user], "response": str, "label": bool}
 
 Every record also carries ``"meta"`` (the row's columns the format does not use, e.g. a prompt's
 ``category``), ``"_source"`` and ``"_row"`` (where it came from, for error messages).
@@ -22,13 +23,13 @@ from typing import Any
 from chatrlhf.data.errors import DataError, LimitError, describe_location
 from chatrlhf.limits import InputError, check_value
 
-__all__ = ["FORMATS", "KINDS", "DataError", "LimitError", "convert_records", "describe_location", "detect_format",
-           "normalise_rows", "parse_hh", "prompt_messages", "to_prompt", "to_sft"]
+__all__ = ["FORMATS", "KINDS", "DataError", "LimitError", "describe_location", "detect_format", "normalise_rows",
+           "parse_hh", "prompt_messages"]
 
 log = logging.getLogger(__name__)
 
-KINDS = ("preference", "sft", "prompt", "rating")
-FORMATS = ("auto", "preference", "hh", "messages", "sft", "prompt", "rating")
+KINDS = ("preference", "sft", "prompt", "rating", "unpaired")
+FORMATS = ("auto", "preference", "hh", "messages", "sft", "prompt", "rating", "unpaired")
 ROLES = ("system", "user", "assistant", "tool")
 """Message roles; "tool" holds a tool's result (an environment's turn, docs/environments.md)."""
 BAD_ROWS = ("error", "skip")
@@ -40,7 +41,7 @@ _FORMAT_FLAG = "data.format"
 _EXPECTED = (
     "prompt+chosen+rejected (preference), chosen+rejected (hh, or message lists), "
     "messages|conversations (messages), prompt+response|completion (sft), "
-    "prompt+response+score (rating), prompt (prompt)"
+    "prompt+response+score (rating), prompt+response+label (unpaired), prompt (prompt)"
 )
 
 
@@ -116,6 +117,22 @@ def _score(row: dict, field: str = "score") -> float:
     if not math.isfinite(score):
         raise DataError(f"score is {score}.", "store a finite number.", field=field)
     return score
+
+
+_LABELS = {"true": True, "1": True, "desirable": True, "false": False, "0": False, "undesirable": False}
+
+
+def _label(row: dict, field: str = "label") -> bool:
+    """An unpaired answer's label: true (desirable) or false (undesirable); also 1/0 and their text (CSV)."""
+    value = row.get(field)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _LABELS:
+        return _LABELS[value.strip().lower()]
+    raise DataError(f"label must be true (a desirable answer) or false (an undesirable one), got {value!r}.",
+                    "store true/false (or 1/0).", field=field)
 
 
 def _check_distinct(chosen: str, rejected: str) -> None:
@@ -217,6 +234,11 @@ def _norm_rating(row: dict) -> dict:
     return {"prompt": _prompt(row), "response": _text(row, column), "score": _score(row)}
 
 
+def _norm_unpaired(row: dict) -> dict:
+    column = next((c for c in _RESPONSE_COLUMNS if c in row), "response")
+    return {"prompt": _prompt(row), "response": _text(row, column), "label": _label(row)}
+
+
 # format name -> (normaliser, kind it produces, columns it reads)
 _NORMALISERS: dict[str, tuple[Callable[[dict], dict], str, tuple[str, ...]]] = {
     "preference": (_norm_preference, "preference", ("prompt", "chosen", "rejected")),
@@ -227,6 +249,7 @@ _NORMALISERS: dict[str, tuple[Callable[[dict], dict], str, tuple[str, ...]]] = {
     "sft": (_norm_sft, "sft", ("prompt", *_RESPONSE_COLUMNS)),
     "prompt": (_norm_prompt, "prompt", ("prompt",)),
     "rating": (_norm_rating, "rating", ("prompt", *_RESPONSE_COLUMNS, "score")),
+    "unpaired": (_norm_unpaired, "unpaired", ("prompt", *_RESPONSE_COLUMNS, "label")),
 }
 # format name -> required columns, each a tuple of accepted alternatives
 _REQUIRED = {
@@ -237,6 +260,7 @@ _REQUIRED = {
     "sft": [("prompt",), _RESPONSE_COLUMNS],
     "prompt": [("prompt",)],
     "rating": [("prompt",), _RESPONSE_COLUMNS, ("score",)],
+    "unpaired": [("prompt",), _RESPONSE_COLUMNS, ("label",)],
 }
 
 
@@ -250,7 +274,7 @@ def detect_format(columns: Iterable[str], first_row: dict | None = None) -> str:
             return "messages"
         return "preference" if "prompt" in cols else "hh"
     if "prompt" in cols and cols & set(_RESPONSE_COLUMNS):
-        return "rating" if "score" in cols else "sft"
+        return "rating" if "score" in cols else "unpaired" if "label" in cols else "sft"
     if "prompt" in cols:
         return "prompt"
     raise DataError(f"cannot tell the format from the columns {sorted(cols)}; expected {_EXPECTED}.",
@@ -335,57 +359,3 @@ def normalise_rows(rows: Sequence[tuple[int, dict]], source: str, fmt: str = "au
         raise DataError(f"no usable rows left ({total} read, {len(skipped)} invalid; first problem: "
                         f"{skipped[0] if skipped else 'none'}).", "fix the rows or check the format.", source=source)
     return records, _NORMALISERS[fmt][1]  # the kind
-
-
-# ----------------------------------------------------------------------------- conversions
-def _keep(record: dict, **fields: Any) -> dict:
-    out = {k: record[k] for k in ("meta", "_source", "_row") if k in record}
-    return {**fields, **out}
-
-
-def to_sft(record: dict) -> dict:
-    """preference -> prompt + chosen answer (DeepSpeed-Chat step 1 trains on the chosen answers)."""
-    return _keep(record, messages=[*record["prompt"], {"role": "assistant", "content": record["chosen"]}])
-
-
-def to_prompt(record: dict) -> dict:
-    """Any kind -> the prompt messages (for sft: the context before the last assistant turn)."""
-    if "prompt" in record:
-        out = _keep(record, prompt=record["prompt"])
-        if "chosen" in record:  # kept as the reference answer of reward functions and the similarity reward
-            out["meta"] = {**record.get("meta", {}), "chosen": record["chosen"]}
-        return out
-    msgs = record["messages"]
-    last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-    if not msgs[:last] or msgs[last - 1]["role"] != "user":
-        raise DataError("the turn before the last assistant answer is not a user turn, so it has no prompt.",
-                        "use conversations whose last assistant turn replies to a user turn.",
-                        source=record.get("_source"), row=record.get("_row"), field="messages")
-    return _keep(record, prompt=msgs[:last])
-
-
-_CONVERSIONS: dict[tuple[str, str], Callable[[dict], dict]] = {
-    ("preference", "sft"): to_sft,
-    ("preference", "prompt"): to_prompt,
-    ("sft", "prompt"): to_prompt,
-    ("rating", "prompt"): to_prompt,
-}
-_WHY_NOT = {
-    "preference": "the pairwise reward model needs a chosen and a rejected answer per prompt; "
-                  "use a preference dataset (prompt/chosen/rejected or HH-RLHF).",
-    "sft": "supervised fine-tuning needs demonstration answers; use prompt/response, messages or "
-           "preference data (its chosen answers are used).",
-    "rating": "this stage needs numeric scores per answer (prompt/response/score).",
-}
-
-
-def convert_records(records: list[dict], from_kind: str, to_kind: str) -> list[dict]:
-    """Converts records to the kind a stage needs, or raises a DataError saying why it cannot."""
-    if from_kind == to_kind:
-        return records
-    fn = _CONVERSIONS.get((from_kind, to_kind))
-    if fn is None:
-        source = records[0].get("_source") if records else None
-        raise DataError(f"holds {from_kind} records, which cannot be turned into {to_kind} records.",
-                        _WHY_NOT.get(to_kind, "use data of the needed kind."), source=source)
-    return [fn(r) for r in records]

@@ -14,7 +14,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from chatrlhf.data.formats import KINDS, DataError, convert_records
+from chatrlhf.data.convert import convert_records
+from chatrlhf.data.formats import KINDS, DataError
 from chatrlhf.data.sources import load_records, own_eval_source
 
 log = logging.getLogger(__name__)
@@ -164,13 +165,15 @@ def _load_part(source: str, fmt: str, kind: str, phase: int, data_split, seed: i
     records, native = load_records(source, fmt=fmt, bad_rows=bad_rows)
     if data_split is not None:
         records = phase_split(records, data_split, phase, seed)
-    records = convert_records(records, native, kind)
     own_eval = own_eval_source(source) if use_own_eval else None
     if own_eval is not None:
         held, held_kind = load_records(own_eval, fmt=fmt, bad_rows=bad_rows)
+        records = convert_records(records, native, kind)
         return records, convert_records(held, held_kind, kind), len(records)
+    # Held out before conversion, so the two unpaired records of one pair land on the same side.
     train, held = train_eval_split(records, eval_fraction, seed) if eval_fraction else (records, [])
-    return train, held, len(records)
+    train, held = convert_records(train, native, kind), convert_records(held, native, kind)
+    return train, held, len(train) + len(held)
 
 
 def prepare_records(sources, weights: Sequence[float] | None = None, fmt: str | Sequence[str] = "auto",

@@ -245,8 +245,8 @@ def export_file(request: Request, name: str, min_margin: float = 1.0, min_agreem
     from chatrlhf.feedback.export import export_rows
 
     _check_filters(min_margin, min_agreement)
-    if name not in ("pairs", "ratings", "comparisons"):
-        raise NotFound(f"no export named {name!r}: use pairs, ratings or comparisons")
+    if name not in ("pairs", "ratings", "comparisons", "kto"):
+        raise NotFound(f"no export named {name!r}: use pairs, ratings, comparisons or kto")
     rows = export_rows(request.app.state.store, min_margin, min_agreement)[0][name]
     return Response(jsonl_text(rows), media_type="application/x-ndjson",
                     headers={"Content-Disposition": f'attachment; filename="{name}.jsonl"'})

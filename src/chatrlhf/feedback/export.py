@@ -9,8 +9,9 @@ ratings (one answer, overall 1-5 plus four dimensions). Both become preference p
     both        -> one row per pair; a pair the two sources order oppositely is dropped  (feedback_to_pairs)
 
 ``export_feedback`` writes the pairs (``pairs.jsonl``, read by ``chatrlhf rm`` / ``dpo`` / ``sft``), every
-rating (``ratings.jsonl``, read by ``chatrlhf pairs``), every comparison (``comparisons.jsonl``) and the
-counts (``export.json``). Rules and files: docs/feedback.md, "Export and training".
+rating (``ratings.jsonl``, read by ``chatrlhf pairs``), every comparison (``comparisons.jsonl``), the rated
+answers labelled desirable or undesirable (``kto.jsonl``, read by ``chatrlhf kto``; ``ratings_to_labels``) and
+the counts (``export.json``). Rules and files: docs/feedback.md, "Export and training".
 
 Nothing here imports torch: ``chatrlhf.data`` (whose package init loads the collators, hence torch) is
 imported inside the functions that need it, so the feedback app can import this module cheaply.
@@ -32,7 +33,7 @@ COMPARISON_STAT_KEYS = ("comparisons", "superseded", "candidate_pairs", "dropped
 """Always ``candidate_pairs = dropped_identical + dropped_tie + dropped_disagreement + pairs``."""
 MERGE_STAT_KEYS = ("comparison_pairs", "rating_pairs", "merged", "dropped_conflict", "pairs")
 """Always ``pairs = comparison_pairs + rating_pairs - merged - 2 * dropped_conflict``."""
-FILES = ("pairs.jsonl", "ratings.jsonl", "comparisons.jsonl", "export.json")
+FILES = ("pairs.jsonl", "ratings.jsonl", "comparisons.jsonl", "kto.jsonl", "export.json")
 """What an export writes, in this order: ``export.json`` last, so its presence means the others are complete."""
 EXPORT_FLAGS = {"db": "--db", "min_margin": "--min_margin", "min_agreement": "--min_agreement",
                 "overwrite": "--overwrite", "output_dir": "--output_dir"}
@@ -56,11 +57,18 @@ class ExportConfig:
     """Comparisons: the share of a pair's votes that must go to the winning answer (a tie vote counts
     against); ratings: the share of annotators who rated both answers that must order them like the means
     (as ``chatrlhf pairs``). 1.0: any dissent or tie vote drops the pair."""
+    kto_desirable_min: float = 4.0
+    """kto.jsonl: an answer whose mean overall rating is at least this is desirable."""
+    kto_undesirable_max: float = 2.0
+    """kto.jsonl: an answer whose mean overall rating is at most this is undesirable (between: left out)."""
 
     def validate(self, prefix: str = "") -> None:
         if not self.db:
             raise ConfigError("--db is empty: name the feedback database chatrlhf serve wrote")
         check_filter_flags(self.min_margin, self.min_agreement)
+        if not self.kto_undesirable_max < self.kto_desirable_min:  # also catches NaN
+            raise ConfigError(f"--kto_undesirable_max ({self.kto_undesirable_max}) must be below --kto_desirable_min "
+                              f"({self.kto_desirable_min}), or an answer would be both (defaults 2 and 4)")
 
 
 @dataclass
@@ -257,18 +265,25 @@ def _check_paths(db: Path, out: Path, overwrite: bool, flags: Mapping[str, str])
     return paths
 
 
-def export_rows(store: FeedbackStore, min_margin: float, min_agreement: float) -> tuple[dict[str, list[dict]], dict]:
-    """The rows of the three exported files (``pairs``, ``ratings``, ``comparisons``) and the filter stats;
-    the web app's downloads and ``export_feedback`` both come from here."""
+def export_rows(store: FeedbackStore, min_margin: float, min_agreement: float, kto_desirable_min: float = 4.0,
+                kto_undesirable_max: float = 2.0) -> tuple[dict[str, list[dict]], dict]:
+    """The rows of the exported files (``pairs``, ``ratings``, ``comparisons``, ``kto``) and the filter stats
+    (``kto``'s under ``stats["kto"]``); the web app's downloads and ``export_feedback`` both come from here."""
+    from chatrlhf.data.feedback import ratings_to_labels
+
     comparisons, ratings = store.comparison_rows(), store.rating_rows()
     pairs, stats = feedback_to_pairs(comparisons, ratings, min_margin, min_agreement)
-    return {"pairs": pairs, "ratings": [rating_record(r) for r in ratings], "comparisons": comparisons}, stats
+    records = [rating_record(r) for r in ratings]
+    labelled, stats["kto"] = ratings_to_labels(records, kto_desirable_min, kto_undesirable_max)
+    return {"pairs": pairs, "ratings": records, "comparisons": comparisons, "kto": labelled}, stats
 
 
 def export_feedback(db: str | Path, output_dir: str | Path, min_margin: float, min_agreement: float,
-                    overwrite: bool, flags: Mapping[str, str] = EXPORT_FLAGS) -> dict:
-    """Writes pairs.jsonl, ratings.jsonl, comparisons.jsonl and export.json (each atomically, export.json
-    last) into ``output_dir``; returns what export.json holds: settings, counts and ``feedback_to_pairs``' stats.
+                    overwrite: bool, flags: Mapping[str, str] = EXPORT_FLAGS, kto_desirable_min: float = 4.0,
+                    kto_undesirable_max: float = 2.0) -> dict:
+    """Writes pairs.jsonl, ratings.jsonl, comparisons.jsonl, kto.jsonl and export.json (each atomically,
+    export.json last) into ``output_dir``; returns what export.json holds: settings, counts and the stats of
+    ``feedback_to_pairs`` (and of ``ratings_to_labels`` under ``kto``).
 
     When no pair survives the filters, every file is still written (pairs.jsonl empty, so the directory
     describes this export, not an earlier one) and a DataError then names the counts and the flags to
@@ -277,10 +292,13 @@ def export_feedback(db: str | Path, output_dir: str | Path, min_margin: float, m
     """
     db, out = Path(db), Path(output_dir)
     paths = _check_paths(db, out, overwrite, flags)
-    rows, stats = export_rows(FeedbackStore(db), min_margin, min_agreement)
+    rows, stats = export_rows(FeedbackStore(db), min_margin, min_agreement, kto_desirable_min, kto_undesirable_max)
     pairs, ratings, comparisons = rows["pairs"], rows["ratings"], rows["comparisons"]
-    summary = {"db": str(db.resolve()), "settings": {"min_margin": min_margin, "min_agreement": min_agreement},
-               "counts": {"comparisons": len(comparisons), "ratings": len(ratings), "pairs": len(pairs)},
+    settings = {"min_margin": min_margin, "min_agreement": min_agreement, "kto_desirable_min": kto_desirable_min,
+                "kto_undesirable_max": kto_undesirable_max}
+    summary = {"db": str(db.resolve()), "settings": settings,
+               "counts": {"comparisons": len(comparisons), "ratings": len(ratings), "pairs": len(pairs),
+                          "kto": len(rows["kto"])},
                "stats": stats, "files": {name: str(p) for name, p in paths.items()}}
     from chatrlhf.data.feedback import jsonl_text, write_text_atomic
 
@@ -288,6 +306,7 @@ def export_feedback(db: str | Path, output_dir: str | Path, min_margin: float, m
     write_text_atomic(paths["pairs.jsonl"], jsonl_text(pairs))
     write_text_atomic(paths["ratings.jsonl"], jsonl_text(ratings))
     write_text_atomic(paths["comparisons.jsonl"], jsonl_text(comparisons))
+    write_text_atomic(paths["kto.jsonl"], jsonl_text(rows["kto"]))
     write_text_atomic(paths["export.json"], json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     if not pairs:
         from chatrlhf.data.formats import DataError
@@ -304,8 +323,10 @@ def export_feedback(db: str | Path, output_dir: str | Path, min_margin: float, m
 def run_export(cfg: ExportConfig) -> dict:
     """``chatrlhf export``: the database's feedback -> ``cfg.output_dir``; prints one summary line."""
     cfg.validate()
-    summary = export_feedback(cfg.db, cfg.output_dir, cfg.min_margin, cfg.min_agreement, cfg.overwrite)
+    summary = export_feedback(cfg.db, cfg.output_dir, cfg.min_margin, cfg.min_agreement, cfg.overwrite,
+                              kto_desirable_min=cfg.kto_desirable_min, kto_undesirable_max=cfg.kto_undesirable_max)
     counts = summary["counts"]
     print(f"[chatrlhf] export: {counts['comparisons']} comparisons, {counts['ratings']} ratings -> "
-          f"{counts['pairs']} pairs ({summarise_export(summary['stats'])}) -> {cfg.output_dir}")
+          f"{counts['pairs']} pairs ({summarise_export(summary['stats'])}), {counts['kto']} labelled answers "
+          f"-> {cfg.output_dir}")
     return summary

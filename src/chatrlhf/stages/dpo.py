@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from chatrlhf.algorithms import answer_mask, position_ids_from_mask, sequence_log_probs
+from chatrlhf.algorithms import answer_mask
 from chatrlhf.algorithms.preference import (
     LENGTH_NORMALISED_LOSSES,
     PREFERENCE_LOSSES,
@@ -32,6 +32,7 @@ from chatrlhf.data import PairCollator, encode_records, prepare_records
 from chatrlhf.engine import Engine, init_distributed
 from chatrlhf.models import apply_lora, disable_dropout, load_causal_lm, load_tokenizer
 from chatrlhf.precision import announce
+from chatrlhf.reference import REF_KEY, answer_log_probs, load_reference, precompute_reference
 from chatrlhf.resume import resume_step, save_resumable
 from chatrlhf.stages.dpo_config import DPOConfig
 from chatrlhf.training import (
@@ -45,8 +46,6 @@ from chatrlhf.training import (
     write_resolved_config,
 )
 
-REF_KEY = "ref_logps"  # an item's precomputed reference log-probs: [chosen, rejected]
-
 
 class PairTerms(NamedTuple):
     """One batch of P pairs: per-pair losses and the summed answer log-probs behind them, (P,) each."""
@@ -56,16 +55,6 @@ class PairTerms(NamedTuple):
     rejected: torch.Tensor
     ref_chosen: torch.Tensor
     ref_rejected: torch.Tensor
-
-
-def answer_log_probs(model, batch: dict, device: torch.device) -> torch.Tensor:
-    """Summed answer log-probs (2P,) of a ``PairCollator`` batch (chosen rows first), EOS included, from one
-    forward of ``model`` (an Engine or a plain causal LM) over the (2P, T) right-padded rows."""
-    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)  # (2P, T) each
-    logits = model(
-        input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False
-    ).logits  # (2P, T, V)
-    return sequence_log_probs(logits, ids, answer_mask(mask, batch["prompt_lens"].to(device)))  # (2P,)
 
 
 class _Collate:
@@ -137,35 +126,6 @@ def evaluate(engine: Engine, reference, data: list[dict], collate, batch_size: i
     return {**_summary(sums), "pairs": int(sums[-1].item())}
 
 
-@torch.no_grad()
-def precompute_reference(reference, items: list[dict], collate, batch_size: int, engine: Engine,
-                         progress: bool = False, desc: str = "reference") -> None:
-    """Stores each item's reference log-probs ``[chosen, rejected]`` under ``REF_KEY``.
-
-    Each rank scores every ``world_size``-th item and the results are gathered, so every rank ends with
-    all of them (any rank may draw any item in a later epoch). ``reference`` must be in eval mode.
-    """
-    rank, world = engine.rank, engine.world_size
-    per_rank = -(-len(items) // world)
-    out = torch.zeros(per_rank, 2, dtype=torch.float32, device=engine.device)  # equal shapes on every rank
-    batches = rank_batches(len(items), rank, world, batch_size)
-    for b, (idx, _) in enumerate(tqdm(batches, desc=desc, disable=not progress, leave=False)):
-        logps = answer_log_probs(reference, collate([items[j] for j in idx]), engine.device)  # (2P,)
-        out[b * batch_size : b * batch_size + len(idx)] = torch.stack(logps.split(len(idx)), dim=-1)  # (P, 2)
-    gathered = engine.all_gather(out).cpu()  # (world * per_rank, 2): rank r's k-th row is item r + k * world
-    for r in range(world):
-        for k, j in enumerate(range(r, len(items), world)):
-            items[j][REF_KEY] = gathered[r * per_rank + k].tolist()
-
-
-def _load_reference(cfg: DPOConfig, device: torch.device):
-    m = cfg.model
-    reference = load_causal_lm(cfg.reference or m.name_or_path, dtype=m.dtype, trust_remote_code=m.trust_remote_code)
-    if cfg.disable_dropout:
-        disable_dropout(reference)
-    return reference.eval().requires_grad_(False).to(device)
-
-
 def _prepare_reference(cfg: DPOConfig, engine: Engine, start: int, splits: list[tuple[str, list[dict]]], collate):
     """The reference for per-step scoring, or None: reference-free, or its log-probs are now stored in the
     items of every split (``precompute_reference``) and the reference itself is freed."""
@@ -175,7 +135,8 @@ def _prepare_reference(cfg: DPOConfig, engine: Engine, start: int, splits: list[
     # load no second copy. On resume the policy has moved, so the reference is loaded again; its log-probs are
     # deterministic, so a resumed run sees exactly the values of the first one.
     reuse_policy = cfg.precompute_reference and start == 0 and cfg.reference is None
-    reference = engine if reuse_policy else _load_reference(cfg, engine.device)
+    reference = engine if reuse_policy else load_reference(cfg.reference or cfg.model.name_or_path, cfg.model,
+                                                           cfg.disable_dropout, engine.device)
     if not cfg.precompute_reference:
         return reference
     engine.eval()
