@@ -58,6 +58,7 @@ COMMANDS = {
     "grpo": ("chatrlhf.stages.ppo_config:GRPOConfig", "chatrlhf.stages.ppo:train_ppo"),
     "dpo": ("chatrlhf.stages.dpo_config:DPOConfig", "chatrlhf.stages.dpo:train_dpo"),
     "kto": ("chatrlhf.stages.kto_config:KTOConfig", "chatrlhf.stages.kto:train_kto"),
+    "ilql": ("chatrlhf.stages.ilql_config:ILQLConfig", "chatrlhf.stages.ilql:train_ilql"),
     "pairs": ("chatrlhf.data.feedback:PairsConfig", "chatrlhf.data.feedback:make_pairs"),
     "export": ("chatrlhf.feedback.export:ExportConfig", "chatrlhf.feedback.export:run_export"),
     "train": ("chatrlhf.pipeline_config:PipelineConfig", "chatrlhf.pipeline:run_pipeline"),

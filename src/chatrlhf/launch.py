@@ -30,7 +30,7 @@ from typing import Literal
 
 from chatrlhf.config import ConfigError
 
-LAUNCHABLE = ("sft", "rm", "ppo", "grpo", "dpo", "kto", "train")
+LAUNCHABLE = ("sft", "rm", "ppo", "grpo", "dpo", "kto", "ilql", "train")
 """The chatrlhf commands that train on several processes (the others, ``eval``, ``chat`` and ``pairs``,
 run in one process: start them directly)."""
 

@@ -51,12 +51,15 @@ def inputs(tmp_path_factory) -> dict[str, str]:
         pairs.append({"prompt": f"question {' '.join(stem)}", "chosen": " ".join(stem[:at] + ["good"] + stem[at:]),
                       "rejected": " ".join(stem[:at] + ["bad"] + stem[at:])})
     prompts = [{"prompt": f"say {WORDS[i % len(WORDS)]} {WORDS[(3 * i) % len(WORDS)]}"} for i in range(64)]
+    ratings = [{"prompt": p["prompt"], "response": p[side], "score": float(side == "chosen")}
+               for p in pairs for side in ("chosen", "rejected")]
     (root / "reward.py").write_text(REWARD_FN)
     return {
         "model": str(build_tiny_llama(root / "model")),
         "copy": write_jsonl(root / "copy.jsonl", copy),
         "pairs": write_jsonl(root / "pairs.jsonl", pairs),
         "prompts": write_jsonl(root / "prompts.jsonl", prompts),
+        "ratings": write_jsonl(root / "ratings.jsonl", ratings),
         "reward": f"{root / 'reward.py'}:short_yes",
     }
 
@@ -73,6 +76,10 @@ def stage_args(stage: str, x: dict[str, str], world: int) -> tuple[list[str], in
         return [stage, *common, "--data.datasets", f"[{x['pairs']}]", "--data.data_split", "0,1,0",
                 "--data.eval_fraction", "0.2", "--engine.learning_rate", "1e-3", "--engine.micro_batch_size", micro,
                 "--engine.gradient_accumulation_steps", "2", "--max_steps", "6"], 3
+    if stage == "ilql":  # the Polyak-averaged target heads are part of the checkpointed state
+        return ["ilql", *common, "--data.datasets", f"[{x['ratings']}]", "--data.eval_fraction", "0.2",
+                "--engine.learning_rate", "1e-3", "--engine.micro_batch_size", micro,
+                "--engine.gradient_accumulation_steps", "2", "--max_steps", "6", "--polyak_alpha", "0.3"], 3
     rl = [*common, "--data.datasets", f"[{x['prompts']}]", "--data.data_split", "0,0,1", "--gold_every", "0",
           "--generation.max_new_tokens", "10", "--actor_engine.learning_rate", "3e-3",
           "--actor_engine.micro_batch_size", micro, "--actor_engine.gradient_accumulation_steps", "2",
@@ -140,13 +147,13 @@ def check_resume(stage: str, x: dict[str, str], tmp: Path, world: int) -> Path:
     return full
 
 
-@pytest.mark.parametrize("stage", ["sft", "rm", "dpo", "kto", "ppo", "grpo"])
+@pytest.mark.parametrize("stage", ["sft", "rm", "dpo", "kto", "ilql", "ppo", "grpo"])
 def test_resume_in_a_fresh_process_is_bit_exact(stage, inputs, tmp_path):
     check_resume(stage, inputs, tmp_path, world=1)
 
 
 @needs_launcher
-@pytest.mark.parametrize("stage", ["sft", "rm", "dpo", "kto", "ppo", "grpo"])
+@pytest.mark.parametrize("stage", ["sft", "rm", "dpo", "kto", "ilql", "ppo", "grpo"])
 def test_two_process_zero2_resume_is_bit_exact(stage, inputs, tmp_path, capsys):
     full = check_resume(stage, inputs, tmp_path, world=2)
     if stage == "sft":  # the same checkpoint resumed by one process: ZeRO-2 state is partitioned over two
