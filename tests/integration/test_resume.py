@@ -5,7 +5,8 @@ uninterrupted run's step-N checkpoint, which is what a run killed right after th
 
 The stages run with their stateful options on: gradient accumulation, an epoch boundary at the checkpoint
 (SFT), the adaptive KL controller, reward normalisation, the EMA actor and PPO-ptx (PPO), an ensemble
-reward with per-source normalisers and KL in the loss (GRPO).
+reward with per-source normalisers and KL in the loss (GRPO); DAPO's dynamic sampling with reward
+normalisation (grpo-dynamic), whose further rounds draw their prompts and answers from stateless seeds.
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ needs_launcher = pytest.mark.skipif(not LAUNCHER.exists(), reason="needs the dee
 REWARD_FN = '''
 def short_yes(prompt, response, metadata):
     return min(response.split().count("yes"), 3) - 0.02 * len(response)
+
+
+def half_flat(prompt, response, metadata):
+    """By length after "say the/quick/brown/fox/jumps", else 0 for every answer: all-equal groups."""
+    return len(response) / 10 if prompt.split()[1] in ("the", "quick", "brown", "fox", "jumps") else 0.0
 '''
 
 
@@ -61,6 +67,7 @@ def inputs(tmp_path_factory) -> dict[str, str]:
         "prompts": write_jsonl(root / "prompts.jsonl", prompts),
         "ratings": write_jsonl(root / "ratings.jsonl", ratings),
         "reward": f"{root / 'reward.py'}:short_yes",
+        "half_flat": f"{root / 'reward.py'}:half_flat",
     }
 
 
@@ -90,13 +97,17 @@ def stage_args(stage: str, x: dict[str, str], world: int) -> tuple[list[str], in
                 "--critic_engine.gradient_accumulation_steps", "2", "--kl_coef", "0.05", "--kl_target", "0.5",
                 "--kl_horizon", "100", "--normalize_reward", "true", "--ema_beta", "0.9", "--ptx_coef", "0.5",
                 "--ptx_data", f"[{x['copy']}]"], 2
+    if stage == "grpo-dynamic":  # a reward flat on some prompts, so that further rounds are drawn
+        return ["grpo", *rl, "--reward", x["half_flat"], "--rollout_batch_size", "4", "--samples_per_prompt", "4",
+                "--dynamic_sampling", "true", "--normalize_reward", "true"], 2
     assert stage == "grpo"
     ensemble = f"{x['reward']} + 0.5*chatrlhf.rewards.examples:length_reward"
     return ["grpo", *rl, "--reward", ensemble, "--rollout_batch_size", "4", "--samples_per_prompt", "4"], 2
 
 
 def zero2(stage: str) -> list[str]:
-    engines = ["actor_engine", "critic_engine"] if stage == "ppo" else ["actor_engine"] if stage == "grpo" else ["engine"]
+    engines = (["actor_engine", "critic_engine"] if stage == "ppo" else ["actor_engine"] if stage.startswith("grpo")
+               else ["engine"])
     return [flag for e in engines for flag in (f"--{e}.zero_stage", "2")]
 
 
@@ -142,14 +153,16 @@ def check_resume(stage: str, x: dict[str, str], tmp: Path, world: int) -> Path:
     assert wa.keys() == wb.keys() and "model" in wa
     for d in wa:
         assert all(torch.equal(wa[d][k], wb[d][k]) for k in wa[d]), d
-    if stage in ("ppo", "grpo"):  # the summary covers the iterations before the resume too
+    if stage in ("ppo", "grpo", "grpo-dynamic"):  # the summary covers the iterations before the resume too
         assert json.loads((full / "eval.json").read_text()) == json.loads((cut / "eval.json").read_text())
     return full
 
 
-@pytest.mark.parametrize("stage", ["sft", "rm", "dpo", "kto", "ilql", "ppo", "grpo"])
+@pytest.mark.parametrize("stage", ["sft", "rm", "dpo", "kto", "ilql", "ppo", "grpo", "grpo-dynamic"])
 def test_resume_in_a_fresh_process_is_bit_exact(stage, inputs, tmp_path):
-    check_resume(stage, inputs, tmp_path, world=1)
+    full = check_resume(stage, inputs, tmp_path, world=1)
+    if stage == "grpo-dynamic":  # the resumed iterations drew further rounds: their prompts and answers matched
+        assert any(row["train/sampling/rounds"] > 1 for step, row in train_rows(full).items() if step > 2)
 
 
 @needs_launcher

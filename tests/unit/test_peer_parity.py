@@ -134,3 +134,21 @@ def test_grpo_group_norm_uses_bessel_std():
     want = (scores - scores.mean()) / (scores.std() + 1e-4)
     torch.testing.assert_close(adv.squeeze(-1), want)
     assert abs(float(scores.std()) - math.sqrt(14 / 3)) < 1e-12
+
+
+def test_verl_dapo_filter_groups_keeps_groups_with_nonzero_std():
+    """verl's DAPO recipe (``algorithm.filter_groups``): per prompt, the std (numpy's, population) of its answers'
+    metric; a prompt is kept when that std is > 0 (or it has one answer, which chatrlhf refuses). On scores
+    whose group mean is exact, as 0/1 accuracies and the dyadic values here, that is chatrlhf's "not all
+    equal"; with other floats verl's mean can round so an all-equal group gets a std of ~1e-17 and is kept."""
+    import numpy as np
+
+    from chatrlhf.algorithms.dynamic_sampling import informative_groups
+
+    g = torch.Generator().manual_seed(0)
+    k, groups = 4, 64
+    scores = torch.randint(0, 3, (groups, k), generator=g).to(F64) / 2  # {0, 0.5, 1}
+    scores[::3] = scores[::3, :1]  # every third group all equal
+    verl = [float(np.std(row)) > 0 for row in scores.numpy()]
+    assert informative_groups(scores.reshape(-1), k).tolist() == verl
+    assert 0 < sum(verl) < groups

@@ -118,3 +118,33 @@ def cut_at_first_eos(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, tokens
     mask = torch.arange(width, device=tokens.device) < lengths[:, None]  # (B, R)
     return Rollout(prompt_ids, prompt_mask, tokens[:, :width].masked_fill(~mask, pad_token_id),
                    mask.to(prompt_mask.dtype), finished, log_probs[:, :width].float().masked_fill(~mask, 0.0))
+
+
+def stack_rows(parts: list[tuple[Rollout, list[int]]], pad_token_id: int) -> Rollout:
+    """One ``Rollout`` of the rows ``rows`` of each rollout in ``parts``, in that order: rollouts generated as
+    separate batches (each padded to its own widths) made one. Prompts are left-padded to the widest, responses
+    right-padded to the longest (pad id, mask 0, log-prob 0); ``context_mask`` is kept when any part has one.
+
+    Example: part A has prompts [[5, 6]] and responses [[7]], part B prompts [[9]] and responses [[8, 2]]
+    (pad 0) -> prompt_ids [[5, 6], [0, 9]], prompt_mask [[1, 1], [0, 1]], response_ids [[7, 0], [8, 2]],
+    response_mask [[1, 0], [1, 1]].
+    """
+    prompt_width = max(r.prompt_ids.shape[1] for r, _ in parts)
+    response_width = max(r.response_ids.shape[1] for r, _ in parts)
+
+    def stacked(field, left: bool, value) -> torch.Tensor:
+        out = []
+        for rollout, rows in parts:
+            x = field(rollout)[torch.as_tensor(rows, dtype=torch.long, device=rollout.prompt_ids.device)]
+            extra = (prompt_width if left else response_width) - x.shape[1]
+            out.append(torch.nn.functional.pad(x, (extra, 0) if left else (0, extra), value=value))
+        return torch.cat(out)
+
+    context = None
+    if any(r.context_mask is not None for r, _ in parts):
+        context = stacked(lambda r: r.response_mask if r.context_mask is None else r.context_mask, False, 0)
+    return Rollout(stacked(lambda r: r.prompt_ids, True, pad_token_id), stacked(lambda r: r.prompt_mask, True, 0),
+                   stacked(lambda r: r.response_ids, False, pad_token_id), stacked(lambda r: r.response_mask, False, 0),
+                   torch.cat([r.finished[torch.as_tensor(rows, dtype=torch.long, device=r.finished.device)]
+                              for r, rows in parts]),
+                   stacked(lambda r: r.log_probs, False, 0.0), context)

@@ -1,7 +1,8 @@
 """On-policy RLHF: PPO (DeepSpeed-Chat step 3) and its critic-free relatives (REINFORCE, RLOO, GRPO, ...).
 
 ``train_ppo`` runs one iteration per prompt batch, each phase a function below, in this order:
-  generate_rollouts   answers from the actor's live weights, in inference mode
+  generate_rollouts   answers from the actor's live weights, in inference mode; with dynamic sampling, in
+                      rounds until the groups' rewards differ (``ppo_sampling``)
   score_rollouts      old log-probs, reference log-probs and, with a critic, values, all in eval mode; the
                       reward source's score
   compute_advantages  per-token rewards (the score at the last answer token, minus beta * KL per token when
@@ -33,14 +34,14 @@ from chatrlhf.algorithms import (
     value_loss,
 )
 from chatrlhf.algorithms.advantages import stage_name
-from chatrlhf.data.encode import eos_id
 from chatrlhf.engine import Engine
 from chatrlhf.resume import resume_rl_step, save_rl_final, save_rl_resumable
 from chatrlhf.rewards.contract import RewardBatch
-from chatrlhf.rollout import Rollout, answer_logits, decode_responses
+from chatrlhf.rollout import Rollout, answer_logits
 from chatrlhf.stages.ppo_config import PPOConfig
-from chatrlhf.stages.ppo_env import episode_metrics, generate_episodes
-from chatrlhf.stages.ppo_metrics import critic_metrics, mismatch_metrics
+from chatrlhf.stages.ppo_env import episode_metrics
+from chatrlhf.stages.ppo_metrics import critic_metrics, mismatch_metrics, sampling_metrics
+from chatrlhf.stages.ppo_sampling import generate_answers, penalised_scores, reward_batch, sample_informative
 from chatrlhf.stages.ppo_setup import RLRun, setup_run
 from chatrlhf.training import MetricsLogger, logged_rows, write_resolved_config
 
@@ -65,6 +66,7 @@ class Experience:
     returns: torch.Tensor | None = None  # (B, R)
     turn_rewards: torch.Tensor | None = None  # (B, R) an environment's per-turn rewards, on each turn's last token
     episodes: list | None = None  # an environment's episodes (``environments.episodes.Episode``)
+    sampling: dict | None = None  # dynamic sampling's counts on this process (``ppo_sampling``); None: off
 
 
 def train_ppo(cfg: PPOConfig) -> dict[str, float]:
@@ -121,20 +123,15 @@ def _start_logger(run: RLRun, start: int) -> MetricsLogger:
 
 def generate_rollouts(run: RLRun, iteration: int) -> tuple[Rollout, dict]:
     """This process's answers to the iteration's prompts (``samples_per_prompt`` each), sampled from the
-    actor's live weights in inference mode; and the collated prompt batch they answer."""
-    cfg, actor = run.cfg, run.actor
+    actor's live weights in inference mode; and the collated prompt batch they answer. With
+    ``dynamic_sampling``, rounds of other prompts replace the groups whose rewards are all equal."""
     epoch, step_in_epoch = divmod(iteration, run.plan.steps_per_epoch)
     (local_idx,) = run.plan.local_micro_batches(run.plan.batch(epoch, step_in_epoch), run.rank)
-    items = [run.prompts[i] for i in local_idx for _ in range(cfg.samples_per_prompt)]
     # Sampling randomness is a pure function of (seed, iteration, rank): a resumed run draws the same.
-    gen = torch.Generator().manual_seed(cfg.actor_engine.seed * 1_000_003 + iteration * run.world + run.rank)
-    if run.env is not None:  # a group's episodes start from the same row, as its answers do
-        return generate_episodes(run, items, gen)
-    batch = {k: v.to(actor.device) if torch.is_tensor(v) else v for k, v in run.collate(items).items()}
-    rollout = run.rollouts.generate(batch["input_ids"], batch["attention_mask"], cfg.generation.sampling(),
-                                    eos_token_ids=[eos_id(run.tokenizer)], pad_token_id=run.tokenizer.pad_token_id,
-                                    generator=gen, sync=actor.all_done if run.world > 1 else None)
-    return rollout, batch
+    gen = torch.Generator().manual_seed(run.cfg.actor_engine.seed * 1_000_003 + iteration * run.world + run.rank)
+    if run.cfg.dynamic_sampling:
+        return sample_informative(run, iteration, list(local_idx), gen)
+    return generate_answers(run, local_idx, gen)
 
 
 # ---- score ----------------------------------------------------------------------------------------------
@@ -146,25 +143,22 @@ def score_rollouts(run: RLRun, rollout: Rollout, prompt_batch: dict) -> Experien
 
     Answers cut off without EOS lose ``missing_eos_penalty``, long ones DAPO's ``overlong_penalty`` within
     ``overlong_buffer`` tokens of ``max_new_tokens``; with ``normalize_reward`` the scores are
-    normalised by running moments over all processes' scores.
+    normalised by running moments over all processes' scores. Under dynamic sampling the rounds have already
+    called the reward source (``raw_scores`` in the batch).
     """
     cfg = run.cfg
-    responses = prompt_batch.get("responses") or decode_responses(run.tokenizer, rollout)  # an episode's: its last reply
-    reward_batch = RewardBatch(rollout.sequences, rollout.attention_mask, prompt_batch["prompts"], responses,
-                               rollout.finished.tolist(), prompt_batch.get("meta", []))
+    rewarded = reward_batch(run, rollout, prompt_batch)
     old_logprobs, ref_logprobs, values = _logprobs_and_values(run, rollout)
-    raw_scores = run.reward(reward_batch).float()
+    raw_scores = prompt_batch["raw_scores"] if "raw_scores" in prompt_batch else run.reward(rewarded).float()
     mask = rollout.response_mask.float()  # from the rollout, never from pad ids (pad == eos in SmolLM2)
-    scores = raw_scores - cfg.missing_eos_penalty * (~rollout.finished).float()
-    if cfg.overlong_buffer:
-        scores = scores + rl.overlong_penalty(mask.sum(-1), cfg.generation.max_new_tokens, cfg.overlong_buffer,
-                                              cfg.overlong_penalty).to(scores.device)
+    scores = penalised_scores(cfg, raw_scores, rollout)
     if cfg.normalize_reward:
         run.moments.update(run.actor.all_gather(scores))
         scores = run.moments.normalize(scores)
-    return Experience(rollout.sequences, rollout.attention_mask, mask, rollout.finished, reward_batch,
+    return Experience(rollout.sequences, rollout.attention_mask, mask, rollout.finished, rewarded,
                       old_logprobs, rollout.log_probs.float(), ref_logprobs, values, raw_scores, scores,
-                      turn_rewards=prompt_batch.get("turn_rewards"), episodes=prompt_batch.get("episodes"))
+                      turn_rewards=prompt_batch.get("turn_rewards"), episodes=prompt_batch.get("episodes"),
+                      sampling=prompt_batch.get("sampling"))
 
 
 def _logprobs_and_values(run: RLRun, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -385,6 +379,7 @@ def iteration_metrics(run: RLRun, exp: Experience, kl: dict, update_stats: dict,
         row["gold/overall"] = mean_all(run.gold(exp.reward_batch))
     row.update(critic_metrics(run, exp))
     row.update(mismatch_metrics(run, exp))
+    row.update(sampling_metrics(run, exp.sampling))
     if run.env is not None:
         row.update(episode_metrics(run, exp.episodes))
     return row

@@ -66,6 +66,14 @@ class PPOConfig:
     """Prompts per PPO iteration over all processes (each gets ``samples_per_prompt`` answers)."""
     samples_per_prompt: int = 1
     """Answers sampled per prompt."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling (Yu et al. 2025; verl's ``filter_groups``), for the group estimators (rloo,
+    grpo, dr_grpo): a group of answers to one prompt whose rewards are all equal (zero advantage) is dropped
+    and other prompts are sampled in further rounds until each process holds its share of
+    ``rollout_batch_size`` groups that differ, or ``max_sampling_rounds`` have run (docs/rl.md)."""
+    max_sampling_rounds: int = 3
+    """With ``dynamic_sampling``: the most generation rounds per iteration, the first included (verl's
+    ``max_num_gen_batches``). When they run out, all-equal groups fill the missing places (``sampling/filled``)."""
     epochs: int = 1
     """Passes over the prompts."""
     max_iterations: int = -1
@@ -179,6 +187,7 @@ class PPOConfig:
         self.critic_engine.validate(f"{prefix}critic_engine")
         self.run.validate(f"{prefix}run")
         self.generation.validate(f"{prefix}generation")
+        self._validate_sampling(prefix)
         self._validate_rollouts(prefix)
         self._validate_shaping(prefix)
         self._validate_loss(prefix)
@@ -228,6 +237,23 @@ class PPOConfig:
         if self.epochs < 1 and self.max_iterations < 1:
             raise ConfigError(f"set --{p}epochs >= 1 or --{p}max_iterations >= 1 "
                               f"(got {self.epochs} and {self.max_iterations})")
+
+    def _validate_sampling(self, p: str) -> None:
+        from chatrlhf.algorithms.advantages import ADVANTAGE_ESTIMATORS
+
+        if self.max_sampling_rounds < 1:
+            raise ConfigError(f"--{p}max_sampling_rounds must be >= 1 (1: no extra rounds), got "
+                              f"{self.max_sampling_rounds}")
+        if not self.dynamic_sampling:
+            return
+        if not ADVANTAGE_ESTIMATORS[self.advantage_estimator].grouped:
+            grouped = ", ".join(n for n, e in ADVANTAGE_ESTIMATORS.items() if e.grouped)
+            raise ConfigError(f"--{p}dynamic_sampling drops groups whose rewards are all equal, which only the group "
+                              f"estimators ({grouped}) give zero advantage: set --{p}advantage_estimator to one "
+                              f"of them (got {self.advantage_estimator}) or --{p}dynamic_sampling false")
+        if self.samples_per_prompt < 2:
+            raise ConfigError(f"--{p}dynamic_sampling drops groups of answers to one prompt whose rewards are all "
+                              f"equal: set --{p}samples_per_prompt >= 2 (got {self.samples_per_prompt})")
 
     def _validate_shaping(self, p: str) -> None:
         if self.kl_target is not None and self.kl_target <= 0:

@@ -1,4 +1,5 @@
-"""The PPO iteration's metrics beyond the rewards: the generating engine against the trainer, and the critic."""
+"""The PPO iteration's metrics beyond the rewards: the generating engine against the trainer, the critic, and
+dynamic sampling's rounds."""
 
 from __future__ import annotations
 
@@ -29,3 +30,17 @@ def critic_metrics(run, exp) -> dict:
     return {"value/mean": run.actor.all_reduce(masked_sum(exp.values, exp.mask).double()).item() / tokens,
             "value/explained_variance": rl.explained_variance_from_sums(sums[:3], sums[3:]).item(),
             "lr/critic": run.critic.lr, "skipped_steps/critic": run.critic.skipped_steps}
+
+
+def sampling_metrics(run, counts: dict | None) -> dict:
+    """Dynamic sampling's figures over all processes (none when it is off): ``sampling/rounds`` (the same on
+    every process), ``sampling/kept_frac`` (informative groups / groups generated, every round counted),
+    ``sampling/filled`` (all-equal groups trained on because the rounds ran out) and
+    ``sampling/first_round_reward`` (the mean raw score of round 0: the unfiltered batch's ``reward/score``)."""
+    if counts is None:
+        return {}
+    keys = ("groups", "informative", "filled", "first_reward_sum", "first_answers")
+    groups, informative, filled, reward_sum, answers = run.actor.all_reduce(
+        torch.tensor([float(counts[k]) for k in keys], dtype=torch.float64)).tolist()
+    return {"sampling/rounds": float(counts["rounds"]), "sampling/kept_frac": informative / max(groups, 1.0),
+            "sampling/filled": filled, "sampling/first_round_reward": reward_sum / max(answers, 1.0)}
