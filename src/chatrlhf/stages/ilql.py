@@ -170,6 +170,11 @@ def _reward_eval(engine, tokenizer, cfg: ILQLConfig, records: list[dict]):
         return None
     from chatrlhf.rewards.factory import build_reward_source
 
+    if cfg.eval_prompt_source:
+        from chatrlhf.data import convert_records, load_records
+
+        loaded, kind = load_records(cfg.eval_prompt_source)
+        records = convert_records(loaded, kind, "prompt")
     reward, prompts = build_reward_source(cfg.reward, tokenizer), eval_prompts(records, cfg.eval_prompts)
     return lambda: decode_and_score(engine, tokenizer, prompts, reward, cfg)
 

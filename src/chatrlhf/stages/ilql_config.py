@@ -55,6 +55,9 @@ class ILQLConfig:
     scores answers decoded from the eval prompts at beta 0 and at ``beta``, before and after training."""
     eval_prompts: int = 32
     """Distinct held-out prompts the reward evaluation decodes (0: none)."""
+    eval_prompt_source: str | None = None
+    """Where the reward evaluation's prompts come from (any data source; e.g. ``demo:prompts_eval``). None: the
+    eval split's rows."""
     generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(temperature=0.0))
     """How the evaluation decodes (greedy by default)."""
     epochs: int = 1
