@@ -144,6 +144,10 @@ class EngineConfig:
     max_consecutive_nonfinite: int = 3
     """A NaN/inf loss or gradient skips that optimizer step (weights and optimizer state unchanged; counted
     and logged as ``skipped_steps``); after this many skips in a row the run stops (0: never stop)."""
+    packing: bool = True
+    """Padding-free forwards where a stage supports them: each micro-batch's rows packed side by side (position
+    ids restarting per row, attention confined to each row), so no compute goes to padding; the per-row
+    results equal the padded forward's up to float rounding. Off: padded rows (docs/engine.md)."""
 
     def validate(self, flag: str = "engine") -> None:
         def bad(name: str, rule: str) -> ConfigError:

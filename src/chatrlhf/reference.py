@@ -9,28 +9,45 @@ P (DPO: chosen then rejected answers; KTO: each answer then its mismatched KL ro
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from chatrlhf.algorithms import answer_mask, position_ids_from_mask, sequence_log_probs
-from chatrlhf.models import disable_dropout, load_causal_lm
+from chatrlhf.algorithms import (
+    answer_mask,
+    gather_log_probs,
+    position_ids_from_mask,
+    sequence_log_probs,
+    zero_off_mask,
+)
+from chatrlhf.data.packing import pack, packed_inputs, plan_packing, row_sums
+from chatrlhf.models import disable_dropout, load_causal_lm, uses_flash_attention
 from chatrlhf.training import rank_batches
 
 REF_KEY = "ref_logps"  # an item's precomputed reference log-probs: [first block, second block]
 
 
-def answer_log_probs(model, batch: dict, device: torch.device) -> torch.Tensor:
+def answer_log_probs(model, batch: dict, device: torch.device, packing: bool = False) -> torch.Tensor:
     """Summed answer log-probs (N,) of a batch's N right-padded rows, EOS included, from one forward of
-    ``model`` (an Engine or a plain causal LM)."""
+    ``model`` (an Engine or a plain causal LM); with ``packing``, over the rows packed without padding
+    (``chatrlhf.data.packing``): the same sums up to float rounding."""
     ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)  # (N, T) each
-    logits = model(
-        input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False
-    ).logits  # (N, T, V)
-    return sequence_log_probs(logits, ids, answer_mask(mask, batch["prompt_lens"].to(device)))  # (N,)
+    answers = answer_mask(mask, batch["prompt_lens"].to(device))  # (N, T)
+    if not packing:
+        logits = model(
+            input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False
+        ).logits  # (N, T, V)
+        return sequence_log_probs(logits, ids, answers)  # (N,)
+    plan = plan_packing(mask)
+    logits = model(**packed_inputs(plan, ids, pad_id=0, flash=uses_flash_attention(model)), use_cache=False).logits
+    tokens = pack(plan, ids)  # (K, L)
+    targets = pack(plan, answers, fill=False) & (plan.position.to(device) > 0)  # a row's first token: no target
+    per_token = zero_off_mask(gather_log_probs(logits[:, :-1], tokens[:, 1:]), targets[:, 1:])  # (K, L-1)
+    return row_sums(plan, F.pad(per_token, (1, 0)))  # (N,): token j's log-prob sits at packed position j
 
 
 @torch.no_grad()
 def precompute_reference(reference, items: list[dict], collate, batch_size: int, engine,
-                         progress: bool = False, desc: str = "reference") -> None:
+                         progress: bool = False, desc: str = "reference", packing: bool = False) -> None:
     """Stores each item's reference log-probs ``[first, second]`` under ``REF_KEY``.
 
     Each rank scores every ``world_size``-th item and the results are gathered, so every rank ends with
@@ -41,7 +58,7 @@ def precompute_reference(reference, items: list[dict], collate, batch_size: int,
     out = torch.zeros(per_rank, 2, dtype=torch.float32, device=engine.device)  # equal shapes on every rank
     batches = rank_batches(len(items), rank, world, batch_size)
     for b, (idx, _) in enumerate(tqdm(batches, desc=desc, disable=not progress, leave=False)):
-        logps = answer_log_probs(reference, collate([items[j] for j in idx]), engine.device)  # (2P,)
+        logps = answer_log_probs(reference, collate([items[j] for j in idx]), engine.device, packing)  # (2P,)
         out[b * batch_size : b * batch_size + len(idx)] = torch.stack(logps.split(len(idx)), dim=-1)  # (P, 2)
     gathered = engine.all_gather(out).cpu()  # (world * per_rank, 2): rank r's k-th row is item r + k * world
     for r in range(world):

@@ -62,10 +62,13 @@ def test_accumulation_equals_the_full_batch(inputs, tmp_path):
                     "--run.precision", "fp32", *adam)
     full = run_kto(inputs, inputs["pairs"], tmp_path / "4x1", "--engine.micro_batch_size", "4", "--max_steps", "4",
                    "--run.eval_at_start", "false", "--run.precision", "fp32", *adam)
-    # atol 1e-6: at step 1 kl is 0 up to rounding (~2e-7), which differs with the micro-batch's padded width
-    for key in ("train/loss", "train/kl", "train/rewards/margin"):
-        torch.testing.assert_close(torch.tensor(metric(small, key)), torch.tensor(metric(full, key)), rtol=1e-5,
-                                   atol=1e-6)
+    torch.testing.assert_close(torch.tensor(metric(small, "train/loss")), torch.tensor(metric(full, "train/loss")),
+                               rtol=1e-5, atol=0)
+    # kl and the margin are differences of summed answer log-probs (~ -60, float32): their rounding, which
+    # differs with the micro-batches' shapes, is ~1e-6 absolute (at step 1 kl is 0 up to it)
+    for key in ("train/kl", "train/rewards/margin"):
+        torch.testing.assert_close(torch.tensor(metric(small, key)), torch.tensor(metric(full, key)), rtol=1e-4,
+                                   atol=1e-5)
     assert metric(full, "train/kl")[-1] > 0  # z0 is in play, and the same in both runs
     from safetensors.torch import load_file
 

@@ -17,6 +17,7 @@ from chatrlhf.models.loading import (
     load_causal_lm,
     load_tokenizer,
     resolve_model,
+    uses_flash_attention,
 )
 from chatrlhf.models.lora import apply_lora
 from chatrlhf.models.reward import RatingModel, RewardModel, load_rating_model, load_reward_model
@@ -42,4 +43,5 @@ __all__ = [
     "load_tokenizer",
     "minilm_dir",
     "resolve_model",
+    "uses_flash_attention",
 ]

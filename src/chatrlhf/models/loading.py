@@ -295,3 +295,10 @@ def disable_dropout(model: torch.nn.Module) -> None:
     for key in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout"):
         if isinstance(getattr(config, key, None), float):
             setattr(config, key, 0.0)
+
+
+def uses_flash_attention(model) -> bool:
+    """Whether ``model`` (or an engine's module) attends with a flash-attention kernel, which finds packed rows
+    from restarting position ids (``chatrlhf.data.packing``) and takes no 4-D mask; SDPA and eager take one."""
+    module = getattr(model, "module", model)
+    return "flash" in (getattr(getattr(module, "config", None), "_attn_implementation", None) or "")

@@ -24,7 +24,14 @@ import torch
 from torch import nn
 
 from chatrlhf.algorithms.masking import gather_last, position_ids_from_mask
-from chatrlhf.models.loading import check_model_dir, enable_checkpointing, resolve_dtype, resolve_model
+from chatrlhf.data.packing import packed_inputs, plan_packing, unpack
+from chatrlhf.models.loading import (
+    check_model_dir,
+    enable_checkpointing,
+    resolve_dtype,
+    resolve_model,
+    uses_flash_attention,
+)
 from chatrlhf.models.lora import merged_for_save
 
 logger = logging.getLogger(__name__)
@@ -61,8 +68,16 @@ class _TrunkWithHead(nn.Module):
     def head(self) -> nn.Linear:
         return self.model.score
 
+    packing = False
+    """Run the trunk on the rows packed without padding (``chatrlhf.data.packing``; the stages set it from
+    ``--engine.packing``); the hidden states come back in the padded layout, equal up to float rounding."""
+
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Last-layer hidden states (B, T, H), positions taken from the mask."""
+        """Last-layer hidden states (B, T, H), positions taken from the mask (zeros at padding when packed)."""
+        if self.packing:
+            plan = plan_packing(attention_mask)
+            packed = packed_inputs(plan, input_ids, pad_id=0, flash=uses_flash_attention(self.model))
+            return unpack(plan, self.trunk(**packed, use_cache=False).last_hidden_state)
         out = self.trunk(
             input_ids=input_ids,
             attention_mask=attention_mask,

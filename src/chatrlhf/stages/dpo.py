@@ -72,14 +72,14 @@ class _Collate:
 
 
 def _pair_terms(policy, reference, batch: dict, cfg: DPOConfig, device: torch.device) -> PairTerms:
-    logps = answer_log_probs(policy, batch, device)  # (2P,), with gradients when the policy trains
+    logps = answer_log_probs(policy, batch, device, cfg.engine.packing)  # (2P,), with gradients when training
     if REF_KEY in batch:  # precomputed before training
         ref = batch[REF_KEY].to(device)
     elif reference is None:  # reference-free: log ref(y) taken as 0 for every answer
         ref = torch.zeros_like(logps)
     else:
         with torch.no_grad():
-            ref = answer_log_probs(reference, batch, device)  # (2P,)
+            ref = answer_log_probs(reference, batch, device, cfg.engine.packing)  # (2P,)
     if cfg.loss in LENGTH_NORMALISED_LOSSES:  # SimPO, ORPO: each answer's mean per-token log-prob, no reference
         tokens = answer_mask(batch["attention_mask"], batch["prompt_lens"]).sum(-1).clamp(min=1)  # (2P,)
         logps = logps / tokens.to(logps)
@@ -142,7 +142,8 @@ def _prepare_reference(cfg: DPOConfig, engine: Engine, start: int, splits: list[
     engine.eval()
     for name, items in splits:
         precompute_reference(reference, items, collate, cfg.engine.micro_batch_size, engine,
-                             progress=cfg.run.progress and engine.is_rank_0, desc=f"reference ({name})")
+                             progress=cfg.run.progress and engine.is_rank_0, desc=f"reference ({name})",
+                             packing=cfg.engine.packing)
     engine.train()
     del reference
     gc.collect()

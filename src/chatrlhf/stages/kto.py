@@ -102,7 +102,7 @@ def reference_point(engine: Engine, batches: list[tuple[dict, int]]) -> torch.Te
     mismatched rows, clamped at 0."""
     sums = torch.zeros(2, dtype=torch.float64, device=engine.device)  # [sum of log-ratios, rows]
     for batch, keep in batches:
-        logps = answer_log_probs(engine, _block(batch, second=True), engine.device)  # (P,)
+        logps = answer_log_probs(engine, _block(batch, second=True), engine.device, engine.cfg.packing)  # (P,)
         ratios = (logps - batch[REF_KEY][batch["num_pairs"] :].to(logps))[:keep]
         sums += torch.stack([ratios.double().sum(), torch.tensor(float(ratios.numel()), device=engine.device)])
     sums = engine.all_reduce(sums)
@@ -110,7 +110,7 @@ def reference_point(engine: Engine, batches: list[tuple[dict, int]]) -> torch.Te
 
 
 def _terms(policy, batch: dict, z0: torch.Tensor, cfg: KTOConfig, device: torch.device) -> Terms:
-    logps = answer_log_probs(policy, _block(batch, second=False), device)  # (P,), with gradients when training
+    logps = answer_log_probs(policy, _block(batch, second=False), device, cfg.engine.packing)  # (P,), with grads
     ratios = logps - batch[REF_KEY][: batch["num_pairs"]].to(device)
     desirable = batch["desirable"].to(device)
     losses = kto(ratios, desirable, z0.to(logps), cfg.beta, cfg.desirable_weight, cfg.undesirable_weight)
@@ -192,7 +192,8 @@ def _score_reference(cfg: KTOConfig, engine: Engine, start: int, splits: list[tu
     engine.eval()
     for name, items in splits:
         precompute_reference(reference, items, collate, cfg.engine.micro_batch_size, engine,
-                             progress=cfg.run.progress and engine.is_rank_0, desc=f"reference ({name})")
+                             progress=cfg.run.progress and engine.is_rank_0, desc=f"reference ({name})",
+                             packing=cfg.engine.packing)
     engine.train()
     del reference
     gc.collect()

@@ -170,7 +170,7 @@ def _logprobs_and_values(run: RLRun, rollout: Rollout) -> tuple[torch.Tensor, to
     """
     sequences, attention_mask = rollout.sequences, rollout.attention_mask
     answer_len, chunk = rollout.response_mask.shape[1], run.cfg.actor_engine.micro_batch_size
-    temperature = run.cfg.generation.temperature
+    temperature, packing = run.cfg.generation.temperature, run.cfg.actor_engine.packing
     models = [m for m in (run.actor, run.critic) if m is not None]
     for m in models:
         m.eval()
@@ -179,10 +179,10 @@ def _logprobs_and_values(run: RLRun, rollout: Rollout) -> tuple[torch.Tensor, to
         for i in range(0, sequences.shape[0], chunk):
             seq, attn = sequences[i : i + chunk], attention_mask[i : i + chunk]
             answer = seq[:, -answer_len:]
-            ref_logprobs.append(gather_log_probs(answer_logits(run.reference, seq, attn, answer_len, temperature),
-                                                 answer))
-            old_logprobs.append(torch.zeros_like(ref_logprobs[-1]) if run.reuse_update_logprobs else
-                                gather_log_probs(answer_logits(run.actor, seq, attn, answer_len, temperature), answer))
+            ref_logprobs.append(gather_log_probs(answer_logits(run.reference, seq, attn, answer_len, temperature,
+                                                               packing), answer))
+            old_logprobs.append(torch.zeros_like(ref_logprobs[-1]) if run.reuse_update_logprobs else gather_log_probs(
+                answer_logits(run.actor, seq, attn, answer_len, temperature, packing), answer))
             values.append(_critic_values(run.critic, seq, attn, answer_len) if run.critic is not None
                           else torch.zeros_like(ref_logprobs[-1]))
     for m in models:
@@ -294,7 +294,8 @@ def _actor_step(run: RLRun, exp: Experience, rows: torch.Tensor, tokens: float, 
     cfg, actor = run.cfg, run.actor
     answer_len = exp.mask.shape[1]
     sequences, mask = exp.sequences[rows], exp.mask[rows]
-    logits = answer_logits(actor, sequences, exp.attention_mask[rows], answer_len, cfg.generation.temperature)
+    logits = answer_logits(actor, sequences, exp.attention_mask[rows], answer_len, cfg.generation.temperature,
+                           cfg.actor_engine.packing)
     logprobs = gather_log_probs(logits, sequences[:, -answer_len:])  # (b, R)
     if run.reuse_update_logprobs:  # the one update: this forward IS the rollout-time policy
         exp.old_logprobs[rows] = logprobs.detach()

@@ -51,6 +51,7 @@ def load_critic(cfg: PPOConfig, reward) -> RewardModel:
     else:  # no RM in the actor's vocabulary: the actor's trunk with a fresh value head
         critic = RewardModel.from_causal_lm(critic_from or m.name_or_path, dtype=m.dtype,
                                             trust_remote_code=m.trust_remote_code)
+    critic.packing = cfg.critic_engine.packing
     if m.gradient_checkpointing:
         critic.gradient_checkpointing_enable()
     critic = apply_lora(critic, m)  # like the actor's: adapters on the trunk, the value head in full

@@ -97,6 +97,7 @@ def _load_engine(cfg: RMConfig, n_steps: int) -> Engine:
     model = model_cls.from_causal_lm(
         cfg.model.name_or_path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code, **extra
     )  # the new head is drawn from the torch RNG seeded above
+    model.packing = cfg.engine.packing
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model = apply_lora(model, cfg.model)  # adapters on the trunk only; the new head trains in full

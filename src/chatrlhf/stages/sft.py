@@ -12,11 +12,12 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from chatrlhf.algorithms import position_ids_from_mask, token_nll
+from chatrlhf.algorithms import IGNORE_INDEX, position_ids_from_mask, token_nll
 from chatrlhf.checkpoint import write_json_atomic
 from chatrlhf.data import SFTCollator, encode_records, prepare_records
+from chatrlhf.data.packing import pack_labels, packed_inputs, plan_packing
 from chatrlhf.engine import Engine, init_distributed
-from chatrlhf.models import apply_lora, load_causal_lm, load_tokenizer
+from chatrlhf.models import apply_lora, load_causal_lm, load_tokenizer, uses_flash_attention
 from chatrlhf.precision import announce
 from chatrlhf.resume import resume_step, save_resumable
 from chatrlhf.stages.sft_config import SFTConfig
@@ -32,12 +33,17 @@ from chatrlhf.training import (
 )
 
 
-def _forward_nll(engine, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    mask = batch["attention_mask"]
-    logits = engine(
-        input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids_from_mask(mask)
-    ).logits  # (B, T, V)
-    return token_nll(logits, batch["labels"])  # (B, T-1) each
+def _forward_nll(engine, batch, packing: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token NLL and its mask: (B, T-1) each, or over the packed rows, (K, L-1), with ``packing``."""
+    mask, labels = batch["attention_mask"], batch["labels"]
+    if not packing:
+        logits = engine(
+            input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids_from_mask(mask)
+        ).logits  # (B, T, V)
+        return token_nll(logits, labels)
+    plan = plan_packing(mask)
+    logits = engine(**packed_inputs(plan, batch["input_ids"], pad_id=0, flash=uses_flash_attention(engine))).logits
+    return token_nll(logits, pack_labels(plan, labels, IGNORE_INDEX))  # (K, L-1) each
 
 
 def _labelled(example) -> int:
@@ -46,16 +52,18 @@ def _labelled(example) -> int:
 
 
 @torch.no_grad()
-def evaluate(engine: Engine, data: list[dict], collate, batch_size: int) -> dict[str, float]:
+def evaluate(engine: Engine, data: list[dict], collate, batch_size: int, packing: bool = False) -> dict[str, float]:
     """Token-level NLL and perplexity over ``data``, sharded across ranks and summed exactly."""
     engine.eval()
     nll_sum = torch.zeros((), dtype=torch.float64)
     tokens = torch.zeros((), dtype=torch.float64)
     # Equal batch counts on every rank (the last padded): under ZeRO-3 each forward is a collective.
     for idx, real in rank_batches(len(data), engine.rank, engine.world_size, batch_size):
-        nll, mask = _forward_nll(engine, collate([data[i] for i in idx]))
-        nll_sum += nll[:real].sum().double()
-        tokens += mask[:real].sum().double()
+        batch = collate([data[i] for i in idx])
+        batch["labels"][real:] = IGNORE_INDEX  # a repeated item fills the batch only to keep ranks in step
+        nll, mask = _forward_nll(engine, batch, packing)
+        nll_sum += nll.sum().double()
+        tokens += mask.sum().double()
     nll_sum, tokens = engine.all_reduce(nll_sum), engine.all_reduce(tokens)
     engine.train()
     loss = (nll_sum / tokens.clamp(min=1)).item()
@@ -77,21 +85,26 @@ def _load_engine(cfg: SFTConfig, n_steps: int) -> Engine:
     return engine
 
 
-def sft_step(engine: Engine, train: list[dict], collate, plan: BatchPlan, step: int) -> float:
+def sft_step(engine: Engine, train: list[dict], collate, plan: BatchPlan, step: int,
+             packing: bool = False) -> dict[str, float]:
     """One optimizer step over this process's micro-batches of the step's batch; returns the mean NLL per
-    labelled token of the whole batch (all processes)."""
+    labelled token of the whole batch (all processes) and the share of the forwards' positions that were
+    padding (``pad_frac``)."""
     epoch, in_epoch = divmod(step, plan.steps_per_epoch)
     global_idx = plan.batch(epoch, in_epoch)
     n_tokens = max(1, sum(_labelled(train[i]) for i in global_idx))
-    nll_sum = 0.0
+    sums = torch.zeros(3, dtype=torch.float64)  # NLL, real tokens, positions run
     for micro in plan.local_micro_batches(global_idx, engine.rank):
-        nll, _ = _forward_nll(engine, collate([train[i] for i in micro]))
+        batch = collate([train[i] for i in micro])
+        nll, _ = _forward_nll(engine, batch, packing)
         # Sum over tokens / tokens in the whole step: accumulation and ranks add up to the full-batch
         # mean exactly. x world because DeepSpeed averages gradients over ranks.
         engine.backward(nll.sum() * (engine.world_size / n_tokens))
         engine.step()
-        nll_sum += nll.detach().sum().item()
-    return engine.all_reduce(torch.tensor(nll_sum, dtype=torch.float64)).item() / n_tokens
+        sums += torch.tensor([nll.detach().sum().item(), batch["attention_mask"].sum().item(),
+                              nll.shape[0] * (nll.shape[1] + 1)], dtype=torch.float64)
+    nll_sum, real, positions = engine.all_reduce(sums).tolist()
+    return {"loss": nll_sum / n_tokens, "pad_frac": 1 - real / max(positions, 1)}
 
 
 def train_sft(cfg: SFTConfig) -> dict[str, float]:
@@ -121,28 +134,29 @@ def train_sft(cfg: SFTConfig) -> dict[str, float]:
     # ---- train ----------------------------------------------------------------------------------
     baseline = None  # the starting model's eval, for comparison with the final one
     if cfg.run.eval_at_start and start == 0 and evals:
-        baseline = evaluate(engine, evals, collate, cfg.engine.micro_batch_size)
+        baseline = evaluate(engine, evals, collate, cfg.engine.micro_batch_size, cfg.engine.packing)
         logger.log(0, baseline, "eval")
     loss = None  # the last step's, when resumed at the end
     bar = tqdm(total=n_steps, initial=start, desc="sft", disable=not (cfg.run.progress and engine.is_rank_0))
     for step in range(start, n_steps):
         epoch = step // plan.steps_per_epoch
-        loss = sft_step(engine, train, collate, plan, step)
-        done = step + 1
+        row = sft_step(engine, train, collate, plan, step, cfg.engine.packing)
+        loss, done = row["loss"], step + 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
         if done % cfg.run.log_every == 0 or done == n_steps:
-            logger.log(done, {"loss": loss, "grad_norm": engine.grad_norm, "lr": engine.lr, "epoch": epoch,
+            logger.log(done, {**row, "grad_norm": engine.grad_norm, "lr": engine.lr, "epoch": epoch,
                               "skipped_steps": engine.skipped_steps})
         if cfg.run.eval_every and done % cfg.run.eval_every == 0 and done < n_steps:
-            logger.log(done, evaluate(engine, evals, collate, cfg.engine.micro_batch_size), "eval")
+            logger.log(done, evaluate(engine, evals, collate, cfg.engine.micro_batch_size, cfg.engine.packing), "eval")
         if cfg.run.save_every and done % cfg.run.save_every == 0 and done < n_steps:
             save_resumable(out, engine, done, cfg.run, plan)
     bar.close()
 
     # ---- evaluate and save ----------------------------------------------------------------------
     # Without an eval split (eval_fraction 0) the summary holds the last step's training loss instead.
-    metrics = evaluate(engine, evals, collate, cfg.engine.micro_batch_size) if evals else {"train_loss": loss}
+    batch_size, packing = cfg.engine.micro_batch_size, cfg.engine.packing
+    metrics = evaluate(engine, evals, collate, batch_size, packing) if evals else {"train_loss": loss}
     logger.log(n_steps, metrics, "eval")
     engine.save_hf(out / MODEL_SUBDIR, tokenizer)
     if engine.is_rank_0:
