@@ -66,7 +66,6 @@ def test_labels_and_row_sums():
     assert packed_inputs(plan, ids, pad_id=0, flash=True)["attention_mask"] is None
 
 
-def test_default_capacity_is_twice_the_width():
-    _, mask = mixed_batch()  # lengths [2, 4, 1, 3], width 4 -> capacity 8: best fit puts 4, 3 and 1 together
-    plan = plan_packing(mask)
-    assert plan.bins == ((1, 2, 3), (0,)) and plan.packed_width == 8
+def test_default_capacity_is_the_width():
+    _, mask = mixed_batch()
+    assert plan_packing(mask).bins == plan_packing(mask, capacity=4).bins

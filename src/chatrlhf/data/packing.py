@@ -6,9 +6,8 @@ original rows side by side, with position ids restarting per row and attention c
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits   # (K, L, V)
     per_row = row_sums(plan, token_values)         # (K, L) -> (B,): each original row's sum
 
-A packed row holds at most ``CAPACITY_FACTOR`` x T tokens (T: the padded batch's width): every linear layer
-skips the padding, while attention, quadratic in a row's width, costs at most that factor more than the
-padded batch's (a small share of a step at these lengths; bench/packing.py measures the balance). Per-row results equal the padded forward's
+A packed row holds at most ``CAPACITY_FACTOR`` x T tokens (T: the padded batch's width), so attention costs no
+more per packed row than per padded one, while every linear layer skips the padding. Per-row results equal the padded forward's
 up to float rounding (tests/unit/test_packing.py, tests/integration/test_packing.py). Pure tensor functions:
 no model here.
 """
@@ -19,9 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
-CAPACITY_FACTOR = 2
-"""A packed row's width limit, in padded batch widths: at 1 two rows longer than half the width never share
-a row (most of the demo's), at 2 nearly all the padding goes."""
+CAPACITY_FACTOR = 1
+"""A packed row's width limit, in padded batch widths. Measured on the demo mix (bench/packing.py): at 2 the
+packed rows hold less padding (11 % instead of 13-15 %), but the wider attention made PPO's scoring and
+update 4-6 % slower than padded, where at 1 they were 7-9 % faster."""
 
 
 @dataclass(frozen=True)
