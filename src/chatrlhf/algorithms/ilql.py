@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import torch
 
+from chatrlhf.algorithms.losses import loss_normalizer
 from chatrlhf.algorithms.masking import masked_mean, zero_off_mask
 
 Tensor = torch.Tensor
@@ -32,11 +33,7 @@ Tensor = torch.Tensor
 
 def _num_tokens(mask: Tensor, num_tokens: float | Tensor | None) -> float | Tensor:
     """The divisor of a summed loss: ``num_tokens`` as given (> 0), else this batch's answer actions (>= 1)."""
-    if num_tokens is None:
-        return mask.sum().clamp(min=1)
-    if not isinstance(num_tokens, Tensor) and num_tokens <= 0:
-        raise ValueError(f"num_tokens must be > 0 (the optimizer step's answer-action count), got {num_tokens}")
-    return num_tokens
+    return loss_normalizer(mask, num_tokens, "num_tokens")
 
 
 def _at_least_fp32(x: Tensor) -> Tensor:

@@ -95,11 +95,13 @@ def rating_loss(logits: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
 # token count of the whole mini-batch, so that micro-batch x accumulation (and ranks) == full batch. ---
 
 
-def _normalizer(mask: Tensor, normalizer: float | Tensor | None) -> float | Tensor:
+def loss_normalizer(mask: Tensor, normalizer: float | Tensor | None, name: str = "normalizer") -> float | Tensor:
+    """The divisor of a summed token loss: ``normalizer`` as given (> 0; a ValueError naming ``name`` otherwise),
+    or, when None, the mask's own token count (>= 1): a plain masked mean."""
     if normalizer is None:
         return mask.sum().clamp(min=1)
     if not isinstance(normalizer, Tensor) and normalizer <= 0:
-        raise ValueError(f"normalizer must be > 0 (the mini-batch's answer-token count), got {normalizer}")
+        raise ValueError(f"{name} must be > 0 (the mini-batch's answer-token count), got {normalizer}")
     return normalizer
 
 
@@ -145,7 +147,7 @@ def policy_loss(
     high = clip_eps if clip_eps_high is None else clip_eps_high
     keep = mask.bool()
     m = keep.to(log_probs.dtype)
-    n = _normalizer(m, normalizer)
+    n = loss_normalizer(m, normalizer)
     log_ratio = zero_off_mask(log_probs, keep) - zero_off_mask(old_log_probs, keep)  # (B, T), 0 off the mask
     if sequence_ratio:
         log_ratio = sequence_log_ratio(log_ratio, zero_off_mask(log_probs, keep), m)
@@ -254,7 +256,7 @@ def value_loss(
     """
     keep = mask.bool()
     m = keep.to(values.dtype)
-    n = _normalizer(m, normalizer)
+    n = loss_normalizer(m, normalizer)
     v = zero_off_mask(values, keep)
     target = zero_off_mask(returns, keep).to(v.dtype)
     unclipped = (v - target) ** 2  # (B, T)
