@@ -8,7 +8,7 @@ original rows side by side, with position ids restarting per row and attention c
 
 A packed row holds at most ``CAPACITY_FACTOR`` x T tokens (T: the padded batch's width), so attention costs no
 more per packed row than per padded one, while every linear layer skips the padding. Per-row results equal the padded forward's
-up to float rounding (tests/unit/test_packing.py, tests/integration/test_packing.py). Pure tensor functions:
+up to float rounding (tests/unit/test_packing_plan.py, tests/integration/test_packing.py). Pure tensor functions:
 no model here.
 """
 
