@@ -38,8 +38,9 @@ def answer_log_probs(model, batch: dict, device: torch.device, packing: bool = F
         ).logits  # (N, T, V)
         return sequence_log_probs(logits, ids, answers)  # (N,)
     plan = plan_packing(mask)
-    logits = model(**packed_inputs(plan, ids, pad_id=0, flash=uses_flash_attention(model)), use_cache=False).logits
-    tokens = pack(plan, ids)  # (K, L)
+    inputs = packed_inputs(plan, ids, pad_id=0, flash=uses_flash_attention(model))
+    logits = model(**inputs, use_cache=False).logits  # (K, L, V)
+    tokens = inputs["input_ids"]  # (K, L)
     targets = pack(plan, answers, fill=False) & (plan.position.to(device) > 0)  # a row's first token: no target
     per_token = zero_off_mask(gather_log_probs(logits[:, :-1], tokens[:, 1:]), targets[:, 1:])  # (K, L-1)
     return row_sums(plan, F.pad(per_token, (1, 0)))  # (N,): token j's log-prob sits at packed position j

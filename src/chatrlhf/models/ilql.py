@@ -14,13 +14,14 @@ import inspect
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 from typing import NamedTuple
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from chatrlhf.algorithms.ilql import polyak_update
+from chatrlhf.algorithms.ilql import ilql_logits, polyak_update
 
 WEIGHTS_FILE = "ilql_heads.safetensors"
 CONFIG_FILE = "ilql_heads.json"
@@ -69,6 +70,11 @@ class ILQLHeads(nn.Module):
         with torch.no_grad():
             target_qs = tuple(head(hidden) for head in self.target_q_heads)
         return ILQLHeadOutputs(qs, target_qs, self.v_head(hidden).squeeze(-1))
+
+    @torch.no_grad()
+    def decoding_terms(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(min_i Q^_i (B, T, V), V (B, T)): what decoding reads, without the online Q heads' forward."""
+        return torch.stack([head(hidden) for head in self.target_q_heads]).amin(0), self.v_head(hidden).squeeze(-1)
 
     def sync_targets(self, alpha: float) -> None:
         """target <- (1 - alpha) target + alpha online for every Q head (alpha 1 copies)."""
@@ -198,19 +204,14 @@ class ILQLPolicy(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, past_key_values=None, use_cache: bool | None = None,
                 logits_to_keep: int = 0):
-        from types import SimpleNamespace
-
-        from chatrlhf.algorithms.ilql import ilql_logits
-
         out = self.model.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                             use_cache=use_cache, logits_to_keep=logits_to_keep, output_hidden_states=True,
                             **{self._cache: past_key_values})
         hidden = out.hidden_states[-1]  # (B, T, H)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        heads = self.model.heads(hidden)
-        q = torch.stack(heads.target_qs).amin(0)  # (B, T', V)
-        return SimpleNamespace(logits=ilql_logits(out.logits, q, heads.v, self.beta))
+        q, v = self.model.heads.decoding_terms(hidden)  # (B, T', V), (B, T')
+        return SimpleNamespace(logits=ilql_logits(out.logits, q, v, self.beta))
 
 
 def load_ilql(directory: str | os.PathLike, dtype: str = "float32") -> ILQLModel:
