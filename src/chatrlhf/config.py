@@ -148,6 +148,13 @@ class EngineConfig:
     """Padding-free forwards where a stage supports them: each micro-batch's rows packed side by side (position
     ids restarting per row, attention confined to each row), so no compute goes to padding; the per-row
     results equal the padded forward's up to float rounding. Off: padded rows (docs/engine.md)."""
+    max_tokens_per_micro_batch: int = 0
+    """Token-budget micro-batches: each optimizer step's rows (still micro_batch_size x
+    gradient_accumulation_steps x processes of them) are cut into micro-batches of as many rows as fit this
+    many positions (packed: the rows' tokens; padded: rows x the longest row) instead of micro_batch_size rows,
+    so short rows share a forward and long ones get their own. The gradient is the same. 0: micro_batch_size
+    rows per micro-batch. Either way a step's rows are sorted by length and dealt to processes in turn, so each
+    process gets about the same tokens (docs/engine.md)."""
 
     def validate(self, flag: str = "engine") -> None:
         def bad(name: str, rule: str) -> ConfigError:
@@ -166,6 +173,7 @@ class EngineConfig:
             "max_grad_norm": (self.max_grad_norm >= 0, ">= 0 (0 disables)"),
             "warmup_steps": (self.warmup_steps >= 0, ">= 0"),
             "max_consecutive_nonfinite": (self.max_consecutive_nonfinite >= 0, ">= 0 (0: never stop)"),
+            "max_tokens_per_micro_batch": (self.max_tokens_per_micro_batch >= 0, ">= 0 (0: micro_batch_size rows)"),
             "weight_decay": (self.weight_decay >= 0, ">= 0"),
             "adam_eps": (self.adam_eps > 0, "> 0 (e.g. 1e-8)"),
             # torch's AdamW would say "Invalid beta parameter at index 0" without naming the flag

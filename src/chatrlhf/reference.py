@@ -17,10 +17,10 @@ from chatrlhf.algorithms import (
     gather_log_probs,
     position_ids_from_mask,
     sequence_log_probs,
-    zero_off_mask,
 )
 from chatrlhf.data.packing import pack, packed_inputs, plan_packing, row_sums
 from chatrlhf.models import disable_dropout, load_causal_lm, uses_flash_attention
+from chatrlhf.models.lm_head import logits_at
 from chatrlhf.training import rank_batches
 
 REF_KEY = "ref_logps"  # an item's precomputed reference log-probs: [first block, second block]
@@ -39,10 +39,11 @@ def answer_log_probs(model, batch: dict, device: torch.device, packing: bool = F
         return sequence_log_probs(logits, ids, answers)  # (N,)
     plan = plan_packing(mask)
     inputs = packed_inputs(plan, ids, pad_id=0, flash=uses_flash_attention(model))
-    logits = model(**inputs, use_cache=False).logits  # (K, L, V)
-    tokens = inputs["input_ids"]  # (K, L)
     targets = pack(plan, answers, fill=False) & (plan.position.to(device) > 0)  # a row's first token: no target
-    per_token = zero_off_mask(gather_log_probs(logits[:, :-1], tokens[:, 1:]), targets[:, 1:])  # (K, L-1)
+    scored = targets[:, 1:]  # (K, L-1): position t predicts answer token t + 1
+    logits = logits_at(model, inputs, F.pad(scored, (0, 1)))  # (M, V): the LM head on those positions only
+    logps = gather_log_probs(logits, inputs["input_ids"][:, 1:][scored])  # (M,)
+    per_token = torch.zeros(scored.shape, device=logps.device).masked_scatter(scored, logps)  # (K, L-1)
     return row_sums(plan, F.pad(per_token, (1, 0)))  # (N,): token j's log-prob sits at packed position j
 
 

@@ -255,11 +255,33 @@ class BatchPlan:
         order = self.epoch_order(epoch)
         return order[step_in_epoch * self.global_batch : (step_in_epoch + 1) * self.global_batch]
 
+    def step_micro_batches(self, global_idx: list[int], rank: int, items: list[dict], max_tokens: int = 0,
+                           packed: bool = False) -> list[list[int]]:
+        """This rank's micro-batches of the global batch ``global_idx`` (indices into ``items``): rows dealt to
+        processes by length, sorted, cut into ``micro_batch_size`` rows or by the token budget ``max_tokens``;
+        the same count on every process (``chatrlhf.data.micro_batches``). Pass the count to
+        ``Engine.begin_step``."""
+        from chatrlhf.data.micro_batches import row_size, step_micro_batches
+
+        sizes = [row_size(items[i]) for i in global_idx]
+        micro = step_micro_batches(sizes, self.world_size, rank, self.micro_batch_size, max_tokens, packed)
+        return [[global_idx[p] for p in group] for group in micro]
+
     def local_micro_batches(self, global_idx: list[int], rank: int) -> list[list[int]]:
         """This rank's share of a global batch, cut into ``grad_accum`` micro-batches."""
         per_rank = self.micro_batch_size * self.grad_accum
         mine = global_idx[rank * per_rank : (rank + 1) * per_rank]
         return [mine[i : i + self.micro_batch_size] for i in range(0, per_rank, self.micro_batch_size)]
+
+
+def micro_batches_of_step(engine, plan: BatchPlan, step: int, items: list[dict]) -> list[list[int]]:
+    """This process's micro-batches (indices into ``items``) of optimizer step ``step``, cut as the engine's
+    ``packing`` and ``max_tokens_per_micro_batch`` say, with their count declared to the engine."""
+    epoch, in_epoch = divmod(step, plan.steps_per_epoch)
+    micro = plan.step_micro_batches(plan.batch(epoch, in_epoch), engine.rank, items,
+                                    engine.cfg.max_tokens_per_micro_batch, engine.cfg.packing)
+    engine.begin_step(len(micro))
+    return micro
 
 
 def rank_batches(n: int, rank: int, world: int, batch_size: int) -> list[tuple[list[int], int]]:

@@ -1,6 +1,7 @@
 """Padding-free (packed) forwards equal the padded ones, stage by stage, in fp32: the same losses step after
 step and the same weights at the end, with the tiny model's pad == eos tokenizer, with LoRA, and on 2 processes
-under ZeRO-3."""
+under ZeRO-3. Token-budget micro-batches (--engine.max_tokens_per_micro_batch) equal micro_batch_size rows the
+same way, on 1 process and on 2 under ZeRO-2 and -3."""
 
 import json
 import os
@@ -84,6 +85,53 @@ def test_sft_packed_on_two_processes_zero3_equals_padded_on_one(inputs, tmp_path
     same_run(padded, packed)
 
 
+BUDGET = ["--engine.micro_batch_size", "4", "--engine.gradient_accumulation_steps", "2", "--max_steps", "10"]
+
+
+@pytest.mark.parametrize("packing", ["true", "false"])
+def test_sft_token_budget_equals_row_micro_batches(inputs, tmp_path, packing):
+    """16 rows per step, as 2 micro-batches of 8 or as many as a 300-position budget needs (1 to 5)."""
+    rows = sft(inputs, tmp_path / "rows", "--engine.packing", packing, *BUDGET)
+    budget = sft(inputs, tmp_path / "budget", "--engine.packing", packing, *BUDGET,
+                 "--engine.max_tokens_per_micro_batch", "300")
+    same_run(rows, budget)
+    counts = [r["train/micro_batches"] for r in train_rows(budget).values()]
+    assert {r["train/micro_batches"] for r in train_rows(rows).values()} == {2}
+    assert len(set(counts)) > 1, counts  # the budget cut the steps differently
+
+
+@pytest.mark.skipif(not LAUNCHER.exists(), reason="needs the deepspeed launcher")
+@pytest.mark.parametrize("zero", ["2", "3"])
+def test_sft_token_budget_on_two_processes_equals_rows_on_one(inputs, tmp_path, zero):
+    """Each process's rows cut by the budget, the counts evened out across processes (ZeRO's collectives)."""
+    steps = ["--engine.micro_batch_size", "8", "--max_steps", "4"]
+    rows = sft(inputs, tmp_path / "rows", *steps)
+    budget = sft(inputs, tmp_path / "budget", "--engine.zero_stage", zero, "--engine.max_tokens_per_micro_batch",
+                 "120", "--max_steps", "4", world=2)  # 4 rows a process
+    same_run(rows, budget)
+    assert min(r["train/micro_batches"] for r in train_rows(budget).values()) > 1  # the budget cut the 4 rows
+
+
+@pytest.mark.parametrize("stage", ["rm", "dpo", "kto"])
+def test_pair_stages_token_budget_equals_row_micro_batches(inputs, tmp_path, stage):
+    """The reward model, DPO and KTO with 8 rows per step as 2 micro-batches or under a 200-position budget."""
+    ref_key = "train/accuracy" if stage == "rm" else "train/logps/chosen" if stage == "dpo" else "train/loss"
+    runs = {}
+    for name, extra in (("rows", []), ("budget", ["--engine.max_tokens_per_micro_batch", "200"])):
+        argv = preference_args(inputs, tmp_path / name, stage, "--engine.gradient_accumulation_steps", "2", *extra)
+        if stage == "rm":
+            argv[argv.index("--engine.learning_rate") + 1] = "1e-3"
+        assert main(argv) == 0
+        runs[name] = train_rows(tmp_path / name)
+    for step in runs["rows"]:
+        for key in ("train/loss", ref_key):
+            assert runs["budget"][step][key] == pytest.approx(runs["rows"][step][key], rel=1e-5), (step, key)
+    wa = load_file(tmp_path / "rows" / "model" / "model.safetensors")
+    wb = load_file(tmp_path / "budget" / "model" / "model.safetensors")
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5)
+
+
 def preference_args(x: dict, out: Path, stage: str, *extra: str) -> list[str]:
     return [stage, "--model.name_or_path", x["model"], "--data.datasets", f"[{x['pairs']}]", "--data.data_split",
             "0,1,0", "--data.eval_fraction", "0.2", "--run.output_dir", str(out), "--run.progress", "false",
@@ -127,18 +175,23 @@ def test_rl_scoring_and_update_packed_equal_padded(inputs, tmp_path, stage):
                  "--critic_engine.adam_eps", "1e-6"]
     else:
         argv += ["--samples_per_prompt", "2", "--ppo_epochs", "2"]
-    padded, packed = tmp_path / "padded", tmp_path / "packed"
-    off = ["--actor_engine.packing", "false"] + (["--critic_engine.packing", "false"] if stage == "ppo" else [])
-    assert main([*argv, "--run.output_dir", str(padded), *off]) == 0
+    padded, packed, budget = tmp_path / "padded", tmp_path / "packed", tmp_path / "budget"
+    engines = ("actor_engine", "critic_engine") if stage == "ppo" else ("actor_engine",)
+    assert main([*argv, "--run.output_dir", str(padded), *(a for e in engines for a in (f"--{e}.packing", "false"))]) == 0
     assert main([*argv, "--run.output_dir", str(packed)]) == 0
-    ra, rb = train_rows(padded), train_rows(packed)
-    assert sorted(ra) == sorted(rb) == [1, 2, 3]
+    # the same rollouts scored and trained in micro-batches of at most 60 packed tokens instead of 4 rows
+    assert main([*argv, "--run.output_dir", str(budget),
+                 *(a for e in engines for a in (f"--{e}.max_tokens_per_micro_batch", "60"))]) == 0
+    ra = train_rows(padded)
     keys = [k for k in ra[1] if k.split("/")[1] in ("kl", "loss", "reward", "value", "values", "ratio_first")]
     assert any("loss" in k for k in keys) and any("kl" in k for k in keys)
-    for step in ra:
-        for key in keys:
-            assert rb[step][key] == pytest.approx(ra[step][key], rel=1e-4, abs=1e-5), (step, key)
-    for name in ("model", "critic") if stage == "ppo" else ("model",):
-        wa, wb = load_file(padded / name / "model.safetensors"), load_file(packed / name / "model.safetensors")
-        for k in wa:
-            torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5)
+    for other in (packed, budget):
+        rb = train_rows(other)
+        assert sorted(ra) == sorted(rb) == [1, 2, 3]
+        for step in ra:
+            for key in keys:
+                assert rb[step][key] == pytest.approx(ra[step][key], rel=1e-4, abs=1e-5), (other.name, step, key)
+        for name in ("model", "critic") if stage == "ppo" else ("model",):
+            wa, wb = load_file(padded / name / "model.safetensors"), load_file(other / name / "model.safetensors")
+            for k in wa:
+                torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5)

@@ -10,6 +10,8 @@ Gradient semantics (what every stage relies on):
       that normalises by the global count multiplies its local loss by ``world_size``.
     * ``step()`` clips by the global norm, updates, advances the LR schedule, and returns True only when
       an optimizer step happened.
+    * An optimizer step accumulates ``gradient_accumulation_steps`` micro-batches, or the ``n`` that
+      ``begin_step(n)`` declared for it (token-budget micro-batches vary per step; the same n on every process).
 
 DeepSpeed is imported inside the functions that need it, so importing this module is cheap.
 """
@@ -108,6 +110,7 @@ class Engine:
             # into a bucket, all-reduce it and copy it back each step (~9% of a small model's step time).
             self._ds.enable_backward_allreduce = False
         self._params = [p for g in optimizer.param_groups for p in g["params"]]
+        self._micro_done, self._micro_total = 0, cfg.gradient_accumulation_steps  # within the current step
         self.optimizer_steps = 0
         self.skipped_steps = 0
         """Optimizer steps skipped for a NaN/inf loss or gradient (or an fp16 loss-scale overflow)."""
@@ -157,6 +160,26 @@ class Engine:
             return self._ds(*args, **kwargs)
 
     # ---- optimisation -------------------------------------------------------------------------------------
+    def begin_step(self, micro_batches: int) -> None:
+        """The coming optimizer step accumulates ``micro_batches`` micro-batches (each a backward + step), not
+        ``gradient_accumulation_steps``; every process declares the same count."""
+        if self._micro_done:
+            raise RuntimeError(f"begin_step({micro_batches}) after {self._micro_done} micro-batch(es) of a step")
+        if micro_batches < 1:
+            raise ValueError(f"an optimizer step needs at least one micro-batch, got {micro_batches}")
+        self._micro_total = micro_batches
+
+    @property
+    def mid_step(self) -> bool:
+        """True between a step's first micro-batch and its optimizer step (gradients half accumulated)."""
+        return self._micro_done > 0
+
+    def _mark_boundary(self) -> bool:
+        # DeepSpeed's own counter assumes a fixed count per step; the boundary is set explicitly instead.
+        boundary = self._micro_done + 1 >= self._micro_total
+        self._ds.set_gradient_accumulation_boundary(boundary)
+        return boundary
+
     def backward(self, loss: torch.Tensor) -> None:
         """Adds grad(loss) to the accumulated gradients (no division by the accumulation steps).
 
@@ -166,6 +189,7 @@ class Engine:
         if not bool(torch.isfinite(loss.detach()).all()):
             self._nonfinite_loss = True
             loss = loss * float("nan")
+        self._mark_boundary()
         self._ds.backward(loss, scale_wrt_gas=False)
 
     def step(self) -> bool:
@@ -176,9 +200,11 @@ class Engine:
         ``engine.max_consecutive_nonfinite`` skips in a row :class:`NonFiniteError` stops the run.
         (fp16 loss-scale overflows are skipped the same way but only a non-finite loss counts toward the stop.)
         """
-        if not self._ds.is_gradient_accumulation_boundary():
+        if not self._mark_boundary():
             self._ds.step()
+            self._micro_done += 1
             return False
+        self._micro_done, self._micro_total = 0, self.cfg.gradient_accumulation_steps
         self._last_lr = self.current_lr()
         norm = None
         if self._own_clip:

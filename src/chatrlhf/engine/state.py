@@ -41,7 +41,7 @@ def engine_state_dict(engine: Engine) -> dict[str, Any]:
     """This rank's optimizer state (a tensor tree), the LR scheduler and the step counters.
     Model weights are written from the module directly (see :func:`save_engine_state`)."""
     ds = engine._ds
-    if ds.micro_steps % engine.cfg.gradient_accumulation_steps:
+    if engine.mid_step:
         raise RuntimeError(
             "checkpoint requested in the middle of gradient accumulation "
             f"(micro-step {ds.micro_steps}); save right after a step() that returned True"

@@ -12,6 +12,7 @@ import torch
 
 from chatrlhf.algorithms import position_ids_from_mask
 from chatrlhf.data.packing import packed_inputs, plan_packing
+from chatrlhf.models.lm_head import logits_at
 from chatrlhf.models.loading import uses_flash_attention
 
 
@@ -47,11 +48,14 @@ def answer_logits(model, sequences: torch.Tensor, attention_mask: torch.Tensor, 
 def _packed_answer_logits(model, sequences: torch.Tensor, attention_mask: torch.Tensor, answer_len: int):
     b, t = sequences.shape
     plan = plan_packing(attention_mask)
-    logits = model(**packed_inputs(plan, sequences, pad_id=0, flash=uses_flash_attention(model)),
-                   use_cache=False).logits  # (K, L, V)
     where = torch.full((b * t,), -1, dtype=torch.long)  # padded flat position -> packed flat position
     where[plan.src] = plan.dst
     cols = torch.arange(t - answer_len - 1, t - 1)  # the positions that predict the answer tokens
-    index = where.view(b, t)[:, cols].to(logits.device)  # (B, R); -1 at padding
-    picked = logits.reshape(-1, logits.shape[-1])[index.clamp(min=0)].float()  # (B, R, V)
-    return picked.masked_fill((index < 0)[..., None], 0.0)
+    index = where.view(b, t)[:, cols]  # (B, R); -1 at padding
+    scored = torch.zeros(plan.packed_rows * plan.packed_width, dtype=torch.bool)
+    scored[index[index >= 0]] = True
+    inputs = packed_inputs(plan, sequences, pad_id=0, flash=uses_flash_attention(model))
+    logits = logits_at(model, inputs, scored.view(plan.packed_rows, -1)).float()  # (N, V), packed position order
+    rank = scored.cumsum(0) - 1  # packed flat position -> its row of ``logits``
+    picked = logits[rank[index.clamp(min=0)].to(logits.device)]  # (B, R, V)
+    return picked.masked_fill((index < 0).to(logits.device)[..., None], 0.0)

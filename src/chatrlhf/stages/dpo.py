@@ -39,6 +39,7 @@ from chatrlhf.training import (
     MODEL_SUBDIR,
     BatchPlan,
     MetricsLogger,
+    micro_batches_of_step,
     prepare_output_dir,
     rank_batches,
     set_seed,
@@ -167,9 +168,8 @@ def dpo_step(engine: Engine, reference, train: list[dict], collate, plan: BatchP
              cfg: DPOConfig) -> dict[str, float]:
     """One optimizer step over this process's micro-batches of the step's pairs; returns the step's loss,
     reward margins and accuracy over the pairs of all processes."""
-    epoch, in_epoch = divmod(step, plan.steps_per_epoch)
     sums = torch.zeros(7, dtype=torch.float64)
-    for micro in plan.local_micro_batches(plan.batch(epoch, in_epoch), engine.rank):
+    for micro in micro_batches_of_step(engine, plan, step, train):
         terms = _pair_terms(engine, reference, collate([train[i] for i in micro]), cfg, engine.device)
         # Mean over the pairs of the whole step; x world because DeepSpeed averages gradients over ranks.
         engine.backward(terms.losses.sum() * (engine.world_size / plan.global_batch))

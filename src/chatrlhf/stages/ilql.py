@@ -34,6 +34,7 @@ from chatrlhf.training import (
     MODEL_SUBDIR,
     BatchPlan,
     MetricsLogger,
+    micro_batches_of_step,
     prepare_output_dir,
     rank_batches,
     set_seed,
@@ -85,9 +86,8 @@ def _summary(sums: torch.Tensor, num_tokens: torch.Tensor) -> dict[str, float]:
 def ilql_step(engine: Engine, train: list[dict], collate, plan: BatchPlan, step: int,
               cfg: ILQLConfig) -> dict[str, float]:
     """One optimizer step over this process's micro-batches, then the Polyak update of the target heads."""
-    epoch, in_epoch = divmod(step, plan.steps_per_epoch)
     batches = [(collate([train[i] for i in micro]), len(micro))
-               for micro in plan.local_micro_batches(plan.batch(epoch, in_epoch), engine.rank)]
+               for micro in micro_batches_of_step(engine, plan, step, train)]
     num_tokens = engine.all_reduce(answer_actions(batches).to(engine.device)).cpu()  # the whole step's
     sums = torch.zeros(len(STATS), dtype=torch.float64)
     for batch, _ in batches:

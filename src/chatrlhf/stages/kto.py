@@ -37,6 +37,7 @@ from chatrlhf.training import (
     MODEL_SUBDIR,
     BatchPlan,
     MetricsLogger,
+    micro_batches_of_step,
     prepare_output_dir,
     rank_batches,
     set_seed,
@@ -155,9 +156,8 @@ def kto_step(engine: Engine, train: list[dict], collate: Collate, plan: BatchPla
              cfg: KTOConfig) -> dict[str, float]:
     """One optimizer step over this process's micro-batches of the step's answers; returns the step's loss and
     reward statistics over the answers of all processes."""
-    epoch, in_epoch = divmod(step, plan.steps_per_epoch)
     batches = [(collate([train[i] for i in micro]), len(micro))
-               for micro in plan.local_micro_batches(plan.batch(epoch, in_epoch), engine.rank)]
+               for micro in micro_batches_of_step(engine, plan, step, train)]
     z0 = reference_point(engine, batches)  # one value for the whole step, on every process
     sums = torch.zeros(8, dtype=torch.float64)
     for batch, _ in batches:

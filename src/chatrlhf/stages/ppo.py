@@ -42,7 +42,7 @@ from chatrlhf.stages.ppo_config import PPOConfig
 from chatrlhf.stages.ppo_env import episode_metrics
 from chatrlhf.stages.ppo_metrics import critic_metrics, mismatch_metrics, sampling_metrics
 from chatrlhf.stages.ppo_sampling import generate_answers, penalised_scores, reward_batch, sample_informative
-from chatrlhf.stages.ppo_setup import RLRun, setup_run
+from chatrlhf.stages.ppo_setup import RLRun, rollout_micro_batches, setup_run
 from chatrlhf.training import MetricsLogger, logged_rows, write_resolved_config
 
 
@@ -169,15 +169,16 @@ def _logprobs_and_values(run: RLRun, rollout: Rollout) -> tuple[torch.Tensor, to
     (``run.reuse_update_logprobs``), the actor is not run here and the old log-probs start as zeros.
     """
     sequences, attention_mask = rollout.sequences, rollout.attention_mask
-    answer_len, chunk = rollout.response_mask.shape[1], run.cfg.actor_engine.micro_batch_size
+    answer_len = rollout.response_mask.shape[1]
     temperature, packing = run.cfg.generation.temperature, run.cfg.actor_engine.packing
     models = [m for m in (run.actor, run.critic) if m is not None]
     for m in models:
         m.eval()
     old_logprobs, ref_logprobs, values = [], [], []
+    micro = rollout_micro_batches(run, attention_mask, torch.arange(sequences.shape[0]))
     with run.reference.resident():  # an offloaded reference comes to the device once per scoring pass
-        for i in range(0, sequences.shape[0], chunk):
-            seq, attn = sequences[i : i + chunk], attention_mask[i : i + chunk]
+        for rows in micro:
+            seq, attn = sequences[rows], attention_mask[rows]
             answer = seq[:, -answer_len:]
             ref_logprobs.append(gather_log_probs(answer_logits(run.reference, seq, attn, answer_len, temperature,
                                                                packing), answer))
@@ -187,7 +188,8 @@ def _logprobs_and_values(run: RLRun, rollout: Rollout) -> tuple[torch.Tensor, to
                           else torch.zeros_like(ref_logprobs[-1]))
     for m in models:
         m.train()
-    return torch.cat(old_logprobs), torch.cat(ref_logprobs), torch.cat(values)
+    order = torch.cat(micro).argsort()  # back to the rollout's row order
+    return torch.cat(old_logprobs)[order], torch.cat(ref_logprobs)[order], torch.cat(values)[order]
 
 
 def _critic_values(critic, sequences, attention_mask, answer_len: int) -> torch.Tensor:
@@ -270,10 +272,14 @@ def _minibatch_step(run: RLRun, exp: Experience, rows: torch.Tensor, iteration: 
     agg = run.cfg.loss_agg
     answers = float(len(rows) * run.world)  # every process trains the same number of rows per mini-batch
     stats: dict[str, float] = {}
-    for micro_index, micro_rows in enumerate(rows.split(run.cfg.actor_engine.micro_batch_size)):
+    micro = rollout_micro_batches(run, exp.attention_mask, rows)
+    for engine in (run.actor, run.critic) if run.critic is not None else (run.actor,):
+        engine.begin_step(len(micro))
+    for micro_index, micro_rows in enumerate(micro):
         agg_weights = (None if agg == "token-mean" else
                        aggregation_weights(exp.mask[micro_rows], agg, tokens, answers, run.cfg.generation.max_new_tokens))
-        micro_stats = _actor_step(run, exp, micro_rows, tokens, (iteration, update, micro_index), agg_weights)
+        micro_stats = _actor_step(run, exp, micro_rows, tokens, (iteration, update, micro_index, len(micro)),
+                                  agg_weights)
         if run.critic is not None:
             micro_stats.update(_critic_step(run, exp, micro_rows, tokens))
         for k, v in micro_stats.items():  # every stat is a share of the mini-batch's: they sum to it

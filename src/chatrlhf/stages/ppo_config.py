@@ -218,13 +218,12 @@ class PPOConfig:
                                   f"got {getattr(self, name)}")
         estimator = ADVANTAGE_ESTIMATORS[self.advantage_estimator]
         a, c = self.actor_engine, self.critic_engine
-        if estimator.critic and (a.micro_batch_size, a.gradient_accumulation_steps) != (
-            c.micro_batch_size, c.gradient_accumulation_steps
-        ):
+        batching = ("micro_batch_size", "gradient_accumulation_steps", "max_tokens_per_micro_batch")
+        if estimator.critic and any(getattr(a, k) != getattr(c, k) for k in batching):
             raise ConfigError(
-                f"--{p}critic_engine.micro_batch_size / gradient_accumulation_steps "
-                f"({c.micro_batch_size}/{c.gradient_accumulation_steps}) must equal the actor's "
-                f"({a.micro_batch_size}/{a.gradient_accumulation_steps}): both train on the same mini-batches"
+                f"--{p}critic_engine.micro_batch_size / gradient_accumulation_steps / max_tokens_per_micro_batch "
+                f"({'/'.join(str(getattr(c, k)) for k in batching)}) must equal the actor's "
+                f"({'/'.join(str(getattr(a, k)) for k in batching)}): both train on the same micro-batches"
             )
         for name in ("rollout_batch_size", "samples_per_prompt", "ppo_epochs"):
             if getattr(self, name) < 1:

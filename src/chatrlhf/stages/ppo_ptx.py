@@ -17,7 +17,7 @@ class PtxData:
 
     Each actor micro-batch draws ``micro_batch_size`` examples from a generator seeded by (iteration,
     update, micro-batch, rank), so a resumed run draws the same ones; the term is that micro-batch's
-    token-mean NLL divided by the micro-batches per mini-batch (the mean of micro-batch means).
+    token-mean NLL divided by the mini-batch's number of micro-batches (the mean of micro-batch means).
     """
 
     def __init__(self, cfg: PPOConfig, tokenizer, rank: int, world: int):
@@ -28,12 +28,12 @@ class PtxData:
         self.items = encode_records(records, "sft", tokenizer, data, progress=False)
         self.collate = SFTCollator(pad_id=tokenizer.pad_token_id)
         self.micro = cfg.actor_engine.micro_batch_size
-        self.per_mini = cfg.actor_engine.gradient_accumulation_steps
         self.seed, self.rank = cfg.actor_engine.seed, rank
 
-    def loss(self, actor: Engine, key: tuple[int, int, int]) -> torch.Tensor:
-        """The ptx loss of the micro-batch ``key`` = (iteration, update, micro-batch) names."""
-        iteration, update, micro_index = key
+    def loss(self, actor: Engine, key: tuple[int, int, int, int]) -> torch.Tensor:
+        """The ptx loss of the micro-batch ``key`` = (iteration, update, micro-batch, micro-batches in the
+        mini-batch) names."""
+        iteration, update, micro_index, per_mini = key
         gen = torch.Generator().manual_seed(hash((self.seed, iteration, update, micro_index, self.rank)) % 2**62)
         idx = torch.randint(len(self.items), (self.micro,), generator=gen).tolist()
         batch = self.collate([self.items[i] for i in idx])
@@ -41,4 +41,4 @@ class PtxData:
         logits = actor(input_ids=batch["input_ids"], attention_mask=mask,
                        position_ids=position_ids_from_mask(mask), use_cache=False).logits
         nll, labelled = token_nll(logits, batch["labels"])
-        return nll.sum() / labelled.sum().clamp(min=1) / self.per_mini
+        return nll.sum() / labelled.sum().clamp(min=1) / per_mini

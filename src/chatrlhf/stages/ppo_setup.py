@@ -7,9 +7,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from chatrlhf.algorithms import rl
 from chatrlhf.algorithms.advantages import ADVANTAGE_ESTIMATORS, Estimator
 from chatrlhf.data import PromptCollator, encode_records, prepare_records
+from chatrlhf.data.micro_batches import RowSize, even_out, split
 from chatrlhf.engine import Engine, FrozenModel, init_distributed
 from chatrlhf.environments import Environment, load_environment
 from chatrlhf.models import load_tokenizer
@@ -66,6 +69,19 @@ class RLRun:
     @property
     def whiten(self) -> bool:
         return self.estimator.whiten if self.cfg.whiten_advantages is None else self.cfg.whiten_advantages
+
+
+def rollout_micro_batches(run: RLRun, attention_mask: torch.Tensor, rows: torch.Tensor) -> list[torch.Tensor]:
+    """``rows`` (indices into this process's rollout) longest first, cut into micro-batches of the actor's
+    ``micro_batch_size`` rows or ``max_tokens_per_micro_batch`` positions (``chatrlhf.data.micro_batches``);
+    the same count on every process (one all-gather)."""
+    engine = run.cfg.actor_engine
+    tokens, width = attention_mask[rows].sum(-1).tolist(), attention_mask.shape[1]
+    sizes = [RowSize(n, width) for n in tokens]
+    groups = split(range(len(sizes)), sizes, engine.micro_batch_size, engine.max_tokens_per_micro_batch,
+                   engine.packing)
+    count = int(run.actor.all_gather(torch.tensor([len(groups)])).max())
+    return [rows[group] for group in even_out(groups, count, sizes, engine.packing)]
 
 
 def setup_run(cfg: PPOConfig) -> RLRun:

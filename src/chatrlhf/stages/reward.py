@@ -24,6 +24,7 @@ from chatrlhf.training import (
     MODEL_SUBDIR,
     BatchPlan,
     MetricsLogger,
+    micro_batches_of_step,
     prepare_output_dir,
     rank_batches,
     set_seed,
@@ -119,9 +120,8 @@ def _batch_losses(engine: Engine, batch: dict, objective: str) -> tuple[torch.Te
 def rm_step(engine: Engine, train: list[dict], collate, plan: BatchPlan, step: int,
             objective: str) -> tuple[float, float]:
     """One optimizer step over this process's micro-batches; (mean loss, accuracy) over all processes."""
-    epoch, in_epoch = divmod(step, plan.steps_per_epoch)
     stats = torch.zeros(2, dtype=torch.float64)  # loss sum, correct pairs / predictions
-    for micro in plan.local_micro_batches(plan.batch(epoch, in_epoch), engine.rank):
+    for micro in micro_batches_of_step(engine, plan, step, train):
         losses, hits = _batch_losses(engine, collate([train[i] for i in micro]), objective)
         # Mean over the examples of the whole step; x world because DeepSpeed averages over ranks.
         engine.backward(losses.sum() * (engine.world_size / plan.global_batch))

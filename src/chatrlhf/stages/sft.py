@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from chatrlhf.algorithms import IGNORE_INDEX, position_ids_from_mask, token_nll
@@ -18,6 +19,7 @@ from chatrlhf.data import SFTCollator, encode_records, prepare_records
 from chatrlhf.data.packing import pack_labels, packed_inputs, plan_packing
 from chatrlhf.engine import Engine, init_distributed
 from chatrlhf.models import apply_lora, load_causal_lm, load_tokenizer, uses_flash_attention
+from chatrlhf.models.lm_head import logits_at
 from chatrlhf.precision import announce
 from chatrlhf.resume import resume_step, save_resumable
 from chatrlhf.stages.sft_config import SFTConfig
@@ -25,6 +27,7 @@ from chatrlhf.training import (
     MODEL_SUBDIR,
     BatchPlan,
     MetricsLogger,
+    micro_batches_of_step,
     prepare_output_dir,
     rank_batches,
     set_seed,
@@ -42,8 +45,12 @@ def _forward_nll(engine, batch, packing: bool) -> tuple[torch.Tensor, torch.Tens
         ).logits  # (B, T, V)
         return token_nll(logits, labels)
     plan = plan_packing(mask)
-    logits = engine(**packed_inputs(plan, batch["input_ids"], pad_id=0, flash=uses_flash_attention(engine))).logits
-    return token_nll(logits, pack_labels(plan, labels, IGNORE_INDEX))  # (K, L-1) each
+    inputs = packed_inputs(plan, batch["input_ids"], pad_id=0, flash=uses_flash_attention(engine))
+    targets = pack_labels(plan, labels, IGNORE_INDEX)[:, 1:]  # (K, L-1): what position t predicts
+    scored = targets != IGNORE_INDEX
+    logits = logits_at(engine, inputs, F.pad(scored, (0, 1)))  # (N, V): the LM head on scored positions only
+    nll = F.cross_entropy(logits.float(), targets[scored].to(logits.device), reduction="none")
+    return torch.zeros(scored.shape, device=nll.device).masked_scatter(scored.to(nll.device), nll), scored.float()
 
 
 def _labelled(example) -> int:
@@ -88,13 +95,14 @@ def _load_engine(cfg: SFTConfig, n_steps: int) -> Engine:
 def sft_step(engine: Engine, train: list[dict], collate, plan: BatchPlan, step: int,
              packing: bool = False) -> dict[str, float]:
     """One optimizer step over this process's micro-batches of the step's batch; returns the mean NLL per
-    labelled token of the whole batch (all processes) and the share of the forwards' positions that were
-    padding (``pad_frac``)."""
+    labelled token of the whole batch (all processes), the share of the forwards' positions that were
+    padding (``pad_frac``) and the micro-batches each process ran."""
     epoch, in_epoch = divmod(step, plan.steps_per_epoch)
     global_idx = plan.batch(epoch, in_epoch)
     n_tokens = max(1, sum(_labelled(train[i]) for i in global_idx))
     sums = torch.zeros(3, dtype=torch.float64)  # NLL, real tokens, positions run
-    for micro in plan.local_micro_batches(global_idx, engine.rank):
+    micro_batches = micro_batches_of_step(engine, plan, step, train)
+    for micro in micro_batches:
         batch = collate([train[i] for i in micro])
         nll, _ = _forward_nll(engine, batch, packing)
         # Sum over tokens / tokens in the whole step: accumulation and ranks add up to the full-batch
@@ -104,7 +112,7 @@ def sft_step(engine: Engine, train: list[dict], collate, plan: BatchPlan, step: 
         sums += torch.tensor([nll.detach().sum().item(), batch["attention_mask"].sum().item(),
                               nll.shape[0] * (nll.shape[1] + 1)], dtype=torch.float64)
     nll_sum, real, positions = engine.all_reduce(sums).tolist()
-    return {"loss": nll_sum / n_tokens, "pad_frac": 1 - real / max(positions, 1)}
+    return {"loss": nll_sum / n_tokens, "pad_frac": 1 - real / max(positions, 1), "micro_batches": len(micro_batches)}
 
 
 def train_sft(cfg: SFTConfig) -> dict[str, float]:
