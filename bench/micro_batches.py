@@ -24,7 +24,7 @@ import statistics
 import time
 
 import torch
-from common import machine_description, markdown_table
+from common import bf16_description, machine_description, markdown_table
 from packing import run_phase
 
 from chatrlhf.data import PairCollator, PromptCollator, SFTCollator, encode_records, load_records, to_sft
@@ -91,6 +91,7 @@ def main() -> None:
     parser.add_argument("--phases", default="sft,rm,ppo-score,ppo-update")
     args = parser.parse_args()
     print(machine_description(None))
+    print(bf16_description())
     tok = load_tokenizer(args.model)
     lm, rm = load_causal_lm(args.model).train(), RewardModel.from_causal_lm(args.model).train()
     data = items(tok, (args.steps + 1) * args.rows)  # the first step warms up

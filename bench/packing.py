@@ -23,7 +23,7 @@ import statistics
 import time
 
 import torch
-from common import machine_description, markdown_table
+from common import bf16_description, machine_description, markdown_table
 
 from chatrlhf.data import PairCollator, PromptCollator, SFTCollator, encode_records, load_records, to_sft
 from chatrlhf.data.packing import plan_packing
@@ -91,6 +91,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(machine_description(args.threads))
+    print(bf16_description())
     tok = load_tokenizer(args.model)
     lm, rm = load_causal_lm(args.model).train(), RewardModel.from_causal_lm(args.model).train()
     data = batches(args, tok)

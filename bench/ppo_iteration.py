@@ -9,6 +9,12 @@ tokens, micro-batch 8, a critic initialised from the reward model):
     new      the defaults: --run.precision auto, --generation.backend auto (printed by the run);
              --backends native,vllm runs one "new" side per backend instead
 
+``--landed-flags`` / ``--new-flags`` replace the landed side's flags and add flags to every new side, to
+compare other settings the same way, e.g. padded against packed forwards in fp32 on the native sampler:
+
+    bench/ppo_iteration.py --landed-flags "--run.precision fp32 --generation.backend native
+        --actor_engine.packing false --critic_engine.packing false" --new-flags "--run.precision fp32" --backends native
+
 The reward model is SmolLM2 with a seeded random value head (the timing does not depend on what it
 scores). Each phase's time comes from the run's own metrics (``time/generate``, ``time/score``,
 ``time/update``, ``time/iteration``); the first ``--warmup`` iterations are dropped, medians reported.
@@ -72,15 +78,18 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--backends", default="auto", help="comma-separated --generation.backend of the new sides")
+    p.add_argument("--landed-flags", default=" ".join(LANDED), help="the landed side's flags")
+    p.add_argument("--new-flags", default="", help="flags added to every new side")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     print(machine_description(args.threads))
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         reward = make_reward_model(args.model, workdir / "rm")
-        sides = {"landed": LANDED}
+        sides = {"landed": args.landed_flags.split()}
         for backend in args.backends.split(","):
-            sides["new" if backend == "auto" else f"new ({backend})"] = ["--generation.backend", backend]
+            sides["new" if backend == "auto" else f"new ({backend})"] = ["--generation.backend", backend,
+                                                                         *args.new_flags.split()]
         results = {}
         for name, flags in sides.items():
             rows, chosen = run_side(name, flags, args, workdir, reward)
@@ -88,7 +97,7 @@ def main() -> None:
             results[name] = {phase: statistics.median(r[f"train/time/{phase}"] for r in timed) for phase in PHASES}
             results[name]["chosen"] = chosen
             results[name]["mismatch_kl"] = statistics.mean(r.get("train/rollout/mismatch_kl", 0.0) for r in timed)
-            print(f"{name}: {chosen}", flush=True)
+            print(f"{name} ({' '.join(flags)}): {chosen}", flush=True)
     new = [n for n in results if n != "landed"]
     table = [[phase, f"{results['landed'][phase]:.2f}",
               *(f"{results[n][phase]:.2f} ({results['landed'][phase] / results[n][phase]:.2f}x)" for n in new)]

@@ -9,13 +9,17 @@ from chatrlhf.algorithms import masked_sum, mismatch_stats, rl
 
 
 def mismatch_metrics(run, exp) -> dict:
-    """The generating engine vs the trainer on the sampled tokens (``mismatch_stats``), over all processes."""
+    """The generating engine vs the trainer on the sampled tokens (``mismatch_stats``), over all processes, and
+    the share of the rollout's (prompt + answer) positions that are padding (what a padded forward computes
+    in vain; packed forwards skip it)."""
     local = mismatch_stats(exp.old_logprobs, exp.rollout_logprobs, exp.mask, run.tis_cap or run.cfg.tis_cap)
     n = exp.mask.sum().double()
     parts = run.actor.all_gather(torch.tensor([[local["mismatch_kl"], local["max_ratio"], local["min_ratio"],
                                                 local["tis_clipfrac"], n]], dtype=torch.float64))  # (world, 5)
     weight = parts[:, 4] / parts[:, 4].sum().clamp(min=1.0)
-    return {"rollout/mismatch_kl": float((parts[:, 0] * weight).sum()), "rollout/max_ratio": float(parts[:, 1].max()),
+    mask = exp.attention_mask
+    real, positions = run.actor.all_reduce(torch.tensor([mask.sum().item(), mask.numel()], dtype=torch.float64)).tolist()
+    return {"rollout/pad_frac": 1 - real / max(positions, 1.0),"rollout/mismatch_kl": float((parts[:, 0] * weight).sum()), "rollout/max_ratio": float(parts[:, 1].max()),
             "rollout/min_ratio": float(parts[:, 2].min()), "rollout/tis_clipfrac": float((parts[:, 3] * weight).sum())}
 
 
