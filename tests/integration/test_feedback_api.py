@@ -134,7 +134,8 @@ def test_progress_json(named, store):
     store.add_comparison("request-0001", pid, a, b, "a", "ann")
     store.add_prompts([user("waiting")], source="x")
     assert named.get("/api/progress").json() == {
-        "prompts": 2, "pairs_ready": 1, "comparisons": 1, "ratings": 0, "chat_answers": 0, "answers_to_rate": 2,
+        "prompts": 2, "pairs_ready": 1, "comparisons": 1, "ratings": 0, "comparisons_saved": 1, "ratings_saved": 0,
+        "chat_answers": 0, "answers_to_rate": 2,
         "annotators": [{"name": "ann", "comparisons": 1, "ratings": 0}],
         "you": {"name": "ann", "comparisons": 1, "ratings": 0}}
     named.cookies.clear()
@@ -679,6 +680,31 @@ def test_waiting_page_while_the_worker_generates(store, answerer):
         assert store.pair(store.prompt_id_for(user("not answered yet"))) is None
         worker.fill()
         assert 'name="prompt_id"' in c.get("/compare").text
+
+
+def test_worker_answers_requested_prompts_first_and_once(store, answerer):
+    store.add_prompts([user("one"), user("two"), user("three")], source="x")
+    worker = PairWorker(store, answerer, pregenerate=False)
+    assert worker.fill() == 0  # nothing asked for: nothing generated ahead
+    for _ in range(3):  # three pages waiting on the same prompt
+        worker.request(3)
+    assert worker.fill() == 1 and store.pair(3) is not None and store.pair(1) is None
+    worker.pregenerate = True
+    worker.request(2)
+    assert worker._next() == 2  # a waiting page goes before the queue order
+    assert worker.fill() == 2 and store.pair(1) is not None
+
+
+def test_comparing_a_chat_prompt_queues_it_for_its_pair(store, answerer):
+    worker = PairWorker(store, answerer)
+    with make_client(store, answerer, worker) as c:
+        c.cookies.set(NAME_COOKIE, "ann")
+        chat = c.post("/api/chat", json={"messages": user("chat only")}).json()
+        assert not store.prompt(chat["prompt_id"])["queued"]
+        assert "Generating" in c.get(f"/compare?prompt_id={chat['prompt_id']}").text
+        assert store.prompt(chat["prompt_id"])["queued"]
+        assert worker.fill() == 1
+        assert f'name="prompt_id" value="{chat["prompt_id"]}"' in c.get(f"/compare?prompt_id={chat['prompt_id']}").text
 
 
 class _FailsOnPrompt(PairWorker):

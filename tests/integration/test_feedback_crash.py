@@ -98,7 +98,7 @@ def test_sigkill_loses_no_acknowledged_rating(tmp_path):
     try:
         with urllib.request.urlopen(server.base + "/api/progress", timeout=30) as response:
             progress = json.load(response)
-        assert (progress["ratings"], progress["comparisons"]) == saved
+        assert (progress["ratings_saved"], progress["comparisons_saved"]) == saved
         assert _post(server.base, "/rate", {"request_id": "after-restart", "answer_id": b, "annotator": "x",
                                             **SCORES}) == 201
     finally:

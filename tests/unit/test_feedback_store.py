@@ -373,8 +373,8 @@ def test_next_to_rate_in_queue_then_slot_order_per_annotator(filled, store):
 
 
 def test_progress_counters(filled, store):
-    empty = {"prompts": 3, "pairs_ready": 2, "comparisons": 0, "ratings": 0, "chat_answers": 1, "annotators": [],
-             "answers_to_rate": 4}
+    empty = {"prompts": 3, "pairs_ready": 2, "comparisons": 0, "ratings": 0, "comparisons_saved": 0,
+             "ratings_saved": 0, "chat_answers": 1, "annotators": [], "answers_to_rate": 4}
     assert store.progress() == empty
     assert store.progress("ann") == {**empty, "you": {"name": "ann", "comparisons": 0, "ratings": 0}}
     store.add_comparison("request-0001", filled["p1"], filled["a1"], filled["b1"], "a", "ann")
@@ -387,7 +387,8 @@ def test_progress_counters(filled, store):
     # 3 queued prompts, all 3 pairs now ready (6 answers to rate); 3 comparisons (ann 2, bob 1);
     # 2 ratings (bob 1, cy 1); one chat answer; annotators sorted by name.
     assert store.progress("bob") == {
-        "prompts": 3, "pairs_ready": 3, "comparisons": 3, "ratings": 2, "chat_answers": 1, "answers_to_rate": 6,
+        "prompts": 3, "pairs_ready": 3, "comparisons": 3, "ratings": 2, "comparisons_saved": 3, "ratings_saved": 2,
+        "chat_answers": 1, "answers_to_rate": 6,
         "annotators": [{"name": "ann", "comparisons": 2, "ratings": 0}, {"name": "bob", "comparisons": 1, "ratings": 1},
                        {"name": "cy", "comparisons": 0, "ratings": 1}],
         "you": {"name": "bob", "comparisons": 1, "ratings": 1}}
@@ -449,5 +450,12 @@ def test_processes_writing_at_once_lose_nothing(filled, store):
     assert [p.exitcode for p in procs] == [0] * N_PROCESSES  # no 'database is locked' in any writer
     assert count(store, "ratings") == N_PROCESSES * N_EACH
     assert store.integrity_check() == "ok"
+    con = sqlite3.connect(store.path)
+    try:  # every rating row is kept (the history); the counters count each person's rated answer once
+        per_person = con.execute("SELECT n.name, count(*) FROM ratings r JOIN annotators n ON n.id = r.annotator_id"
+                                 " GROUP BY n.name ORDER BY n.name").fetchall()
+    finally:
+        con.close()
+    assert per_person == [(f"ann{k}", N_EACH) for k in range(N_PROCESSES)]
     assert sorted((a["name"], a["ratings"]) for a in store.progress()["annotators"]) == [
-        (f"ann{k}", N_EACH) for k in range(N_PROCESSES)]
+        (f"ann{k}", 1) for k in range(N_PROCESSES)]

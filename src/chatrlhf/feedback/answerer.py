@@ -99,14 +99,18 @@ class Answerer:
 
 
 class PairWorker:
-    """Generates the answer pairs of queued prompts, in queue order, in one background thread.
+    """Generates the answer pairs of queued prompts in one background thread: first the prompts a page is
+    waiting for (``request``), then, with ``pregenerate``, the rest of the queue in order.
 
     ``fill(n)`` does the work synchronously (tests call it); ``start()`` runs it forever, waking when
-    ``wake()`` is called (prompts imported, a page waiting) or every ``poll_s`` seconds.
+    ``wake()`` or ``request()`` is called (prompts imported, a page waiting) or every ``poll_s`` seconds. A
+    prompt requested by several pages at once is generated once.
     """
 
-    def __init__(self, store: FeedbackStore, answerer: Answerer, poll_s: float = 5.0):
-        self.store, self.answerer, self.poll_s = store, answerer, poll_s
+    def __init__(self, store: FeedbackStore, answerer: Answerer, poll_s: float = 5.0, pregenerate: bool = True):
+        self.store, self.answerer, self.poll_s, self.pregenerate = store, answerer, poll_s, pregenerate
+        self._wanted: dict[int, None] = {}  # requested prompt ids, in request order
+        self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self.error: str | None = None  # the last generation failure, shown on the pages
@@ -127,8 +131,22 @@ class PairWorker:
         return done
 
     def _next(self) -> int | None:
+        with self._lock:
+            for prompt_id in list(self._wanted):
+                if prompt_id in self.failed or self.store.pair(prompt_id) is not None:
+                    del self._wanted[prompt_id]
+                else:
+                    return prompt_id
+        if not self.pregenerate:
+            return None
         missing = self.store.prompts_missing_answers(limit=len(self.failed) + 1)
         return next((p for p in missing if p not in self.failed), None)
+
+    def request(self, prompt_id: int) -> None:
+        """A page waits for this prompt's pair: it goes before the rest of the queue."""
+        with self._lock:
+            self._wanted[prompt_id] = None
+        self._wake.set()
 
     def answer_prompt(self, prompt_id: int) -> None:
         """Generates and stores the pair of one prompt (a slot filled meanwhile keeps its first answer)."""

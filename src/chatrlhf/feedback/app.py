@@ -43,6 +43,7 @@ HERE = Path(__file__).resolve().parent
 NAME_COOKIE = "chatrlhf_annotator"
 MAX_CHAT_MESSAGES = 64
 MAX_MESSAGE_CHARS = 8000
+QUEUE_PAGE = 100  # prompts per page of the Queue page
 # A row id from the query: SQLite's ids are int64 from 1; a larger number would overflow its binding (a 500).
 RowId = Annotated[int | None, Query(ge=1, le=ID_MAX)]
 
@@ -74,21 +75,29 @@ def _page(request: Request, template: str, status_code: int = 200, **extra) -> H
 
 
 def _pair_or_none(request: Request, prompt_id: int):
-    """The prompt's pair; without a background worker it is generated now, with one the worker is woken."""
+    """The prompt's pair, or None while the background worker generates it (asked for first). A prompt that
+    is not in the queue (a chat turn's) is queued: comparing it needs a pair. Without a worker (tests) the
+    pair is generated in this request."""
     state = request.app.state
     pair = state.store.pair(prompt_id)
-    if pair is None and state.worker is None:
+    if pair is not None:
+        return pair
+    prompt = state.store.prompt(prompt_id)
+    if not prompt["queued"]:
+        state.store.add_prompts([prompt["messages"]], source=prompt["source"])  # already present: queued
+    if state.worker is None:
         from chatrlhf.feedback.answerer import PairWorker
 
         PairWorker(state.store, state.answerer).answer_prompt(prompt_id)
-        pair = state.store.pair(prompt_id)
-    elif pair is None:
-        state.worker.wake()
-    return pair
+        return state.store.pair(prompt_id)
+    state.worker.request(prompt_id)
+    return None
 
 
-def _need_name(request: Request, page: str) -> Response | None:
+def _need_name(request: Request) -> Response | None:
+    """Home, to give a name first, then back to this very page (its query included: the item it names)."""
     if _annotator(request) is None:
+        page = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         return RedirectResponse(f"/?next={quote(page)}", status_code=303)
     return None
 
@@ -149,7 +158,7 @@ async def chat(request: Request):
 
 @router.get("/compare", response_class=HTMLResponse)
 def compare_page(request: Request, prompt_id: RowId = None, saved: int = 0):
-    if redirect := _need_name(request, "/compare"):
+    if redirect := _need_name(request):
         return redirect
     store = request.app.state.store
     if prompt_id is None:
@@ -178,7 +187,7 @@ async def compare(request: Request):
 
 @router.get("/rate", response_class=HTMLResponse)
 def rate_page(request: Request, answer_id: RowId = None, saved: int = 0):
-    if redirect := _need_name(request, "/rate"):
+    if redirect := _need_name(request):
         return redirect
     store = request.app.state.store
     if answer_id is None:
@@ -204,8 +213,15 @@ async def rate(request: Request):
 
 
 @router.get("/queue", response_class=HTMLResponse)
-def queue_page(request: Request, imported: str = ""):
-    return _page(request, "queue.html", queue=request.app.state.store.queue(), imported=imported)
+def queue_page(request: Request, imported: str = "", page: Annotated[int, Query(ge=1, le=ID_MAX)] = 1,
+               q: Annotated[str, Query(max_length=200)] = ""):
+    store = request.app.state.store
+    total = store.queue_size(q)
+    pages = max(1, -(-total // QUEUE_PAGE))
+    page = min(page, pages)
+    rows = store.queue(limit=QUEUE_PAGE, offset=(page - 1) * QUEUE_PAGE, search=q)
+    return _page(request, "queue.html", queue=rows, imported=imported, page=page, pages=pages, total=total, q=q,
+                 first=(page - 1) * QUEUE_PAGE + 1)
 
 
 @router.post("/queue")

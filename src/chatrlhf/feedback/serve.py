@@ -46,7 +46,8 @@ class ServeConfig:
     max_request_bytes: int = 2 << 20
     """Largest request body accepted (bytes); larger ones get 413. Bounds prompt-file uploads too."""
     pregenerate: bool = True
-    """Generate the queue's answer pairs in the background, ahead of the annotators (off: when a page needs them)."""
+    """Generate the queue's answer pairs in the background, ahead of the annotators (off: only when a page asks
+    for one, still in the background while the page says it is waiting)."""
 
     def validate(self) -> None:
         self.model.validate("model")
@@ -103,11 +104,10 @@ def run_serve(cfg: ServeConfig) -> None:
     models = [cfg.model] + ([dataclasses.replace(cfg.model, name_or_path=cfg.compare_with)] if cfg.compare_with else [])
     print(f"[chatrlhf] serve: loading {', '.join(m.name_or_path for m in models)}")
     answerer = Answerer(models, cfg.generation, seed=cfg.seed, system=cfg.system)
-    worker = PairWorker(store, answerer) if cfg.pregenerate else None
+    worker = PairWorker(store, answerer, pregenerate=cfg.pregenerate)  # off: only the pairs a page waits for
     app = create_app(store, answerer, worker, token=token, max_request_bytes=cfg.max_request_bytes,
                      allowed_hosts=None if token else ("127.0.0.1", "localhost", "[::1]", cfg.host))
-    if worker is not None:
-        worker.start()
+    worker.start()
 
     server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning",
                                            timeout_graceful_shutdown=5))
@@ -124,6 +124,5 @@ def run_serve(cfg: ServeConfig) -> None:
     try:
         server.run()
     finally:
-        if worker is not None:
-            worker.stop()
+        worker.stop()
         answerer.close()

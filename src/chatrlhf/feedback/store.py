@@ -133,17 +133,24 @@ class FeedbackStore:
             row = con.execute("SELECT id FROM prompts WHERE key = ?", (canonical(messages),)).fetchone()
         return None if row is None else row[0]
 
-    def queue(self, limit: int = 1000, offset: int = 0) -> list[dict]:
-        """Queued prompts in order, each with how many answers, comparisons and ratings it has."""
+    def queue(self, limit: int = 1000, offset: int = 0, search: str = "") -> list[dict]:
+        """Queued prompts in order (those whose text contains ``search``, ignoring ASCII case), each with how
+        many answers, comparisons and ratings it has."""
         with self._read() as con:
             rows = con.execute(
                 "SELECT p.*, (SELECT count(*) FROM answers a WHERE a.prompt_id = p.id AND a.slot IS NOT NULL) AS n_answers,"
                 " (SELECT count(*) FROM comparisons c WHERE c.prompt_id = p.id) AS n_comparisons,"
                 " (SELECT count(*) FROM ratings r JOIN answers a ON a.id = r.answer_id WHERE a.prompt_id = p.id)"
-                " AS n_ratings FROM prompts p WHERE p.queued = 1 ORDER BY p.id LIMIT ? OFFSET ?",
-                (limit, offset)).fetchall()
+                f" AS n_ratings FROM prompts p WHERE p.queued = 1{_MATCHES} ORDER BY p.id LIMIT ? OFFSET ?",
+                (_pattern(search), limit, offset)).fetchall()
         return [{**_prompt_dict(r), "n_answers": r["n_answers"], "n_comparisons": r["n_comparisons"],
                  "n_ratings": r["n_ratings"]} for r in rows]
+
+    def queue_size(self, search: str = "") -> int:
+        """How many prompts ``queue(search=search)`` pages through."""
+        with self._read() as con:
+            return con.execute(f"SELECT count(*) FROM prompts p WHERE p.queued = 1{_MATCHES}",
+                               (_pattern(search),)).fetchone()[0]
 
     def prompts_missing_answers(self, limit: int = 1) -> list[int]:
         """Queued prompts, in queue order, that do not have both answers of their pair yet."""
@@ -264,7 +271,8 @@ class FeedbackStore:
 
     # ------------------------------------------------------------------------------------ progress
     def progress(self, annotator: str | None = None) -> dict:
-        """Counters for the pages: queue size, pairs ready, comparisons and ratings in all and per person."""
+        """Counters for the pages: queue size, pairs ready, comparisons and ratings in all and per person (each
+        person's judgement of an item once; ``*_saved``: every row of the history)."""
         with self._read() as con:
             one = lambda sql, *args: con.execute(sql, args).fetchone()[0]  # noqa: E731
             out = {
@@ -272,12 +280,18 @@ class FeedbackStore:
                 "pairs_ready": one("SELECT count(*) FROM (SELECT a.prompt_id FROM answers a JOIN prompts p ON"
                                    " p.id = a.prompt_id WHERE p.queued = 1 AND a.slot IS NOT NULL"
                                    " GROUP BY a.prompt_id HAVING count(*) = 2)"),
-                "comparisons": one("SELECT count(*) FROM comparisons"),
-                "ratings": one("SELECT count(*) FROM ratings"),
+                # A person's judgement of an item counts once however often it was redone (the export keeps
+                # the latest): distinct (annotator, prompt) comparisons and (annotator, answer) ratings.
+                "comparisons": one("SELECT count(*) FROM (SELECT DISTINCT annotator_id, prompt_id FROM comparisons)"),
+                "ratings": one("SELECT count(*) FROM (SELECT DISTINCT annotator_id, answer_id FROM ratings)"),
+                # every judgement saved, re-judgements included (the store's append-only history)
+                "comparisons_saved": one("SELECT count(*) FROM comparisons"),
+                "ratings_saved": one("SELECT count(*) FROM ratings"),
                 "chat_answers": one("SELECT count(*) FROM answers WHERE slot IS NULL"),
                 "annotators": [dict(r) for r in con.execute(
-                    "SELECT n.name, (SELECT count(*) FROM comparisons c WHERE c.annotator_id = n.id) AS comparisons,"
-                    " (SELECT count(*) FROM ratings r WHERE r.annotator_id = n.id) AS ratings"
+                    "SELECT n.name, (SELECT count(DISTINCT c.prompt_id) FROM comparisons c WHERE c.annotator_id = n.id)"
+                    " AS comparisons, (SELECT count(DISTINCT r.answer_id) FROM ratings r WHERE r.annotator_id = n.id)"
+                    " AS ratings"
                     " FROM annotators n ORDER BY n.name")],
             }
         out["answers_to_rate"] = 2 * out["pairs_ready"]
@@ -316,6 +330,16 @@ class FeedbackStore:
 def _existing(con: sqlite3.Connection, table: str, request_id: str) -> int | None:
     row = con.execute(f"SELECT id FROM {table} WHERE request_id = ?", (request_id,)).fetchone()
     return None if row is None else row[0]
+
+
+_MATCHES = " AND p.messages LIKE ? ESCAPE '\\'"  # the prompt's JSON text holds the search text
+
+
+def _pattern(search: str) -> str:
+    """A LIKE pattern matching ``search`` literally, as it is written inside the stored JSON (quotes and
+    backslashes escaped by JSON, then % and _ and the escape character by LIKE)."""
+    search = json.dumps(search, ensure_ascii=False)[1:-1]
+    return "%" + search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
 def _prompt_dict(row: sqlite3.Row) -> dict:

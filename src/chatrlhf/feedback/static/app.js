@@ -33,9 +33,12 @@ document.addEventListener("DOMContentLoaded", () => {
   const judge = document.querySelector("form.judge");
   if (judge && judge.querySelector("[name=choice]")) {
     document.addEventListener("keydown", (event) => {
+      // A held key repeats: only a fresh press counts, so holding "1" never votes on the pages that follow.
+      if (event.repeat || event.ctrlKey || event.metaKey || event.altKey) return;
       if (event.target.tagName === "TEXTAREA" || event.target.tagName === "INPUT") return;
       const id = { "1": "choose-a", "2": "choose-tie", "3": "choose-b" }[event.key];
-      if (id) document.getElementById(id).click();
+      const button = id && document.getElementById(id);
+      if (button && !button.disabled) button.click();
     });
   }
 

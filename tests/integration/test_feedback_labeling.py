@@ -1,0 +1,146 @@
+"""The feedback app used as an annotator uses it, in headless Chromium against a real ``chatrlhf serve``: a held
+shortcut key votes once, a link opened before giving a name lands where it pointed, bad queries get the app's own
+error page, a re-judged item counts once, the queue pages past 1,000 prompts and searches, a chat turn's prompt
+can be compared, and without pre-generation a page waits for its pair instead of blocking."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from feedback_server import Server
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (scripts/test.sh installs it)"),
+]
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run", "--disable-quic"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture()
+def server(tmp_path):
+    srv = Server(tmp_path / "feedback.db", log=tmp_path / "serve.log")
+    yield srv
+    srv.stop()
+
+
+def named_page(browser, srv, name: str = "alice"):
+    page = browser.new_page()
+    page.set_default_timeout(60_000)
+    page.goto(srv.base + "/")
+    page.fill("#annotator", name)
+    page.click("text=Save")
+    return page
+
+
+def add_prompts(page, srv, prompts: list[str]) -> None:
+    response = page.request.post(srv.base + "/queue", data={"prompts": prompts})
+    assert response.status == 201, response.text()
+
+
+def progress(page, srv) -> dict:
+    return page.request.get(srv.base + "/api/progress").json()
+
+
+def test_a_held_shortcut_key_votes_once(browser, server):
+    page = named_page(browser, server)
+    add_prompts(page, server, [f"Question number {i}?" for i in range(6)])
+    page.goto(server.base + "/compare")
+    page.wait_for_selector("#choose-a")
+    first = page.input_value("input[name=prompt_id]")
+    page.keyboard.down("1")  # pressed: one vote, then the next prompt's page loads
+    page.wait_for_function(f"document.querySelector('input[name=prompt_id]')?.value !== '{first}'")
+    page.wait_for_selector("#choose-a")
+    for _ in range(10):  # still held: the key repeats on a page the annotator has not read
+        page.keyboard.down("1")
+        time.sleep(0.05)
+    page.keyboard.up("1")
+    time.sleep(1.0)
+    assert progress(page, server)["comparisons_saved"] == 1  # one vote saved in all
+
+
+def test_a_link_opened_before_giving_a_name_lands_where_it_pointed(browser, server):
+    setup = named_page(browser, server, "setup")
+    add_prompts(setup, server, ["First prompt?", "Second prompt?", "Third prompt?"])
+    chat = setup.request.post(server.base + "/api/chat", data={"messages": [{"role": "user", "content": "Hi!"}]})
+    answer_id = chat.json()["answer_id"]
+    fresh = browser.new_context().new_page()  # no name cookie yet
+    fresh.goto(f"{server.base}/rate?answer_id={answer_id}")
+    fresh.fill("#annotator", "bob")
+    fresh.click("text=Save")
+    fresh.wait_for_selector("#save-rating")
+    assert fresh.url == f"{server.base}/rate?answer_id={answer_id}"
+    assert fresh.input_value("input[name=answer_id]") == str(answer_id)
+
+
+def test_bad_queries_get_the_apps_error_page(browser, server):
+    page = named_page(browser, server)
+    for url, field in (("/compare?prompt_id=abc", "prompt_id"), ("/export?min_margin=&min_agreement=1", "min_margin")):
+        response = page.goto(server.base + url)
+        assert response.status == 400
+        body = page.inner_text("main")
+        assert field in body and '"detail"' not in body and page.is_visible("nav"), body
+
+
+def test_a_rejudged_item_counts_once(browser, server):
+    page = named_page(browser, server)
+    add_prompts(page, server, ["Which is better?"])
+    for choice in ("#choose-a", "#choose-b"):
+        page.goto(server.base + "/compare?prompt_id=1")
+        page.click(choice)
+        page.wait_for_selector("text=Saved.")
+    assert page.inner_text("#my-comparisons") == "1"
+    counts = progress(page, server)
+    assert counts["comparisons"] == 1 and counts["you"]["comparisons"] == 1 and counts["comparisons_saved"] == 2
+
+
+def test_the_queue_pages_past_a_thousand_prompts_and_searches(browser, server):
+    page = named_page(browser, server)
+    add_prompts(page, server, [f"Prompt {i:04d} about {'cats' if i % 100 == 7 else 'dogs'}" for i in range(1205)])
+    page.goto(server.base + "/queue")
+    assert "1205 prompts" in page.inner_text("#queue-pages")
+    page.click("#queue-next")
+    page.wait_for_selector("text=Prompt 0100 about dogs")
+    page.goto(server.base + "/queue?page=13")
+    page.wait_for_selector("text=Prompt 1204 about dogs")
+    page.fill("#queue-search", "cats")
+    page.press("#queue-search", "Enter")
+    page.wait_for_selector("text=Prompt 1107 about cats")
+    rows = page.locator("table.queue tr.prompt-row")
+    assert rows.count() == 12  # prompts 7, 107, ..., 1107
+
+
+def test_a_chat_turns_prompt_can_be_compared(browser, server):
+    page = named_page(browser, server)
+    chat = page.request.post(server.base + "/api/chat", data={"messages": [{"role": "user", "content": "Hello?"}]})
+    prompt_id = chat.json()["prompt_id"]
+    page.goto(f"{server.base}/compare?prompt_id={prompt_id}")
+    page.wait_for_selector("#choose-a", timeout=60_000)  # the waiting page reloads until the pair exists
+    assert page.input_value("input[name=prompt_id]") == str(prompt_id)
+
+
+def test_without_pregeneration_a_page_waits_for_its_pair(browser, tmp_path):
+    srv = Server(tmp_path / "feedback.db", "--pregenerate", "false", log=tmp_path / "serve.log")
+    try:
+        page = named_page(browser, srv)
+        add_prompts(page, srv, ["Only prompt?"])
+        time.sleep(1.0)
+        assert progress(page, srv)["pairs_ready"] == 0  # nothing generated ahead
+        page.goto(srv.base + "/compare")
+        assert page.is_visible("#waiting")  # answered at once: the pair is generated in the background
+        page.wait_for_selector("#choose-a")
+    finally:
+        srv.stop()
