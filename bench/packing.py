@@ -3,7 +3,7 @@
 For each phase, the same micro-batches run padded and packed in turns (padded, packed, padded, ...), each a
 full forward + backward (or a no-grad forward for PPO's scoring), through chatrlhf's own code paths:
 
-    sft         chatrlhf.stages.sft._forward_nll on demo SFT examples (prompt + chosen answer), + backward
+    sft         chatrlhf.stages.sft.forward_nll on demo SFT examples (prompt + chosen answer), + backward
     rm          RewardModel (its ``packing`` switch) on demo pairs (2B rows), pairwise loss + backward
     ppo-score   answer_logits of the actor and the reference, and the critic's values, no grad (a rollout
                 batch: demo prompts, left-padded, answered by the demo's chosen answers, right-padded)
@@ -29,7 +29,7 @@ from chatrlhf.data import PairCollator, PromptCollator, SFTCollator, encode_reco
 from chatrlhf.data.packing import plan_packing
 from chatrlhf.models import RewardModel, load_causal_lm, load_tokenizer
 from chatrlhf.rollout import answer_logits
-from chatrlhf.stages.sft import _forward_nll
+from chatrlhf.stages.sft import forward_nll
 
 
 def batches(args, tok) -> dict[str, list[dict]]:
@@ -56,7 +56,7 @@ def batches(args, tok) -> dict[str, list[dict]]:
 def run_phase(name: str, batch: dict, packing: bool, lm, rm) -> None:
     ids, mask = batch["input_ids"], batch["attention_mask"]
     if name == "sft":
-        nll, _ = _forward_nll(lm, batch, packing)
+        nll, _ = forward_nll(lm, batch, packing)
         nll.sum().backward()
     elif name == "rm":
         rm.packing = packing

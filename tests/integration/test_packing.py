@@ -139,15 +139,18 @@ def preference_args(x: dict, out: Path, stage: str, *extra: str) -> list[str]:
             "--engine.adam_eps", "1e-6", "--max_steps", "6", *extra]
 
 
-@pytest.mark.parametrize("stage", ["dpo", "kto"])
+@pytest.mark.parametrize("stage", ["dpo", "kto", "rm"])
 def test_preference_stages_packed_equal_padded(inputs, tmp_path, stage):
-    """DPO (its reference precomputed, then per micro-batch) and KTO: losses, rewards and weights."""
-    for extra in ([], ["--precompute_reference", "false"]) if stage == "dpo" else ([],):
-        padded, packed = tmp_path / f"padded{len(extra)}", tmp_path / f"packed{len(extra)}"
+    """DPO (its reference precomputed over 20 steps, then per micro-batch), KTO and the reward model (20 steps):
+    losses, rewards and weights."""
+    runs = {"dpo": (["--max_steps", "20"], ["--precompute_reference", "false"]), "kto": ([],),
+            "rm": (["--max_steps", "20"],)}
+    for n, extra in enumerate(runs[stage]):
+        padded, packed = tmp_path / f"padded{n}", tmp_path / f"packed{n}"
         assert main(preference_args(inputs, padded, stage, "--engine.packing", "false", *extra)) == 0
         assert main(preference_args(inputs, packed, stage, *extra)) == 0
         ra, rb = train_rows(padded), train_rows(packed)
-        keys = ["train/loss"] + [k for k in ra[1] if k.startswith("train/logps/")]  # summed answer log-probs
+        keys = ["train/loss"] + [k for k in ra[1] if k.startswith(("train/logps/", "train/accuracy"))]
         for step in ra:
             for key in keys:
                 assert rb[step][key] == pytest.approx(ra[step][key], rel=1e-5), (step, key)

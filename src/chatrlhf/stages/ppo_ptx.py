@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from chatrlhf.algorithms import position_ids_from_mask, token_nll
 from chatrlhf.config import DataConfig
 from chatrlhf.data import SFTCollator, encode_records, prepare_records
 from chatrlhf.engine import Engine
 from chatrlhf.stages.ppo_config import PPOConfig
+from chatrlhf.stages.sft import forward_nll
 
 
 class PtxData:
@@ -36,9 +36,5 @@ class PtxData:
         iteration, update, micro_index, per_mini = key
         gen = torch.Generator().manual_seed(hash((self.seed, iteration, update, micro_index, self.rank)) % 2**62)
         idx = torch.randint(len(self.items), (self.micro,), generator=gen).tolist()
-        batch = self.collate([self.items[i] for i in idx])
-        mask = batch["attention_mask"]
-        logits = actor(input_ids=batch["input_ids"], attention_mask=mask,
-                       position_ids=position_ids_from_mask(mask), use_cache=False).logits
-        nll, labelled = token_nll(logits, batch["labels"])
+        nll, labelled = forward_nll(actor, self.collate([self.items[i] for i in idx]), actor.cfg.packing)
         return nll.sum() / labelled.sum().clamp(min=1) / per_mini

@@ -36,7 +36,7 @@ from chatrlhf.training import (
 )
 
 
-def _forward_nll(engine, batch, packing: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def forward_nll(engine, batch, packing: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token NLL and its mask: (B, T-1) each, or over the packed rows, (K, L-1), with ``packing``."""
     mask, labels = batch["attention_mask"], batch["labels"]
     if not packing:
@@ -68,7 +68,7 @@ def evaluate(engine: Engine, data: list[dict], collate, batch_size: int, packing
     for idx, real in rank_batches(len(data), engine.rank, engine.world_size, batch_size):
         batch = collate([data[i] for i in idx])
         batch["labels"][real:] = IGNORE_INDEX  # a repeated item fills the batch only to keep ranks in step
-        nll, mask = _forward_nll(engine, batch, packing)
+        nll, mask = forward_nll(engine, batch, packing)
         nll_sum += nll.sum().double()
         tokens += mask.sum().double()
     nll_sum, tokens = engine.all_reduce(nll_sum), engine.all_reduce(tokens)
@@ -104,7 +104,7 @@ def sft_step(engine: Engine, train: list[dict], collate, plan: BatchPlan, step: 
     micro_batches = micro_batches_of_step(engine, plan, step, train)
     for micro in micro_batches:
         batch = collate([train[i] for i in micro])
-        nll, _ = _forward_nll(engine, batch, packing)
+        nll, _ = forward_nll(engine, batch, packing)
         # Sum over tokens / tokens in the whole step: accumulation and ranks add up to the full-batch
         # mean exactly. x world because DeepSpeed averages gradients over ranks.
         engine.backward(nll.sum() * (engine.world_size / n_tokens))
