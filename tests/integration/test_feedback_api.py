@@ -256,7 +256,7 @@ def test_compare_json_saves_once_per_request_id(named, store):
 def test_compare_form_post_redirects(named, store):
     pid, a, b = queued_pair(store)
     r = named.post("/compare", data={k: str(v) for k, v in comparison(pid, a, b, "b").items()})
-    assert r.status_code == 303 and r.headers["location"] == "/compare?saved=1"
+    assert r.status_code == 303 and r.headers["location"] == f"/compare?saved=1&after={pid}"
     assert store.comparison_rows()[0]["choice"] == "b"
 
 

@@ -144,3 +144,51 @@ def test_without_pregeneration_a_page_waits_for_its_pair(browser, tmp_path):
         page.wait_for_selector("#choose-a")
     finally:
         srv.stop()
+
+
+def test_comment_then_choose_skip_and_the_guidelines(browser, tmp_path):
+    guide = tmp_path / "guidelines.txt"
+    guide.write_text("Prefer answers that cite the manual.\nNever prefer rudeness.")
+    srv = Server(tmp_path / "feedback.db", "--guidelines", str(guide), log=tmp_path / "serve.log")
+    try:
+        page = named_page(browser, srv)
+        add_prompts(page, srv, ["First?", "Second?", "Third?"])
+        page.goto(srv.base + "/compare")
+        page.wait_for_selector("#choose-a")
+        page.click("#guidelines summary")
+        assert "Prefer answers that cite the manual." in page.inner_text("#guidelines")
+        # the comment box comes before the buttons that save: typed first, saved with the choice
+        order = page.evaluate("document.querySelector('textarea[name=comment]').compareDocumentPosition("
+                              "document.getElementById('choose-a')) & Node.DOCUMENT_POSITION_FOLLOWING")
+        assert order
+        assert page.input_value("input[name=prompt_id]") == "1"
+        page.keyboard.press("s")  # skip prompt 1: nothing saved, prompt 2 next
+        page.wait_for_function("document.querySelector('input[name=prompt_id]')?.value === '2'")
+        page.fill("textarea[name=comment]", "B is more precise")
+        page.click("#choose-b")
+        page.wait_for_selector("#saved")
+        assert page.input_value("input[name=prompt_id]") == "3"  # then prompt 3; the skipped one comes back last
+        rows = [r for r in page.request.get(srv.base + "/export/comparisons.jsonl").text().splitlines() if r]
+        assert len(rows) == 1 and '"B is more precise"' in rows[0] and '"choice": "b"' in rows[0]
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize("width,height", [(1366, 768), (390, 844)])
+def test_every_page_fits_the_screen(browser, server, width, height):
+    page = named_page(browser, server)
+    add_prompts(page, server, ["A long prompt " + "with many words " * 40])
+    chat = page.request.post(server.base + "/api/chat", data={"messages": [{"role": "user", "content": "Hi"}]})
+    page.set_viewport_size({"width": width, "height": height})
+    for path in ("/", "/compare", f"/rate?answer_id={chat.json()['answer_id']}", "/chat", "/queue", "/export"):
+        page.goto(server.base + path)
+        if path == "/compare":
+            page.wait_for_selector("#choose-a")
+        overflow = page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
+        assert overflow <= 0, (path, width, overflow)
+        if path == "/compare":
+            a, b = page.locator("#answer-a").bounding_box(), page.locator("#answer-b").bounding_box()
+            stacked = b["y"] >= a["y"] + a["height"]
+            assert stacked == (width < 700), (width, a, b)  # side by side on a desktop, stacked on a phone
+            button = page.locator("#choose-a").bounding_box()
+            assert button["height"] >= (44 if width < 700 else 20)

@@ -48,14 +48,24 @@ QUEUE_PAGE = 100  # prompts per page of the Queue page
 RowId = Annotated[int | None, Query(ge=1, le=ID_MAX)]
 
 
+DEFAULT_GUIDELINES = """Pick the answer you would rather receive as the person who asked.
+- Helpful first: it does what was asked, completely, and answers the actual question.
+- Correct: no false facts, no wrong steps; an honest "I am not sure" beats a confident error.
+- Safe: it refuses what is harmful, without refusing what is harmless.
+- Clear: well organised and no longer than it needs to be. Length alone is not quality.
+Choose Tie only when neither is better (both good or both bad in the same way). Skip a prompt you cannot judge."""
+
+
 def create_app(store: FeedbackStore, answerer, worker=None, *, token: str | None = None,
-               allowed_hosts: tuple[str, ...] | None = LOOPBACK_HOSTS, max_request_bytes: int = 2 << 20) -> FastAPI:
+               allowed_hosts: tuple[str, ...] | None = LOOPBACK_HOSTS, max_request_bytes: int = 2 << 20,
+               guidelines: str = DEFAULT_GUIDELINES) -> FastAPI:
     """The app over ``store``. ``answerer`` (``Answerer``) answers chats; ``worker`` (``PairWorker``) fills the
     queue's pairs (None: pairs are generated in the request that needs them). ``allowed_hosts``: Host header
-    names accepted without a token (None: any)."""
+    names accepted without a token (None: any). ``guidelines``: what "better" means, shown on the Compare page."""
     app = FastAPI(title="chatrlhf feedback", docs_url=None, redoc_url=None, openapi_url=None)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     app.state.store, app.state.answerer, app.state.worker = store, answerer, worker
+    app.state.guidelines = guidelines
     secure(app, token, allowed_hosts, max_request_bytes)
     errors.install(app)
     app.include_router(router)
@@ -102,10 +112,10 @@ def _need_name(request: Request) -> Response | None:
     return None
 
 
-def _saved(request: Request, saved, page: str) -> Response:
+def _saved(request: Request, saved, page: str, query: str = "") -> Response:
     if wants_json(request):
         return JSONResponse({"id": saved.id, "created": saved.created}, status_code=201 if saved.created else 200)
-    return RedirectResponse(f"{page}?saved=1", status_code=303)
+    return RedirectResponse(f"{page}?saved=1{query}", status_code=303)
 
 
 @router.get("/healthz")
@@ -157,12 +167,12 @@ async def chat(request: Request):
 
 
 @router.get("/compare", response_class=HTMLResponse)
-def compare_page(request: Request, prompt_id: RowId = None, saved: int = 0):
+def compare_page(request: Request, prompt_id: RowId = None, after: RowId = None, saved: int = 0):
     if redirect := _need_name(request):
         return redirect
     store = request.app.state.store
-    if prompt_id is None:
-        prompt_id = store.next_to_compare(_annotator(request))
+    if prompt_id is None:  # the next prompt; after a skip, the next one after the skipped prompt
+        prompt_id = store.next_to_compare(_annotator(request), after or 0)
     if prompt_id is None:
         waiting = store.prompts_missing_answers(limit=1)
         prompt_id = waiting[0] if waiting else None
@@ -173,16 +183,17 @@ def compare_page(request: Request, prompt_id: RowId = None, saved: int = 0):
     if pair is None:
         return _page(request, "waiting.html", prompt=prompt, task="compare")
     return _page(request, "compare.html", prompt=prompt, a=pair[0], b=pair[1], request_id=secrets.token_hex(16),
-                 saved=saved)
+                 saved=saved, guidelines=request.app.state.guidelines)
 
 
 @router.post("/compare")
 async def compare(request: Request):
     data = await read_payload(request)
+    prompt_id = read_int(data, "prompt_id")
     saved = request.app.state.store.add_comparison(
-        data.get("request_id"), read_int(data, "prompt_id"), read_int(data, "answer_a"), read_int(data, "answer_b"),
+        data.get("request_id"), prompt_id, read_int(data, "answer_a"), read_int(data, "answer_b"),
         data.get("choice"), _who(request, data), data.get("comment", ""))
-    return _saved(request, saved, "/compare")
+    return _saved(request, saved, "/compare", f"&after={prompt_id}")  # on through the queue: skipped ones last
 
 
 @router.get("/rate", response_class=HTMLResponse)

@@ -7,6 +7,7 @@ import ipaddress
 import os
 import secrets
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from chatrlhf.config import ConfigError, GenerationConfig, ModelLoadConfig
 
@@ -45,6 +46,9 @@ class ServeConfig:
     """System message placed before every conversation (None: the chat template's default, if any)."""
     max_request_bytes: int = 2 << 20
     """Largest request body accepted (bytes); larger ones get 413. Bounds prompt-file uploads too."""
+    guidelines: str | None = None
+    """A text file of annotation guidelines (what "better" means for this project), shown on the Compare page
+    (None: the built-in ones: helpful, correct, safe, clear; length alone is not quality)."""
     pregenerate: bool = True
     """Generate the queue's answer pairs in the background, ahead of the annotators (off: only when a page asks
     for one, still in the background while the page says it is waiting)."""
@@ -61,6 +65,19 @@ class ServeConfig:
         if self.token is not None and len(self.token) < 16:
             raise ConfigError("--token must be at least 16 characters (make one with: python -c "
                               "'import secrets; print(secrets.token_urlsafe())')")
+
+    def guidelines_text(self) -> str | None:
+        """The ``--guidelines`` file's text (None: the built-in guidelines)."""
+        if self.guidelines is None:
+            return None
+        try:
+            text = Path(self.guidelines).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"--guidelines {self.guidelines}: cannot be read as UTF-8 text ({err}); name a "
+                              "plain-text file") from None
+        if not text or len(text) > 20_000:
+            raise ConfigError(f"--guidelines {self.guidelines}: must hold 1 to 20,000 characters, has {len(text)}")
+        return text
 
 
 def is_loopback(host: str) -> bool:
@@ -92,6 +109,7 @@ def run_serve(cfg: ServeConfig) -> None:
     from chatrlhf.feedback.store import FeedbackStore
 
     cfg.validate()
+    guidelines = cfg.guidelines_text()
     token = resolve_token(cfg)
     store = FeedbackStore(cfg.db)
     for source in cfg.prompts:
@@ -105,7 +123,8 @@ def run_serve(cfg: ServeConfig) -> None:
     print(f"[chatrlhf] serve: loading {', '.join(m.name_or_path for m in models)}")
     answerer = Answerer(models, cfg.generation, seed=cfg.seed, system=cfg.system)
     worker = PairWorker(store, answerer, pregenerate=cfg.pregenerate)  # off: only the pairs a page waits for
-    app = create_app(store, answerer, worker, token=token, max_request_bytes=cfg.max_request_bytes,
+    extra = {"guidelines": guidelines} if guidelines else {}
+    app = create_app(store, answerer, worker, token=token, max_request_bytes=cfg.max_request_bytes, **extra,
                      allowed_hosts=None if token else ("127.0.0.1", "localhost", "[::1]", cfg.host))
     worker.start()
 

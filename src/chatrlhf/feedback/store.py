@@ -248,15 +248,16 @@ class FeedbackStore:
             return Saved(cur.lastrowid, True)
 
     # ------------------------------------------------------------------------------------ the next task
-    def next_to_compare(self, annotator: str) -> int | None:
-        """The first queued prompt whose pair is ready and that ``annotator`` has not compared."""
+    def next_to_compare(self, annotator: str, after: int = 0) -> int | None:
+        """The first queued prompt (after prompt ``after``, else from the start: a skipped prompt comes back
+        last) whose pair is ready and that ``annotator`` has not compared."""
         with self._read() as con:
             row = con.execute(
                 "SELECT p.id FROM prompts p WHERE p.queued = 1"
                 " AND (SELECT count(*) FROM answers a WHERE a.prompt_id = p.id AND a.slot IS NOT NULL) = 2"
                 " AND NOT EXISTS (SELECT 1 FROM comparisons c JOIN annotators n ON n.id = c.annotator_id"
-                "                 WHERE c.prompt_id = p.id AND n.name = ?) ORDER BY p.id LIMIT 1",
-                (check_name(annotator),)).fetchone()
+                "                 WHERE c.prompt_id = p.id AND n.name = ?) ORDER BY p.id <= ?, p.id LIMIT 1",
+                (check_name(annotator), after)).fetchone()
         return None if row is None else row[0]
 
     def next_to_rate(self, annotator: str) -> int | None:

@@ -36,7 +36,7 @@ document.addEventListener("DOMContentLoaded", () => {
       // A held key repeats: only a fresh press counts, so holding "1" never votes on the pages that follow.
       if (event.repeat || event.ctrlKey || event.metaKey || event.altKey) return;
       if (event.target.tagName === "TEXTAREA" || event.target.tagName === "INPUT") return;
-      const id = { "1": "choose-a", "2": "choose-tie", "3": "choose-b" }[event.key];
+      const id = { "1": "choose-a", "2": "choose-tie", "3": "choose-b", "s": "skip" }[event.key];
       const button = id && document.getElementById(id);
       if (button && !button.disabled) button.click();
     });
