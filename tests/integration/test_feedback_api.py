@@ -105,7 +105,8 @@ def test_set_annotator_sets_the_cookie_and_redirects(client):
     assert r.status_code == 303 and r.headers["location"] == "/compare"
     cookie = r.headers["set-cookie"]
     assert cookie.startswith(f"{NAME_COOKIE}=Ann%20Lee;") and "samesite=strict" in cookie.lower()
-    assert client.get("/api/progress").json()["you"] == {"name": "Ann Lee", "comparisons": 0, "ratings": 0}
+    assert client.get("/api/progress").json()["you"] == {"name": "Ann Lee", "comparisons": 0, "ratings": 0,
+                                                           "to_compare": 0, "to_rate": 0}
     assert "annotator: <b id=\"annotator-name\">Ann Lee</b>" in client.get("/").text
 
 
@@ -137,7 +138,7 @@ def test_progress_json(named, store):
         "prompts": 2, "pairs_ready": 1, "comparisons": 1, "ratings": 0, "comparisons_saved": 1, "ratings_saved": 0,
         "chat_answers": 0, "answers_to_rate": 2,
         "annotators": [{"name": "ann", "comparisons": 1, "ratings": 0}],
-        "you": {"name": "ann", "comparisons": 1, "ratings": 0}}
+        "you": {"name": "ann", "comparisons": 1, "ratings": 0, "to_compare": 0, "to_rate": 2}}
     named.cookies.clear()
     assert "you" not in named.get("/api/progress").json()
 

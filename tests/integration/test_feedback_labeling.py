@@ -51,6 +51,21 @@ def add_prompts(page, srv, prompts: list[str]) -> None:
     assert response.status == 201, response.text()
 
 
+def wait_for_prompt(page, changed_from: str | None = None, equal_to: str | None = None) -> None:
+    """Until the Compare page shows another prompt (or a given one): polled from here, since the page's CSP
+    forbids the string evaluation ``wait_for_function`` uses."""
+    value = None
+    for _ in range(600):
+        try:
+            value = page.locator("input[name=prompt_id]").first.get_attribute("value", timeout=60_000)
+        except Exception:  # noqa: BLE001 - the page is navigating: read again
+            value = None
+        if value is not None and (value != changed_from if changed_from is not None else value == equal_to):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"the Compare page still shows prompt {value}")
+
+
 def progress(page, srv) -> dict:
     return page.request.get(srv.base + "/api/progress").json()
 
@@ -62,7 +77,7 @@ def test_a_held_shortcut_key_votes_once(browser, server):
     page.wait_for_selector("#choose-a")
     first = page.input_value("input[name=prompt_id]")
     page.keyboard.down("1")  # pressed: one vote, then the next prompt's page loads
-    page.wait_for_function(f"document.querySelector('input[name=prompt_id]')?.value !== '{first}'")
+    wait_for_prompt(page, changed_from=first)
     page.wait_for_selector("#choose-a")
     for _ in range(10):  # still held: the key repeats on a page the annotator has not read
         page.keyboard.down("1")
@@ -163,7 +178,7 @@ def test_comment_then_choose_skip_and_the_guidelines(browser, tmp_path):
         assert order
         assert page.input_value("input[name=prompt_id]") == "1"
         page.keyboard.press("s")  # skip prompt 1: nothing saved, prompt 2 next
-        page.wait_for_function("document.querySelector('input[name=prompt_id]')?.value === '2'")
+        wait_for_prompt(page, equal_to="2")
         page.fill("textarea[name=comment]", "B is more precise")
         page.click("#choose-b")
         page.wait_for_selector("#saved")
@@ -192,3 +207,34 @@ def test_every_page_fits_the_screen(browser, server, width, height):
             assert stacked == (width < 700), (width, a, b)  # side by side on a desktop, stacked on a phone
             button = page.locator("#choose-a").bounding_box()
             assert button["height"] >= (44 if width < 700 else 20)
+
+
+def test_rate_with_the_keyboard_and_large_targets(browser, server):
+    page = named_page(browser, server)
+    add_prompts(page, server, ["Rate me?"])
+    page.goto(server.base + "/rate")
+    page.wait_for_selector("#save-rating")
+    assert page.inner_text("#item-name") == "prompt 1, answer A"  # not the database's answer id
+    box = page.locator("label.pick").first.bounding_box()
+    assert box["width"] >= 40 and box["height"] >= 36, box  # the whole cell is the click target
+    for key in "4135":  # overall 4, consistency 1 -> 3 after Backspace, engagingness 5, then ...
+        page.keyboard.press(key)
+        if key == "1":
+            page.keyboard.press("Backspace")
+    page.keyboard.press("2")  # safety
+    page.keyboard.press("4")  # relevance
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#saved")
+    [row] = [r for r in page.request.get(server.base + "/export/ratings.jsonl").text().splitlines() if r]
+    for field in ('"score": 4', '"consistency": 3', '"engagingness": 5', '"safety": 2', '"relevance": 4'):
+        assert field in row, row
+
+
+def test_prompts_can_be_pasted_on_the_queue_page(browser, server):
+    page = named_page(browser, server)
+    page.goto(server.base + "/queue")
+    page.fill("#prompt-text", "How do tides work?\n\n  Name a prime number.  \nHow do tides work?\n")
+    page.click("#add-pasted")
+    assert "Imported 2 new prompts (1 already present)" in page.inner_text("#imported")
+    assert "prompts 1\u20132 of 2 prompts" in page.inner_text("#queue-pages")
+    assert "Name a prime number." in page.inner_text("table.queue")

@@ -376,7 +376,8 @@ def test_progress_counters(filled, store):
     empty = {"prompts": 3, "pairs_ready": 2, "comparisons": 0, "ratings": 0, "comparisons_saved": 0,
              "ratings_saved": 0, "chat_answers": 1, "annotators": [], "answers_to_rate": 4}
     assert store.progress() == empty
-    assert store.progress("ann") == {**empty, "you": {"name": "ann", "comparisons": 0, "ratings": 0}}
+    assert store.progress("ann") == {**empty, "you": {"name": "ann", "comparisons": 0, "ratings": 0, "to_compare": 2,
+                                                      "to_rate": 4}}
     store.add_comparison("request-0001", filled["p1"], filled["a1"], filled["b1"], "a", "ann")
     store.add_comparison("request-0002", filled["p2"], filled["a2"], filled["b2"], "b", "ann")
     store.add_comparison("request-0003", filled["p1"], filled["b1"], filled["a1"], "tie", "bob")
@@ -391,7 +392,7 @@ def test_progress_counters(filled, store):
         "chat_answers": 1, "answers_to_rate": 6,
         "annotators": [{"name": "ann", "comparisons": 2, "ratings": 0}, {"name": "bob", "comparisons": 1, "ratings": 1},
                        {"name": "cy", "comparisons": 0, "ratings": 1}],
-        "you": {"name": "bob", "comparisons": 1, "ratings": 1}}
+        "you": {"name": "bob", "comparisons": 1, "ratings": 1, "to_compare": 2, "to_rate": 5}}
     [one, two, three] = store.queue()
     assert [(q["n_answers"], q["n_comparisons"], q["n_ratings"]) for q in (one, two, three)] == [
         (2, 2, 1), (2, 1, 0), (2, 0, 0)]

@@ -10,7 +10,8 @@ Every write route takes a form (the pages; answered with a redirect) or JSON (sc
                                                                         choice a|b|tie, comment
     GET  /rate             next answer to rate   POST /rate             request_id, answer_id, overall and the four
                                                                         dimensions 1-5, comment
-    GET  /queue            the prompt queue      POST /queue            a prompt file (upload) or JSON {prompts}
+    GET  /queue            the prompt queue      POST /queue            a prompt file (upload), pasted text (one prompt
+                                                                        a line) or JSON {prompts}
     GET  /export           filter counts         GET  /export/{pairs,ratings,comparisons}.jsonl
     GET  /api/progress     the counters as JSON
 
@@ -34,7 +35,7 @@ from starlette.concurrency import run_in_threadpool
 
 from chatrlhf.feedback import errors
 from chatrlhf.feedback.errors import is_json, templates, wants_json
-from chatrlhf.feedback.inputs import ID_MAX, read_int, read_payload, read_seed, read_upload
+from chatrlhf.feedback.inputs import ID_MAX, read_int, read_pasted, read_payload, read_seed, read_upload
 from chatrlhf.feedback.schema import DIMENSIONS, FeedbackError, NotFound, check_messages, check_name, shown
 from chatrlhf.feedback.security import LOOPBACK_HOSTS, secure
 from chatrlhf.feedback.store import FeedbackStore
@@ -244,6 +245,8 @@ async def import_prompts(request: Request):
         if not isinstance(prompts, list) or not prompts:
             raise FeedbackError("prompts must be a non-empty list of prompts (text, or message lists)")
         source = "api"
+    elif (pasted := await read_pasted(request, "text")) is not None:
+        prompts, source = pasted, "pasted"  # one prompt per line
     else:
         upload = await read_upload(request, "file")
         source = Path(upload.filename).name

@@ -61,6 +61,15 @@ async def read_upload(request: Request, field: str) -> UploadFile:
     return upload
 
 
+async def read_pasted(request: Request, field: str) -> list[str] | None:
+    """The non-empty lines of the form's text field ``field`` (prompts pasted on the Queue page), or None
+    when the form has no such text (a file upload instead)."""
+    text = (await _form(request)).get(field)
+    if not isinstance(text, str) or not text.strip():
+        return None
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
 async def _form(request: Request):
     try:
         return await request.form()

@@ -295,10 +295,18 @@ class FeedbackStore:
                     " AS ratings"
                     " FROM annotators n ORDER BY n.name")],
             }
+            if annotator:  # what is left for this person among the pairs ready now
+                name = check_name(annotator)
+                left = (one(f"SELECT count(*) FROM prompts p WHERE {_READY} AND NOT EXISTS (SELECT 1 FROM comparisons c"
+                            " JOIN annotators n ON n.id = c.annotator_id WHERE c.prompt_id = p.id AND n.name = ?)", name),
+                        one(f"SELECT count(*) FROM answers a JOIN prompts p ON p.id = a.prompt_id WHERE {_READY}"
+                            " AND a.slot IS NOT NULL AND NOT EXISTS (SELECT 1 FROM ratings r JOIN annotators n"
+                            " ON n.id = r.annotator_id WHERE r.answer_id = a.id AND n.name = ?)", name))
         out["answers_to_rate"] = 2 * out["pairs_ready"]
         if annotator:
             mine = next((a for a in out["annotators"] if a["name"] == annotator), None) or {}
-            out["you"] = {"name": annotator, "comparisons": mine.get("comparisons", 0), "ratings": mine.get("ratings", 0)}
+            out["you"] = {"name": annotator, "comparisons": mine.get("comparisons", 0), "ratings": mine.get("ratings", 0),
+                          "to_compare": left[0], "to_rate": left[1]}
         return out
 
     # ------------------------------------------------------------------------------------ export rows
@@ -333,6 +341,7 @@ def _existing(con: sqlite3.Connection, table: str, request_id: str) -> int | Non
     return None if row is None else row[0]
 
 
+_READY = ("p.queued = 1 AND (SELECT count(*) FROM answers b WHERE b.prompt_id = p.id AND b.slot IS NOT NULL) = 2")
 _MATCHES = " AND p.messages LIKE ? ESCAPE '\\'"  # the prompt's JSON text holds the search text
 
 

@@ -42,9 +42,41 @@ document.addEventListener("DOMContentLoaded", () => {
     });
   }
 
+  const rating = document.querySelector("form.rating");
+  if (rating) setUpRatingKeys(rating);
+
   const chat = document.getElementById("chat-form");
   if (chat) setUpChat(chat);
 });
+
+// Rate with the keyboard: 1-5 score the highlighted dimension and move on, Backspace goes back, Enter saves.
+function setUpRatingKeys(form) {
+  const rows = Array.from(form.querySelectorAll("tr[data-dim]"));
+  let current = 0;
+  function highlight() {
+    rows.forEach((row, i) => row.classList.toggle("current", i === current));
+  }
+  highlight();
+  rows.forEach((row, i) => row.addEventListener("change", () => { current = Math.min(i + 1, rows.length - 1); highlight(); }));
+  document.addEventListener("keydown", (event) => {
+    if (event.repeat || event.ctrlKey || event.metaKey || event.altKey) return;
+    if (event.target.tagName === "TEXTAREA" || event.target.tagName === "INPUT" && event.target.type !== "radio") return;
+    if (/^[1-5]$/.test(event.key)) {
+      event.preventDefault();
+      const input = document.getElementById(rows[current].dataset.dim + "-" + event.key);
+      input.checked = true;
+      current = Math.min(current + 1, rows.length - 1);
+      highlight();
+    } else if (event.key === "Backspace") {
+      event.preventDefault();
+      current = Math.max(current - 1, 0);
+      highlight();
+    } else if (event.key === "Enter") {
+      event.preventDefault();
+      if (!form.querySelector("button").disabled) form.requestSubmit();
+    }
+  });
+}
 
 function setUpChat(form) {
   const log = document.getElementById("chat-log");
