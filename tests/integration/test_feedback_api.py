@@ -441,10 +441,10 @@ def judged(store) -> FeedbackStore:
 def test_export_page(client, judged):
     r = client.get("/export")
     assert r.status_code == 200 and '<b id="n-pairs">1</b>' in r.text
-    assert "<td>merged</td><td>1</td>" in r.text
+    assert '<td title="merged">pairs found by both (kept once)</td><td>1</td>' in r.text
     # The ratings' margin (5 - 2 = 3) is under 4: their pair goes, and the comparison alone keeps it.
     stricter = client.get("/export?min_margin=4").text
-    assert '<b id="n-pairs">1</b>' in stricter and "<td>rating_pairs</td><td>0</td>" in stricter
+    assert '<b id="n-pairs">1</b>' in stricter and '<td title="rating_pairs">pairs from ratings</td><td>0</td>' in stricter
 
 
 @pytest.mark.parametrize(("query", "message"), [

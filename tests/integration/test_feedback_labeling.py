@@ -238,3 +238,23 @@ def test_prompts_can_be_pasted_on_the_queue_page(browser, server):
     assert "Imported 2 new prompts (1 already present)" in page.inner_text("#imported")
     assert "prompts 1\u20132 of 2 prompts" in page.inner_text("#queue-pages")
     assert "Name a prime number." in page.inner_text("table.queue")
+
+
+def test_export_downloads_above_the_fold_and_readable_counts(browser, server, tmp_path):
+    page = named_page(browser, server)
+    page.set_viewport_size({"width": 1366, "height": 768})
+    page.goto(server.base + "/export")
+    assert page.locator("#dl-pairs").bounding_box()["y"] + 20 < 768  # no scrolling to find the files
+    stats = page.inner_text("#stats-comparisons")
+    assert "dropped: annotators disagree" in stats and "dropped_disagreement" not in stats
+
+
+def test_a_bad_prompt_file_gets_a_fix_for_the_web(browser, server, tmp_path):
+    page = named_page(browser, server)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "fine"}\n{"question": "no prompt field"}\n')
+    page.goto(server.base + "/queue")
+    page.set_input_files("#prompt-file", str(bad))
+    page.click("#import")
+    body = page.inner_text("main")
+    assert "bad.jsonl line 2" in body and "paste the prompts" in body and "data.format" not in body, body

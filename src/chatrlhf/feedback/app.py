@@ -22,6 +22,7 @@ the error page for browsers, a 4xx for every bad request and never a traceback.
 
 from __future__ import annotations
 
+import re
 import secrets
 import tempfile
 from pathlib import Path
@@ -325,8 +326,10 @@ def _read_prompt_file(name: str, content: bytes) -> list[list[dict]]:
         path.write_bytes(content)
         try:
             records, _ = load_records(str(path), fmt="prompt")
-        except DataError as err:
-            raise FeedbackError(str(err).replace(str(path), name)) from None
+        except DataError as err:  # the reader's words, without its command-line advice (--data.format, ...)
+            what = re.split(r"; formats expected|\. Fix:|; fix:", str(err).replace(str(path), name))[0].rstrip(".")
+            raise FeedbackError(f"{what}. Fix: every row needs a 'prompt' field (text, or a list of messages with "
+                                "'role' and 'content'), or paste the prompts one per line instead") from None
         except Exception as err:  # noqa: BLE001 - any reader failure (a damaged Parquet file, ...) is the file's fault
             raise FeedbackError(f"file {name} could not be read as prompts ({type(err).__name__}: {err})") from None
     if not records:
