@@ -258,3 +258,24 @@ def test_a_bad_prompt_file_gets_a_fix_for_the_web(browser, server, tmp_path):
     page.click("#import")
     body = page.inner_text("main")
     assert "bad.jsonl line 2" in body and "paste the prompts" in body and "data.format" not in body, body
+
+
+def test_answers_show_as_markdown_with_the_raw_text_a_click_away(browser, server, tmp_path):
+    from chatrlhf.feedback.store import FeedbackStore
+
+    page = named_page(browser, server)
+    add_prompts(page, server, ["Show me code"])
+    text = ("Use **this**:\n```python\nprint('<img src=x onerror=\"window.__pwned = 1\">')\n```\n"
+            "- <script>window.__pwned = 2</script>\n- [link](javascript:window.__pwned=3)")
+    answer_id = FeedbackStore(tmp_path / "feedback.db").add_answer(1, "m", text, True, {})
+    page.goto(f"{server.base}/rate?answer_id={answer_id}")
+    code = page.locator("#answer .md pre code")
+    assert "print('<img src=x" in code.inner_text()
+    assert "monospace" in code.evaluate("el => getComputedStyle(el).fontFamily")
+    assert page.locator("#answer .md strong").inner_text() == "this"
+    assert page.locator("#answer .md li").count() == 2 and page.locator("#answer a").count() == 0
+    assert page.evaluate("window.__pwned") is None
+    assert page.is_hidden("#answer .raw")
+    page.click("#raw-toggle")
+    assert page.is_visible("#answer .raw") and page.is_hidden("#answer .md")
+    assert page.inner_text("#answer .raw") == text

@@ -23,9 +23,11 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException
 
+from chatrlhf.feedback.markdown import render as render_markdown
 from chatrlhf.feedback.schema import FeedbackError, NotFound, shown
 
 templates = Jinja2Templates(directory=Path(__file__).resolve().parent / "templates")
+templates.env.filters["markdown"] = render_markdown  # model answers: a safe Markdown subset (feedback/markdown.py)
 log = logging.getLogger("chatrlhf.feedback")
 INTERNAL = "internal error; the server log has the details"
 PAGES = "/, /chat, /compare, /rate, /queue, /export"

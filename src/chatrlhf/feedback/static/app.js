@@ -42,6 +42,17 @@ document.addEventListener("DOMContentLoaded", () => {
     });
   }
 
+  // Answers are shown rendered (safe Markdown, made on the server); the toggle shows what the model wrote.
+  const toggle = document.getElementById("raw-toggle");
+  if (toggle) {
+    toggle.addEventListener("click", () => {
+      const raw = toggle.textContent.startsWith("Show the raw");
+      document.querySelectorAll(".text.md").forEach((el) => { el.hidden = raw; });
+      document.querySelectorAll(".text.raw").forEach((el) => { el.hidden = !raw; });
+      toggle.textContent = raw ? "Show it rendered" : "Show the raw text";
+    });
+  }
+
   const rating = document.querySelector("form.rating");
   if (rating) setUpRatingKeys(rating);
 
