@@ -279,3 +279,28 @@ def test_answers_show_as_markdown_with_the_raw_text_a_click_away(browser, server
     page.click("#raw-toggle")
     assert page.is_visible("#answer .raw") and page.is_hidden("#answer .md")
     assert page.inner_text("#answer .raw") == text
+
+
+def test_the_chat_survives_rating_one_of_its_answers(browser, server):
+    page = named_page(browser, server)
+    page.goto(server.base + "/chat")
+    page.fill("#chat-input", "Tell me a fact")
+    page.press("#chat-input", "Enter")
+    page.wait_for_selector(".msg.assistant .rate-link")
+    answer = page.inner_text(".msg.assistant .text")
+    page.click(".rate-link")
+    page.wait_for_selector("#save-rating")
+    for key in "44444":
+        page.keyboard.press(key)
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#saved")
+    page.click("nav >> text=Chat")
+    page.wait_for_selector(".msg.assistant")
+    assert page.inner_text(".msg.user .text") == "Tell me a fact"
+    assert page.inner_text(".msg.assistant .text") == answer
+    page.fill("#chat-input", "And another")  # the conversation goes on from where it was
+    page.press("#chat-input", "Enter")
+    page.locator(".msg.assistant").nth(1).wait_for()
+    page.click("#chat-reset")
+    page.reload()
+    assert page.locator(".msg").count() == 0

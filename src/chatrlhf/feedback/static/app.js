@@ -95,7 +95,13 @@ function setUpChat(form) {
   const busy = document.getElementById("chat-busy");
   const error = document.getElementById("chat-error");
   const send = document.getElementById("chat-send");
-  let messages = [];
+  // The conversation survives leaving the page (to rate an answer, say): kept in this tab's sessionStorage.
+  let shown = [];
+  try { shown = JSON.parse(sessionStorage.getItem("chatrlhf-chat") || "[]"); } catch (err) { shown = []; }
+  if (!Array.isArray(shown)) shown = [];
+  shown = shown.filter((m) => m && (m.role === "user" || m.role === "assistant") && typeof m.text === "string");
+  let messages = shown.map((m) => ({ role: m.role, content: m.text }));
+  function keep() { sessionStorage.setItem("chatrlhf-chat", JSON.stringify(shown)); }
 
   function show(role, text, answerId, finished) {
     const row = document.createElement("div");
@@ -123,9 +129,12 @@ function setUpChat(form) {
     log.appendChild(row);
     row.scrollIntoView({ block: "end" });
   }
+  shown.forEach((m) => show(m.role, m.text, m.answerId, m.finished));
 
   document.getElementById("chat-reset").addEventListener("click", () => {
     messages = [];
+    shown = [];
+    keep();
     log.replaceChildren();
     input.focus();
   });
@@ -155,6 +164,9 @@ function setUpChat(form) {
       if (!response.ok) throw new Error(data.error || response.statusText);
       messages = pending.concat([{ role: "assistant", content: data.text }]);
       show("assistant", data.text, data.answer_id, data.finished);
+      shown.push({ role: "user", text: text }, { role: "assistant", text: data.text, answerId: data.answer_id,
+                                                 finished: data.finished });
+      keep();
     } catch (err) {
       log.lastChild.remove();
       input.value = text;
