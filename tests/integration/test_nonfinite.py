@@ -39,14 +39,14 @@ def sft_flags(setup, out: Path, *extra: str) -> list[str]:
 
 def poison(monkeypatch, calls: set[int] | None) -> None:
     """The NLL of the given training forward calls (1-based; every call when None) becomes NaN."""
-    real, count = sft.token_nll, [0]
+    real, count = sft.forward_nll, [0]
 
-    def nll(logits, labels):
+    def nll(engine, batch, packing):
         count[0] += 1
-        out, mask = real(logits, labels)
+        out, mask = real(engine, batch, packing)
         return (out * float("nan"), mask) if calls is None or count[0] in calls else (out, mask)
 
-    monkeypatch.setattr(sft, "token_nll", nll)
+    monkeypatch.setattr(sft, "forward_nll", nll)
 
 
 def train_rows(out: Path) -> list[dict]:
