@@ -1,4 +1,4 @@
-"""Fixtures shared by the bad-input tables (hostile.py is their harness)."""
+"""Fixtures shared by the bad-input tables (hostile.py is their harness) and the browser tests."""
 
 from __future__ import annotations
 
@@ -6,10 +6,21 @@ import json
 from pathlib import Path
 
 import pytest
+from feedback_server import CHROMIUM, CHROMIUM_ARGS
 from hostile import copy_rows, sft_flags
 
 from chatrlhf.cli import main
 from chatrlhf.models.tiny import build_tiny_llama
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium (Debian's, driven by Playwright) for one test module."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
 
 
 @pytest.fixture(scope="session")

@@ -1,14 +1,19 @@
-"""Starts a real ``chatrlhf serve`` process on a tiny model for the browser and crash tests."""
+"""Starts a real ``chatrlhf serve`` process on a tiny model for the browser and crash tests; the Chromium the
+browser tests drive (its ``browser`` fixture is in conftest.py)."""
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"  # Debian's (scripts/test.sh installs it)
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic"]
 URL_LINE = re.compile(r"feedback app at (http://\S+)")
 
 

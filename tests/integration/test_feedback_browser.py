@@ -5,32 +5,19 @@ answer is shown as text and runs nothing; with a token, nothing is served withou
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
-from feedback_server import Server
+from feedback_server import CHROMIUM, Server
 
 from chatrlhf.feedback.store import FeedbackStore
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (scripts/test.sh installs it)"),
 ]
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run", "--disable-quic"]
 MARKUP = "<script>window.__pwned = 1</script><img src=x onerror=\"window.__pwned = 2\">"
 PROMPTS = ["What is the capital of France?", f"Repeat this exactly: {MARKUP}", "Name three colours."]
-
-
-@pytest.fixture(scope="module")
-def browser():
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture()

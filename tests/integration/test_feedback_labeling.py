@@ -1,33 +1,23 @@
-"""The feedback app used as an annotator uses it, in headless Chromium against a real ``chatrlhf serve``: a held
-shortcut key votes once, a link opened before giving a name lands where it pointed, bad queries get the app's own
-error page, a re-judged item counts once, the queue pages past 1,000 prompts and searches, a chat turn's prompt
-can be compared, and without pre-generation a page waits for its pair instead of blocking."""
+"""The feedback app used as an annotator uses it, in headless Chromium against a real ``chatrlhf serve``. The bugs
+(each test failed before its fix, but the error-page one): a held shortcut key votes once, a link opened before
+giving a name lands where it pointed, bad queries get the app's own error page, a re-judged item counts once, the
+queue pages past 1,000 prompts and searches, a chat turn's prompt can be compared, and without pre-generation a
+page waits for its pair instead of blocking. Then the workflow: comment-then-choose, Skip and the guidelines,
+keyboard rating, pasted prompts, the Export page, Markdown with its raw text, the chat kept while rating, and
+every page at desktop and phone sizes."""
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
 import pytest
-from feedback_server import Server
+from feedback_server import CHROMIUM, Server
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (scripts/test.sh installs it)"),
 ]
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run", "--disable-quic"]
-
-
-@pytest.fixture(scope="module")
-def browser():
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture()
