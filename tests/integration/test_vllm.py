@@ -345,3 +345,49 @@ def test_inference_commands_generate_with_vllm(built, tiny_dir):
     native = sample_answers(model, tok, prompts, GREEDY, batch_size=2, seed=0)
     assert [a.text for a in via_vllm] == [a.text for a in native]
     assert [a.num_tokens for a in via_vllm] == [a.num_tokens for a in native]
+
+
+# ---- streaming (on_step) -------------------------------------------------------------------------------
+def _idle(engine) -> bool:
+    """Nothing left in the engine: no request in its output processor or its (in-process) scheduler."""
+    scheduler = engine._llm.llm_engine.engine_core.engine_core.scheduler
+    return not engine._llm.llm_engine.has_unfinished_requests() and not scheduler.requests
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, SAMPLED], ids=["greedy", "top-k-top-p"])
+def test_on_step_that_never_stops_changes_nothing(built, prompts, eos_ids, sampling):
+    """Same seeds, same requests: the rollout is exactly the one without on_step, and on_step sees (B, 1),
+    (B, 2), ... whose step t is the rollout's first t tokens (ended rows padded after their EOS)."""
+    engine, seen = built[0], []
+    run = lambda **kw: engine.generate(*prompts, sampling, eos_token_ids=eos_ids, pad_token_id=PAD,  # noqa: E731
+                                       generator=torch.Generator().manual_seed(3), **kw)
+    plain, streamed = run(), run(on_step=lambda so_far: seen.append(so_far.clone()) or False)
+    _assert_same(streamed, plain, atol=0)
+    assert [s.shape for s in seen] == [(len(PROMPTS), t) for t in range(1, plain.response_ids.shape[1] + 1)]
+    assert all(torch.equal(s, plain.response_ids[:, : s.shape[1]]) for s in seen) and seen[-1].dtype == torch.long
+    assert _idle(engine)
+
+
+@pytest.mark.parametrize("steps", [1, 5])
+def test_on_step_stop_cuts_rows_and_engine_recovers(built, prompts, eos_ids, steps):
+    """Stopping after k steps: rows not ended are cut at k tokens (finished False), each the first k tokens
+    of the unstopped greedy run; rows ended before k are as there. The engine is left empty and generates
+    normally after a stop and after an on_step that raises."""
+    engine = built[0]
+    run = lambda **kw: engine.generate(*prompts, GREEDY, eos_token_ids=eos_ids, pad_token_id=PAD, **kw)  # noqa: E731
+    full = run()
+    cut = run(on_step=lambda so_far: so_far.shape[1] >= steps)
+    assert _idle(engine) and cut.response_ids.shape == (len(PROMPTS), steps)
+    lengths = full.response_lengths.clamp_max(steps)
+    assert torch.equal(cut.response_lengths, lengths) and (lengths == steps).any()
+    assert torch.equal(cut.finished, full.finished & (full.response_lengths <= steps))
+    assert torch.equal(cut.response_ids, full.response_ids[:, :steps])
+    torch.testing.assert_close(cut.log_probs, full.log_probs[:, :steps], rtol=0, atol=0)
+
+    def fail(so_far):
+        raise KeyError("on_step failed")
+
+    with pytest.raises(KeyError, match="on_step failed"):
+        run(on_step=fail)
+    assert _idle(engine)
+    _assert_same(run(), full, atol=0)

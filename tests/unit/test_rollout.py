@@ -387,3 +387,63 @@ def test_accelerator_policy_sampled_rollout_is_well_formed(model, prompts, eos_i
     for max_batch in (1, 4):  # sub-batches: one look schedule each
         split = generate(model, ids, mask, GREEDY, eos_token_ids=eos_ids, pad_token_id=PAD, max_batch=max_batch)
         _assert_same(split, generate(model, ids, mask, GREEDY, eos_token_ids=eos_ids, pad_token_id=PAD))
+
+
+# ---- streaming: on_step -----------------------------------------------------------------------------
+class _Watch:
+    """An ``on_step`` that records every tensor it is handed and asks to stop after ``stop_after`` steps."""
+
+    def __init__(self, stop_after: int | None = None):
+        self.seen, self.stop_after = [], stop_after
+
+    def __call__(self, tokens: torch.Tensor) -> bool:
+        self.seen.append(tokens.clone())
+        return self.stop_after is not None and len(self.seen) >= self.stop_after
+
+
+@pytest.mark.parametrize("backend", ["native", "hf"])
+@pytest.mark.parametrize("sampling", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+def test_on_step_sees_every_token_and_changes_nothing(model, prompts, eos_ids, backend, sampling):
+    """A watcher that never stops: the same rollout as without it (sampled too, same seed), and step t hands
+    it (6, t) tokens whose rows agree with the final responses up to each row's end."""
+    ids, mask = prompts
+    run = lambda **kw: generate(model, ids, mask, sampling, eos_token_ids=eos_ids, pad_token_id=PAD,  # noqa: E731
+                                backend=backend, generator=torch.Generator().manual_seed(5), **kw)
+    watch = _Watch()
+    plain, watched = run(), run(on_step=watch)
+    _assert_same(plain, watched, atol=0)
+    assert [t.shape for t in watch.seen] == [(6, t) for t in range(1, len(watch.seen) + 1)]
+    assert len(watch.seen) == int(plain.response_lengths.max())
+    for row, n in enumerate(plain.response_lengths.tolist()):
+        assert torch.equal(watch.seen[-1][row, :n], plain.response_ids[row, :n])
+
+
+@pytest.mark.parametrize("backend", ["native", "hf"])
+def test_on_step_stop_cuts_unfinished_rows(model, prompts, eos_ids, backend):
+    """Stopping after 3 steps: each row is the first 3 tokens of the unstopped greedy run (or ends earlier at
+    its EOS, finished); rows cut there are finished False; log-probs equal the unstopped run's."""
+    ids, mask = prompts
+    full = generate(model, ids, mask, GREEDY, eos_token_ids=eos_ids, pad_token_id=PAD, backend=backend)
+    watch = _Watch(stop_after=3)
+    cut = generate(model, ids, mask, GREEDY, eos_token_ids=eos_ids, pad_token_id=PAD, backend=backend,
+                   on_step=watch)
+    assert len(watch.seen) == 3
+    expected_lengths = full.response_lengths.clamp(max=3)
+    assert torch.equal(cut.response_lengths, expected_lengths)
+    assert torch.equal(cut.finished, full.finished & (full.response_lengths <= 3))
+    assert not cut.finished.all()
+    for row, n in enumerate(expected_lengths.tolist()):
+        assert torch.equal(cut.response_ids[row, :n], full.response_ids[row, :n])
+        torch.testing.assert_close(cut.log_probs[row, :n], full.log_probs[row, :n], rtol=1e-5, atol=1e-6)
+
+
+def test_on_step_stop_leaves_later_sub_batches_empty(model, prompts, eos_ids):
+    """With max_batch 2 the prompts run as three sub-batches; a stop in the first gives the other four rows
+    empty, unfinished responses (nothing more is generated: on_step is called exactly twice)."""
+    ids, mask = prompts
+    watch = _Watch(stop_after=2)
+    r = generate(model, ids, mask, GREEDY, eos_token_ids=eos_ids, pad_token_id=PAD, max_batch=2, on_step=watch)
+    first = plan_groups(mask.sum(-1), 2)[0].tolist()
+    assert len(watch.seen) == 2 and watch.seen[-1].shape == (2, 2)
+    assert all(int(r.response_lengths[row]) == 0 and not r.finished[row] for row in range(6) if row not in first)
+    assert all(1 <= int(r.response_lengths[row]) <= 2 for row in first)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import random
 import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -65,11 +66,20 @@ class Answerer:
             for engine, *_ in self._loaded:
                 engine.close()
 
-    def answer(self, model_index: int, messages: list[dict], seed: int) -> Answer:
-        """One sampled answer of model ``model_index`` to the conversation ``messages`` (ends with a user turn)."""
-        return self._sample(model_index, messages, seed, 1)[0]
+    def answer(self, model_index: int, messages: list[dict], seed: int, *,
+               on_text: Callable[[str], None] | None = None, stop: threading.Event | None = None) -> Answer:
+        """One sampled answer of model ``model_index`` to the conversation ``messages`` (ends with a user turn).
 
-    def _sample(self, model_index: int, messages: list[dict], seed: int, n: int) -> list[Answer]:
+        Streaming (the chat page): ``on_text(new_text)`` is called, on this thread, with each piece of text as
+        it is generated; setting ``stop`` ends the answer where it is (``finished`` False, ``settings`` say
+        ``stopped``). Neither changes what is sampled: a streamed answer equals the unstreamed one."""
+        streamer = None if on_text is None and stop is None else _Streamer(self._loaded[model_index][1], on_text, stop)
+        ans = self._sample(model_index, messages, seed, 1, streamer)[0]
+        if streamer is not None and streamer.stopped and not ans.finished:
+            ans.settings["stopped"] = True
+        return ans
+
+    def _sample(self, model_index: int, messages: list[dict], seed: int, n: int, streamer=None) -> list[Answer]:
         """``n`` answers to ``messages`` sampled as one batch (one generator seeded with ``seed``)."""
         from chatrlhf.chat import fit_history
         from chatrlhf.rollout import decode_responses
@@ -80,9 +90,12 @@ class Answerer:
         ids, _ = fit_history(tokenizer, self.system, messages, self.max_history_tokens)
         input_ids = torch.tensor([ids] * n, dtype=torch.long, device=engine.device)  # (n, P)
         with self._lock, torch.no_grad():
+            if streamer is not None and streamer.stop is not None and streamer.stop.is_set():
+                raise Stopped("stopped before it started")
             generator = torch.Generator(device=engine.device).manual_seed(seed)
             rollout = engine.generate(input_ids, torch.ones_like(input_ids), self.sampling, eos_token_ids=eos,
-                                      pad_token_id=pad, generator=generator)
+                                      pad_token_id=pad, generator=generator,
+                                      on_step=None if streamer is None else streamer.step(eos))
         settings = {**asdict(self.sampling), "seed": seed, "system": self.system}
         return [Answer(text, bool(done), self.names[model_index], {**settings, "sample": i})
                 for i, (text, done) in enumerate(zip(decode_responses(tokenizer, rollout), rollout.finished.tolist()))]
@@ -96,6 +109,34 @@ class Answerer:
         order = [0, 1]
         random.Random(prompt_id).shuffle(order)
         return self.answer(order[0], messages, seed), self.answer(order[1], messages, seed)
+
+
+class Stopped(Exception):
+    """A streamed answer stopped while it waited for the model (another answer was being generated)."""
+
+
+class _Streamer:
+    """Turns the rollout engine's per-step tokens (``on_step``) into new text for ``on_text``, and ``stop``
+    into the engine's stop. Row 0's tokens up to its first EOS are decoded whole each step (a token can
+    change how the ones before it decode); text ending in an incomplete character waits for the next token."""
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None] | None, stop: threading.Event | None):
+        self.tokenizer, self.on_text, self.stop = tokenizer, on_text, stop
+        self.sent, self.stopped = "", False
+
+    def step(self, eos: list[int]) -> Callable[[torch.Tensor], bool]:
+        def on_step(tokens: torch.Tensor) -> bool:
+            if self.on_text is not None:
+                row = tokens[0].tolist()
+                ends = [i for i, t in enumerate(row) if t in eos]
+                text = self.tokenizer.decode(row[:ends[0]] if ends else row, skip_special_tokens=True).lstrip()
+                if not text.endswith("\ufffd") and text.startswith(self.sent) and len(text) > len(self.sent):
+                    self.on_text(text[len(self.sent):])
+                    self.sent = text
+            self.stopped = self.stop is not None and self.stop.is_set()
+            return self.stopped
+
+        return on_step
 
 
 class PairWorker:

@@ -48,6 +48,7 @@ def generate(
     generator: torch.Generator | None = None,
     sync: Callable[[bool], bool] | None = None,
     max_batch: int | None = None,
+    on_step: Callable[[torch.Tensor], bool] | None = None,
 ) -> Rollout:
     """Samples one response per prompt.
 
@@ -64,6 +65,10 @@ def generate(
         forwards, so collectives inside forward (ZeRO-3 parameter gathers) stay matched across ranks.
     max_batch: at most this many prompts per forward; prompts are grouped by length (less padding), the
         rows of the result are in the original order.
+    on_step: streaming (the chat page). Called after every decode step with the (b, t) tokens generated so
+        far by the prompts being generated (one sub-batch; all prompts when they fit in one); what follows
+        a row's first EOS means nothing. Returning True stops generating at once: rows that have not ended
+        are cut there (``finished`` False). None: no calls, the same rollout.
     Runs under ``torch.no_grad()``.
     """
     backend = "native" if backend == "auto" else backend
@@ -72,6 +77,7 @@ def generate(
     with torch.no_grad():
         if backend == "hf":
             return generate_hf(model, input_ids, attention_mask, sampling, eos_token_ids=eos_token_ids,
-                               pad_token_id=pad_token_id, generator=generator, max_batch=max_batch)
+                               pad_token_id=pad_token_id, generator=generator, max_batch=max_batch, on_step=on_step)
         return generate_native(model, input_ids, attention_mask, sampling, eos_token_ids=eos_token_ids,
-                               pad_token_id=pad_token_id, generator=generator, sync=sync, max_batch=max_batch)
+                               pad_token_id=pad_token_id, generator=generator, sync=sync, max_batch=max_batch,
+                               on_step=on_step)

@@ -46,10 +46,26 @@ def _seed_from(generator: torch.Generator) -> int:
     return int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
 
 
+class _StopWhen:
+    """A transformers stopping criterion that hands ``on_step`` the tokens generated so far (``generate``'s
+    ``on_step`` contract); all rows stop once it returns True."""
+
+    def __init__(self, on_step, prompt_width: int):
+        self.on_step, self.prompt_width = on_step, prompt_width
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        stop = bool(self.on_step(input_ids[:, self.prompt_width:]))
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+
 def _generate_ids(model, input_ids, attention_mask, sampling: SamplingConfig, eos_token_ids, pad_token_id,
-                  seed: int | None) -> tuple[torch.Tensor, _LogProbRecorder]:
+                  seed: int | None, on_step=None) -> tuple[torch.Tensor, _LogProbRecorder]:
+    from transformers import StoppingCriteriaList
+
     kwargs = {"max_new_tokens": sampling.max_new_tokens, "do_sample": sampling.do_sample,
               "pad_token_id": pad_token_id, "eos_token_id": list(eos_token_ids)}
+    if on_step is not None:
+        kwargs["stopping_criteria"] = StoppingCriteriaList([_StopWhen(on_step, input_ids.shape[1])])
     if sampling.do_sample:
         kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
     recorder = _LogProbRecorder(sampling.logprob_temperature)
@@ -77,7 +93,7 @@ def _to_rollout(input_ids, attention_mask, response, recorder: _LogProbRecorder,
 
 def generate_hf(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampling: SamplingConfig, *,
                 eos_token_ids: list[int], pad_token_id: int, generator: torch.Generator | None = None,
-                max_batch: int | None = None) -> Rollout:
+                max_batch: int | None = None, on_step=None) -> Rollout:
     """See ``chatrlhf.rollout.generate`` (backend "hf"); sub-batches of ``max_batch`` run one after another."""
     eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long, device=input_ids.device)
     parts = []
@@ -88,6 +104,6 @@ def generate_hf(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, sa
             parts.append((rows, _to_rollout(ids, mask, response, _LogProbRecorder(1.0), eos, pad_token_id)))
             continue
         seed = _seed_from(generator) if generator is not None and sampling.do_sample else None
-        response, recorder = _generate_ids(model, ids, mask, sampling, eos_token_ids, pad_token_id, seed)
+        response, recorder = _generate_ids(model, ids, mask, sampling, eos_token_ids, pad_token_id, seed, on_step)
         parts.append((rows, _to_rollout(ids, mask, response, recorder, eos, pad_token_id)))
     return merge_rollouts(parts, input_ids, attention_mask, pad_token_id)

@@ -9,6 +9,8 @@ native.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from chatrlhf.precision import Precision
@@ -51,13 +53,14 @@ class InferenceEngine:
         return torch.device("cpu") if self.model is None else next(self.model.parameters()).device
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampling: SamplingConfig, *,
-                 eos_token_ids: list[int], pad_token_id: int, generator: torch.Generator | None = None) -> Rollout:
-        """``chatrlhf.rollout.generate``'s contract, on this engine's backend."""
+                 eos_token_ids: list[int], pad_token_id: int, generator: torch.Generator | None = None,
+                 on_step: Callable[[torch.Tensor], bool] | None = None) -> Rollout:
+        """``chatrlhf.rollout.generate``'s contract (``on_step``: streaming and stop), on this engine's backend."""
         if self.vllm is not None:
             return self.vllm.generate(input_ids, attention_mask, sampling, eos_token_ids=eos_token_ids,
-                                      pad_token_id=pad_token_id, generator=generator)
+                                      pad_token_id=pad_token_id, generator=generator, on_step=on_step)
         return generate(self.model, input_ids, attention_mask, sampling, eos_token_ids=eos_token_ids,
-                        pad_token_id=pad_token_id, backend=self.backend, generator=generator)
+                        pad_token_id=pad_token_id, backend=self.backend, generator=generator, on_step=on_step)
 
     def close(self) -> None:
         if self.vllm is not None:

@@ -95,8 +95,10 @@ class SubBatch:
     """
 
     def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampling: SamplingConfig,
-                 eos: torch.Tensor, pad_token_id: int, generator: torch.Generator | None):
+                 eos: torch.Tensor, pad_token_id: int, generator: torch.Generator | None,
+                 on_step: Callable[[torch.Tensor], bool] | None = None):
         self.model, self.sampling, self.eos, self.generator = model, sampling, eos, generator
+        self.on_step, self.stopped = on_step, False  # stopped: on_step asked to stop
         self.pad_token_id = pad_token_id
         b, device, max_new = input_ids.shape[0], input_ids.device, sampling.max_new_tokens
         # Columns that are padding in every row of this sub-batch cost nothing: cut them.
@@ -125,7 +127,10 @@ class SubBatch:
         self.t += 1
         self.live &= ~torch.isin(tokens, self.eos)  # (L,)
         self.next_tokens = tokens
-        if self.t == self.sampling.max_new_tokens:
+        if self.on_step is not None and self.on_step(self.tokens[:, :self.t]):
+            self.stopped = True
+            self._finish()
+        elif self.t == self.sampling.max_new_tokens:
             self._finish()
         elif self.t % self.policy.check_every == 0:
             keep = self.live.nonzero().squeeze(1)  # the look: a host sync on CUDA
@@ -197,9 +202,11 @@ def _dummy_forward(model, pad_token_id: int, device: torch.device) -> None:
 
 def generate_native(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampling: SamplingConfig, *,
                     eos_token_ids: list[int], pad_token_id: int, generator: torch.Generator | None = None,
-                    sync: Callable[[bool], bool] | None = None, max_batch: int | None = None) -> Rollout:
+                    sync: Callable[[bool], bool] | None = None, max_batch: int | None = None,
+                    on_step: Callable[[torch.Tensor], bool] | None = None) -> Rollout:
     """See ``chatrlhf.rollout.generate``. Every loop turn runs exactly one forward (prefill, decode step or,
-    when this rank is done but others are not, a dummy), after one ``sync`` call when ``sync`` is given."""
+    when this rank is done but others are not, a dummy), after one ``sync`` call when ``sync`` is given.
+    Once ``on_step`` stops a sub-batch, the sub-batches not started yet get empty responses."""
     eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long, device=input_ids.device)
     groups = plan_groups(attention_mask.sum(-1), max_batch)
     finished_parts: list[tuple[torch.Tensor, Rollout]] = []
@@ -208,9 +215,12 @@ def generate_native(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         while groups and (current is None or current[1].done):
             if current is not None:
                 finished_parts.append(current)
+            stopped = current is not None and current[1].stopped
             rows = groups.pop(0)
             current = (rows, SubBatch(model, input_ids[rows], attention_mask[rows], sampling, eos, pad_token_id,
-                                      generator))
+                                      generator, on_step))
+            current[1].done |= stopped
+            current[1].stopped |= stopped
         local_done = current is None or current[1].done
         if sync is not None:
             if sync(local_done):

