@@ -41,7 +41,7 @@ def forward_nll(engine, batch, packing: bool) -> tuple[torch.Tensor, torch.Tenso
     mask, labels = batch["attention_mask"], batch["labels"]
     if not packing:
         logits = engine(
-            input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids_from_mask(mask)
+            input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False
         ).logits  # (B, T, V)
         return token_nll(logits, labels)
     plan = plan_packing(mask)
