@@ -23,7 +23,7 @@ class Server:
         env.pop("CHATRLHF_TOKEN", None)
         cmd = [sys.executable, "-m", "chatrlhf.cli", "serve", "--model.name_or_path", "tiny-random-llama",
                "--db", str(db), "--port", "0", "--generation.max_new_tokens", "16", *extra]
-        self.log = log
+        self.log, self.db = log, db
         self.proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + timeout_s
         while time.time() < deadline:

@@ -136,7 +136,7 @@ def test_progress_json(named, store):
     store.add_prompts([user("waiting")], source="x")
     assert named.get("/api/progress").json() == {
         "prompts": 2, "pairs_ready": 1, "comparisons": 1, "ratings": 0, "comparisons_saved": 1, "ratings_saved": 0,
-        "chat_answers": 0, "answers_to_rate": 2,
+        "comparisons_undone": 0, "ratings_undone": 0, "chat_answers": 0, "answers_to_rate": 2,
         "annotators": [{"name": "ann", "comparisons": 1, "ratings": 0}],
         "you": {"name": "ann", "comparisons": 1, "ratings": 0, "to_compare": 0, "to_rate": 2}}
     named.cookies.clear()
@@ -743,3 +743,153 @@ def test_worker_passes_over_a_prompt_that_fails(store, answerer):
     assert worker.error == "prompts [4] not answered: RuntimeError: out of memory"
     with make_client(store, answerer, worker) as c:
         assert "answer generation failed: prompts [4] not answered" in c.get("/").text
+
+
+# ---------------------------------------------------------------------------------- undo
+def undo_form(page: str) -> dict | None:
+    """The "Undo last" form's fields on a page, or None when the page has no such form."""
+    form = re.search(r'<form method="post" action="/undo"(.*?)</form>', page, re.S)
+    if form is None:
+        return None
+    return dict(re.findall(r'<input type="hidden" name="(\w+)" value="([^"]*)">', form.group(1)))
+
+
+def test_undo_form_goes_back_to_the_compared_prompt(named, store):
+    p1, a1, b1 = queued_pair(store, "first question", "first a", "first b")
+    p2, _, _ = queued_pair(store, "second question")
+    first = named.get("/compare").text
+    assert undo_form(first) is None  # nothing to undo yet
+    named.post("/compare", data={k: str(v) for k, v in comparison(p1, a1, b1, "b").items()})
+    page = named.get(f"/compare?saved=1&after={p1}").text
+    assert f'name="prompt_id" value="{p2}"' in page
+    form = undo_form(page)
+    assert form["kind"] == "compare" and re.fullmatch("[0-9a-f]{32}", form["request_id"])
+    assert '<button type="submit" id="undo"' in page and '"u": "undo"' in named.get("/static/app.js").text
+    r = named.post("/undo", data=form)
+    assert r.status_code == 303 and r.headers["location"] == f"/compare?prompt_id={p1}&undone=1"
+    back = named.get(r.headers["location"]).text
+    assert 'id="undone">Undone.' in back and f'name="prompt_id" value="{p1}"' in back
+    assert undo_form(back) is None  # ann's only comparison is undone
+    # the form sent again (a double click) undoes nothing more and goes to the same place
+    again = named.post("/undo", data=form)
+    assert again.status_code == 303 and again.headers["location"] == r.headers["location"]
+    assert count(store, "retractions") == 1 and count(store, "comparisons") == 1
+    you = named.get("/api/progress").json()["you"]
+    assert (you["comparisons"], you["to_compare"]) == (0, 2)
+    assert f'name="prompt_id" value="{p1}"' in named.get("/compare").text  # first in the queue again
+
+
+def test_undo_a_rating_by_form_and_json(named, store):
+    pid, a, b = queued_pair(store)
+    named.post("/rate", data={k: str(v) for k, v in rating(a).items()})
+    page = named.get("/rate?saved=1").text
+    assert f'name="answer_id" value="{b}"' in page and undo_form(page)["kind"] == "rate"
+    assert "Ctrl+Enter" in page
+    r = named.post("/undo", data=undo_form(page))
+    assert r.status_code == 303 and r.headers["location"] == f"/rate?answer_id={a}&undone=1"
+    assert 'id="undone">Undone. Your last rating' in named.get(r.headers["location"]).text
+    assert named.get("/rate").text.count(f'name="answer_id" value="{a}"') == 1  # a is next again
+    # JSON: what was retracted; the same request_id again is 200 with created false
+    named.post("/rate", json=rating(b, request_id="request-0002", annotator="bob"))
+    body = {"kind": "rate", "request_id": "undo-request-1", "annotator": "bob"}
+    r = named.post("/undo", json=body)
+    assert r.status_code == 201 and r.json() == {"kind": "rating", "id": 2, "prompt_id": pid, "answer_id": b,
+                                                 "created": True}
+    r = named.post("/undo", json=body)
+    assert r.status_code == 200 and r.json()["created"] is False and r.json()["id"] == 2
+    assert store.rating_rows() == []
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ({"kind": "rate", "request_id": "undo-request-1"}, "kind: ann has no rating to undo (none saved, or all undone"),
+    ({"kind": "compare", "request_id": "undo-request-1"}, "kind: ann has no comparison to undo"),
+    ({"kind": "ratings", "request_id": "undo-request-1"}, "kind must be 'compare' or 'rate' (the page whose last"),
+    ({"kind": ["rate"], "request_id": "undo-request-1"}, "kind must be 'compare' or 'rate'"),
+    ({"request_id": "undo-request-1"}, "kind must be 'compare' or 'rate' (the page whose last judgement to undo), got None"),
+    ({"kind": "compare", "request_id": "x"}, "request_id must be a client-made id of 8-64 printable characters"),
+    ({"kind": "compare", "request_id": "undo-request-1", "annotator": 5}, "annotator must be a name"),
+])
+def test_undo_refusals_name_the_field(named, store, body, message):
+    queued_pair(store)
+    assert message in error(named.post("/undo", json=body), 400)
+    if all(isinstance(v, str) for v in body.values()):  # what a form can send: the same refusal, as a page
+        r = named.post("/undo", data=body)
+        assert message in error(r, 400) and r.headers["content-type"].startswith("text/html")
+    assert count(store, "retractions") == 0
+
+
+def test_undo_without_a_name_and_from_another_site_is_refused(client, store):
+    pid, a, b = queued_pair(store)
+    store.add_comparison("request-0001", pid, a, b, "a", "ann")
+    body = {"kind": "compare", "request_id": "undo-request-1"}
+    assert "annotator: give your name" in error(client.post("/undo", json=body), 400)
+    client.cookies.set(NAME_COOKIE, "ann")
+    r = client.post("/undo", data=body, headers={"origin": "http://evil.example"})
+    assert r.status_code == 403 and "cross-site request refused" in r.text
+    assert count(store, "retractions") == 0
+    assert client.post("/undo", data=body, headers={"origin": BASE}).status_code == 303
+
+
+def test_undo_needs_the_token(locked, store):
+    pid, a, b = queued_pair(store)
+    store.add_comparison("request-0001", pid, a, b, "a", "ann")
+    body = {"kind": "compare", "request_id": "undo-request-1", "annotator": "ann"}
+    assert locked.post("/undo", json=body).status_code == 401
+    assert count(store, "retractions") == 0
+    assert locked.post("/undo", json=body, headers={"authorization": f"Bearer {TOKEN}"}).status_code == 201
+
+
+def agreement_rows(page: str) -> list[list[str]]:
+    return [[html.unescape(c.strip()) for c in re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)]
+            for row in re.findall(r'<tr class="agreement-row">(.*?)</tr>', page, re.S)]
+
+
+def test_two_annotators_one_undoes(named, store):
+    """ann: p1 A, p2 A; bob: p1 B, p2 A. By hand, min agreement 1: p1 1-1 -> tie (agreement 0.50), p2 2-0 ->
+    kept (1.00); pairs: p2. bob undoes (his latest: p2): p2 has ann alone -> kept with 1 vote, out of the table;
+    p1 unchanged; bob has 1 compared, p2 left to compare and shown next. bob undoes again (p1): p1 is ann's
+    A alone -> kept; 2 pairs, an empty table."""
+    p1, a1, b1 = queued_pair(store, XSS_PROMPT, "first a", "first b")
+    p2, a2, b2 = queued_pair(store, "second question", "second a", "second b")
+    for n, (pid, a, b, who, choice) in enumerate([(p1, a1, b1, "ann", "a"), (p2, a2, b2, "ann", "a"),
+                                                  (p1, a1, b1, "bob", "b"), (p2, a2, b2, "bob", "a")]):
+        named.post("/compare", json=comparison(pid, a, b, choice, request_id=f"request-{n:04d}", annotator=who))
+    page = named.get("/export").text
+    assert agreement_rows(page) == [[XSS_PROMPT, "2", "1", "1", "0", "0.50", "dropped: tie (A and B have equal votes)"],
+                                    ["second question", "2", "2", "0", "0", "1.00", "kept: A preferred"]]
+    assert "<script>alert(1)" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    pairs = [json.loads(x) for x in named.get("/export/pairs.jsonl").text.splitlines()]
+    assert [(p["chosen"], p["votes"]) for p in pairs] == [("second a", 2)]
+
+    named.cookies.set(NAME_COOKIE, "bob")
+    r = named.post("/undo", json={"kind": "compare", "request_id": "undo-request-1"})
+    assert r.json() == {"kind": "comparison", "id": 4, "prompt_id": p2, "answer_id": None, "created": True}
+    progress = named.get("/api/progress").json()
+    assert (progress["comparisons"], progress["comparisons_saved"], progress["comparisons_undone"]) == (3, 3, 1)
+    assert progress["annotators"] == [{"name": "ann", "comparisons": 2, "ratings": 0},
+                                      {"name": "bob", "comparisons": 1, "ratings": 0}]
+    assert (progress["you"]["comparisons"], progress["you"]["to_compare"]) == (1, 1)
+    assert f'name="prompt_id" value="{p2}"' in named.get("/compare").text
+    assert [(q["id"], q["n_comparisons"]) for q in store.queue()] == [(p1, 2), (p2, 1)]
+    page = named.get("/export").text
+    assert agreement_rows(page) == [[XSS_PROMPT, "2", "1", "1", "0", "0.50", "dropped: tie (A and B have equal votes)"]]
+    pairs = [json.loads(x) for x in named.get("/export/pairs.jsonl").text.splitlines()]
+    assert [(p["chosen"], p["votes"]) for p in pairs] == [("second a", 1)]
+
+    named.post("/undo", json={"kind": "compare", "request_id": "undo-request-2"})
+    page = named.get("/export").text
+    assert agreement_rows(page) == [] and 'id="agreement-none"' in page and '<b id="n-pairs">2</b>' in page
+    assert named.get("/api/progress").json()["you"]["to_compare"] == 2
+
+
+def test_agreement_table_is_capped(client, store):
+    """52 pairs that two annotators split on: 50 rows shown, "2 more not shown"."""
+    for i in range(52):
+        pid, a, b = queued_pair(store, f"question {i}")
+        store.add_comparison(f"request-{i:04d}-a", pid, a, b, "a", "ann")
+        store.add_comparison(f"request-{i:04d}-b", pid, a, b, "b", "bob")
+    page = client.get("/export?min_agreement=0.5").text
+    rows = agreement_rows(page)
+    assert len(rows) == 50 and rows[0][0] == "question 0" and rows[-1][0] == "question 49"
+    assert '<p class="hint" id="agreement-more">2 more not shown.</p>' in page
+    assert all(row[5:] == ["0.50", "dropped: tie (A and B have equal votes)"] for row in rows)

@@ -87,7 +87,8 @@ def test_import_compare_rate_chat_export(browser, server, tmp_path):
     page.wait_for_selector(".msg.assistant .rate-link")
     assert page.inner_text(".msg.user .text") == "Hello there"
     assert page.is_enabled("#chat-send") and page.is_hidden("#chat-busy")
-    page.click(".rate-link")
+    page.click(".rate-link")  # rated beside the conversation, or on the Rate page
+    page.click("form.inline-rating .rate-page")
     page.wait_for_selector("#save-rating")
     assert "Hello there" in page.inner_text("section.prompt")
 

@@ -8,6 +8,8 @@ every page at desktop and phone sizes."""
 
 from __future__ import annotations
 
+import itertools
+import json
 import time
 from pathlib import Path
 
@@ -20,20 +22,41 @@ pytestmark = [
 ]
 
 
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One server for the tests that only look at their own annotator's work (each page a new name)."""
+    root = tmp_path_factory.mktemp("shared")
+    srv = Server(root / "feedback.db", log=root / "serve.log")
+    yield srv
+    srv.stop()
+
+
 @pytest.fixture()
-def server(tmp_path):
+def own_server(tmp_path):
+    """A server of the test's own, for tests that count everything in the database."""
     srv = Server(tmp_path / "feedback.db", log=tmp_path / "serve.log")
     yield srv
     srv.stop()
 
 
-def named_page(browser, srv, name: str = "alice"):
+NAMES = itertools.count(1)
+
+
+def named_page(browser, srv, name: str | None = None):
+    """A new browser context whose annotator name is set (a new name each time unless given)."""
     page = browser.new_page()
     page.set_default_timeout(60_000)
     page.goto(srv.base + "/")
-    page.fill("#annotator", name)
+    page.annotator = name or f"annotator {next(NAMES)}"
+    page.fill("#annotator", page.annotator)
     page.click("text=Save")
     return page
+
+
+def mine(page, srv, name: str) -> list[dict]:
+    """This page's annotator's rows of an export file (``comparisons`` or ``ratings``), in the order saved."""
+    rows = [json.loads(r) for r in page.request.get(f"{srv.base}/export/{name}.jsonl").text().splitlines() if r]
+    return [r for r in rows if r["annotator"] == page.annotator]
 
 
 def add_prompts(page, srv, prompts: list[str]) -> None:
@@ -74,11 +97,11 @@ def test_a_held_shortcut_key_votes_once(browser, server):
         time.sleep(0.05)
     page.keyboard.up("1")
     time.sleep(1.0)
-    assert progress(page, server)["comparisons_saved"] == 1  # one vote saved in all
+    assert len(mine(page, server, "comparisons")) == 1  # one vote saved in all
 
 
 def test_a_link_opened_before_giving_a_name_lands_where_it_pointed(browser, server):
-    setup = named_page(browser, server, "setup")
+    setup = named_page(browser, server)
     add_prompts(setup, server, ["First prompt?", "Second prompt?", "Third prompt?"])
     chat = setup.request.post(server.base + "/api/chat", data={"messages": [{"role": "user", "content": "Hi!"}]})
     answer_id = chat.json()["answer_id"]
@@ -108,11 +131,11 @@ def test_a_rejudged_item_counts_once(browser, server):
         page.click(choice)
         page.wait_for_selector("text=Saved.")
     assert page.inner_text("#my-comparisons") == "1"
-    counts = progress(page, server)
-    assert counts["comparisons"] == 1 and counts["you"]["comparisons"] == 1 and counts["comparisons_saved"] == 2
+    assert progress(page, server)["you"]["comparisons"] == 1 and len(mine(page, server, "comparisons")) == 2
 
 
-def test_the_queue_pages_past_a_thousand_prompts_and_searches(browser, server):
+def test_the_queue_pages_past_a_thousand_prompts_and_searches(browser, own_server):
+    server = own_server
     page = named_page(browser, server)
     add_prompts(page, server, [f"Prompt {i:04d} about {'cats' if i % 100 == 7 else 'dogs'}" for i in range(1205)])
     page.goto(server.base + "/queue")
@@ -179,24 +202,60 @@ def test_comment_then_choose_skip_and_the_guidelines(browser, tmp_path):
         srv.stop()
 
 
-@pytest.mark.parametrize("width,height", [(1366, 768), (390, 844)])
-def test_every_page_fits_the_screen(browser, server, width, height):
-    page = named_page(browser, server)
-    add_prompts(page, server, ["A long prompt " + "with many words " * 40])
-    chat = page.request.post(server.base + "/api/chat", data={"messages": [{"role": "user", "content": "Hi"}]})
-    page.set_viewport_size({"width": width, "height": height})
-    for path in ("/", "/compare", f"/rate?answer_id={chat.json()['answer_id']}", "/chat", "/queue", "/export"):
-        page.goto(server.base + path)
-        if path == "/compare":
-            page.wait_for_selector("#choose-a")
-        overflow = page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
-        assert overflow <= 0, (path, width, overflow)
-        if path == "/compare":
-            a, b = page.locator("#answer-a").bounding_box(), page.locator("#answer-b").bounding_box()
-            stacked = b["y"] >= a["y"] + a["height"]
-            assert stacked == (width < 700), (width, a, b)  # side by side on a desktop, stacked on a phone
-            button = page.locator("#choose-a").bounding_box()
-            assert button["height"] >= (44 if width < 700 else 20)
+SIZES = [(1366, 768), (390, 844)]  # a laptop and a phone
+CUT_OFF = """() => {
+  // Visible elements of the page that reach past the right edge, outside anything scrolling sideways.
+  const width = document.documentElement.clientWidth;
+  const scrolls = (el) => { for (; el; el = el.parentElement) { const o = getComputedStyle(el).overflowX;
+                              if (o === "auto" || o === "scroll") return true; } return false; };
+  return Array.from(document.querySelectorAll("body *")).filter((el) => {
+    const r = el.getBoundingClientRect();
+    return r.width > 0 && r.height > 0 && r.right > width + 0.5 && !scrolls(el.parentElement);
+  }).map((el) => el.tagName + (el.id ? "#" + el.id : "") + "." + el.className).slice(0, 5);
+}"""
+PAGES = {  # what each page must show at both sizes, fully (inside the screen's width)
+    "home": ("/", ["#annotator", "header nav", "#progress"]),
+    "compare": ("/compare?prompt_id=1", ["#answer-a", "#answer-b", "#choose-a", "#choose-tie", "#choose-b", "#skip",
+                                         "#guidelines", "textarea[name=comment]", "#raw-toggle", "#undo"]),
+    "rate": ("/rate?answer_id=1", ["#item-name", "table.scores", "#save-rating", "textarea[name=comment]", "#answer"]),
+    "chat": ("/chat", ["#chat-model", "#chat-input", "#chat-send", "#chat-reset", ".msg.assistant .rate-link",
+                       "form.inline-rating .save-inline"]),
+    "queue": ("/queue", ["#prompt-file", "#prompt-text", "#add-pasted", "#queue-search", "table.queue"]),
+    "export": ("/export", ["#dl-pairs", "#dl-kto", "#stats-comparisons", "#agreement"]),
+    "error": ("/compare?prompt_id=abc", ["#error", "header nav"]),
+}
+
+
+def test_every_page_shows_everything_at_desktop_and_phone_sizes(browser, server, tmp_path):
+    """Each page's parts are visible and nothing reaches past the screen's edge (a table may scroll inside
+    itself), at 1366x768 and 390x844; A/B side by side on the laptop, stacked on the phone. Screenshots of every
+    page at both sizes are left in the test's directory."""
+    page, bob = named_page(browser, server), named_page(browser, server)
+    add_prompts(page, server, ["A long prompt " + "with many words " * 40, "Second prompt?"])
+    for who in (page, bob):  # two annotators' votes on prompt 1: the Export page's agreement table
+        who.goto(server.base + "/compare?prompt_id=1")
+        who.click("#choose-a")
+        who.wait_for_selector("#saved")
+    for width, height in SIZES:
+        page.set_viewport_size({"width": width, "height": height})
+        for name, (path, parts) in PAGES.items():
+            page.goto(server.base + path)
+            if name == "chat" and not page.locator(".msg.assistant").count():
+                page.fill("#chat-input", "Hi")
+                page.press("#chat-input", "Enter")
+                page.click(".msg.assistant .rate-link", timeout=60_000)
+            elif name == "chat":
+                page.click(".msg.assistant .rate-link")
+            for part in parts:
+                assert page.locator(part).first.is_visible(), (name, width, part)
+            assert page.evaluate(CUT_OFF) == [], (name, width)
+            overflow = page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
+            assert overflow <= 0, (name, width, overflow)
+            page.screenshot(path=str(tmp_path / f"{name}-{width}x{height}.png"), full_page=True)
+            if name == "compare":
+                a, b = page.locator("#answer-a").bounding_box(), page.locator("#answer-b").bounding_box()
+                assert (b["y"] >= a["y"] + a["height"]) == (width < 700), (width, a, b)
+                assert page.locator("#choose-a").bounding_box()["height"] >= (44 if width < 700 else 20)
 
 
 def test_rate_with_the_keyboard_and_large_targets(browser, server):
@@ -215,9 +274,9 @@ def test_rate_with_the_keyboard_and_large_targets(browser, server):
     page.keyboard.press("4")  # relevance
     page.keyboard.press("Enter")
     page.wait_for_selector("#saved")
-    [row] = [r for r in page.request.get(server.base + "/export/ratings.jsonl").text().splitlines() if r]
-    for field in ('"score": 4', '"consistency": 3', '"engagingness": 5', '"safety": 2', '"relevance": 4'):
-        assert field in row, row
+    [row] = mine(page, server, "ratings")
+    assert {k: row[k] for k in ("score", "consistency", "engagingness", "safety", "relevance")} == {
+        "score": 4, "consistency": 3, "engagingness": 5, "safety": 2, "relevance": 4}
 
 
 def test_prompts_can_be_pasted_on_the_queue_page(browser, server):
@@ -226,8 +285,10 @@ def test_prompts_can_be_pasted_on_the_queue_page(browser, server):
     page.fill("#prompt-text", "How do tides work?\n\n  Name a prime number.  \nHow do tides work?\n")
     page.click("#add-pasted")
     assert "Imported 2 new prompts (1 already present)" in page.inner_text("#imported")
-    assert "prompts 1\u20132 of 2 prompts" in page.inner_text("#queue-pages")
-    assert "Name a prime number." in page.inner_text("table.queue")
+    page.fill("#queue-search", "prime number")
+    page.press("#queue-search", "Enter")
+    page.wait_for_selector("text=of 1 prompts containing")
+    assert "Name a prime number." in page.inner_text("table.queue")  # trimmed, blank lines left out
 
 
 def test_export_downloads_above_the_fold_and_readable_counts(browser, server, tmp_path):
@@ -257,7 +318,7 @@ def test_answers_show_as_markdown_with_the_raw_text_a_click_away(browser, server
     add_prompts(page, server, ["Show me code"])
     text = ("Use **this**:\n```python\nprint('<img src=x onerror=\"window.__pwned = 1\">')\n```\n"
             "- <script>window.__pwned = 2</script>\n- [link](javascript:window.__pwned=3)")
-    answer_id = FeedbackStore(tmp_path / "feedback.db").add_answer(1, "m", text, True, {})
+    answer_id = FeedbackStore(server.db).add_answer(1, "m", text, True, {})
     page.goto(f"{server.base}/rate?answer_id={answer_id}")
     code = page.locator("#answer .md pre code")
     assert "print('<img src=x" in code.inner_text()
@@ -271,26 +332,83 @@ def test_answers_show_as_markdown_with_the_raw_text_a_click_away(browser, server
     assert page.inner_text("#answer .raw") == text
 
 
-def test_the_chat_survives_rating_one_of_its_answers(browser, server):
+def test_chat_streams_stops_rates_inline_and_survives_a_reload(browser, tmp_path):
+    """An answer arrives piece by piece, Stop cuts it (stored as written, marked stopped), it is rated beside the
+    conversation, shown as Markdown with its raw text, and the conversation survives leaving the page."""
+    srv = Server(tmp_path / "feedback.db", "--generation.max_new_tokens", "480", log=tmp_path / "serve.log")
+    try:
+        page = named_page(browser, srv)
+        page.goto(srv.base + "/chat")
+        seen = []
+        page.on("request", lambda r: seen.append(r.url.removeprefix(srv.base)) if r.method == "POST" else None)
+        # Seed 1: the tiny model writes all 480 tokens (about 0.6 s here) instead of ending early, so the stop
+        # lands mid-answer. The page sends no seed; this adds one to its request.
+        page.route("**/api/chat/stream", lambda route: route.continue_(
+            post_data=json.dumps({**json.loads(route.request.post_data), "seed": 1})))
+        page.fill("#chat-input", "Tell me a long story")
+        page.press("#chat-input", "Enter")
+        page.wait_for_selector("#chat-stop", state="visible")
+        body = page.locator(".msg.assistant .text")
+        for _ in range(300):  # until some text has streamed in
+            if body.inner_text():
+                break
+            time.sleep(0.01)
+        page.click("#chat-stop")
+        page.wait_for_selector(".msg.assistant .rate-link")
+        assert "/api/chat/stream" in seen and "/api/chat/stop" in seen
+        assert page.is_hidden("#chat-stop") and page.is_enabled("#chat-send")
+        assert page.inner_text(".msg.assistant .cut") == "(stopped)"
+        # Rate it inline: every row's 4, a comment, saved without leaving the page.
+        page.click(".msg.assistant .rate-link")
+        form = page.locator("form.inline-rating")
+        for row in range(5):
+            form.locator("tr[data-dim]").nth(row).locator("label.pick").nth(3).click()
+        form.locator("textarea[name=comment]").fill("stopped early")
+        form.locator(".save-inline").click()
+        page.wait_for_selector(".inline-status.saved")
+        assert page.url == srv.base + "/chat"
+        [rating] = [json.loads(r) for r in page.request.get(srv.base + "/export/ratings.jsonl").text().splitlines() if r]
+        assert (rating["score"], rating["relevance"], rating["comment"]) == (4, 4, "stopped early")
+        # Markdown with the raw text a click away; the raw text is what was stored.
+        assert page.is_visible(".msg.assistant .text.md") and page.is_hidden(".msg.assistant .text.raw")
+        page.click("#raw-toggle")
+        assert page.inner_text(".msg.assistant .text.raw") == rating["response"]
+        page.click("#raw-toggle")
+        page.reload()  # the conversation is kept (this tab's sessionStorage), rating button included
+        page.wait_for_selector(".msg.assistant .rate-link")
+        assert page.inner_text(".msg.user .text") == "Tell me a long story"
+        page.click("#chat-reset")
+        page.reload()
+        assert page.locator(".msg").count() == 0
+    finally:
+        srv.stop()
+
+
+def test_undo_with_the_u_key_and_ctrl_enter_saves_a_rating(browser, server):
+    """u undoes the last comparison (back on its prompt, out of the export and the counters); Ctrl+Enter in the
+    comment box saves a rating, and u undoes that too."""
     page = named_page(browser, server)
-    page.goto(server.base + "/chat")
-    page.fill("#chat-input", "Tell me a fact")
-    page.press("#chat-input", "Enter")
-    page.wait_for_selector(".msg.assistant .rate-link")
-    answer = page.inner_text(".msg.assistant .text")
-    page.click(".rate-link")
+    page.goto(server.base + "/compare")
+    page.wait_for_selector("#choose-a")
+    assert page.locator("#undo").count() == 0  # nothing to undo yet
+    first = page.input_value("input[name=prompt_id]")
+    page.keyboard.press("1")
+    wait_for_prompt(page, changed_from=first)
+    assert len(mine(page, server, "comparisons")) == 1
+    page.keyboard.press("u")
+    page.wait_for_selector("#undone")
+    assert page.input_value("input[name=prompt_id]") == first  # back on the prompt it judged
+    assert mine(page, server, "comparisons") == [] and progress(page, server)["you"]["comparisons"] == 0
+
+    page.goto(server.base + "/rate")
     page.wait_for_selector("#save-rating")
-    for key in "44444":
+    for key in "34534":
         page.keyboard.press(key)
-    page.keyboard.press("Enter")
+    page.fill("textarea[name=comment]", "saved from the comment box")
+    page.press("textarea[name=comment]", "Control+Enter")
     page.wait_for_selector("#saved")
-    page.click("nav >> text=Chat")
-    page.wait_for_selector(".msg.assistant")
-    assert page.inner_text(".msg.user .text") == "Tell me a fact"
-    assert page.inner_text(".msg.assistant .text") == answer
-    page.fill("#chat-input", "And another")  # the conversation goes on from where it was
-    page.press("#chat-input", "Enter")
-    page.locator(".msg.assistant").nth(1).wait_for()
-    page.click("#chat-reset")
-    page.reload()
-    assert page.locator(".msg").count() == 0
+    [rating] = mine(page, server, "ratings")
+    assert (rating["score"], rating["comment"]) == (3, "saved from the comment box")
+    page.keyboard.press("u")
+    page.wait_for_selector("#undone")
+    assert mine(page, server, "ratings") == [] and progress(page, server)["you"]["ratings"] == 0

@@ -14,6 +14,7 @@ from chatrlhf.feedback.export import (
     COMPARISON_STAT_KEYS,
     FILES,
     ExportConfig,
+    comparison_agreement,
     comparisons_to_pairs,
     export_feedback,
     feedback_to_pairs,
@@ -321,3 +322,78 @@ def test_pipeline_feedback_must_exist(tmp_path):
     with pytest.raises(ConfigError, match="--feedback.min_agreement"):
         PipelineConfig(feedback=FeedbackSection(min_agreement=1.5)).validate()
     assert not (tmp_path / "nope.db").exists()
+
+
+# ------------------------------------------------------------------------------------ per-prompt agreement
+def test_agreement_table_worked_example_from_docstring():
+    pairs, _ = comparisons_to_pairs(WORKED, min_agreement=1.0)
+    table, total = comparison_agreement(WORKED, pairs, min_agreement=1.0)
+    assert total == 3
+    assert [(r["a"], r["b"], r["tie"], r["annotators"], r["verdict"], r["chosen"]) for r in table] == [
+        (1, 1, 1, 3, "tie", None),             # {"4", "four"}: "4" shown first
+        (1, 2, 0, 3, "disagreement", None),    # {"5", "four"}: "5" shown first, "four" leads 2 of 3
+        (2, 0, 0, 2, "kept", "a")]             # {"4", "5"}: ann's latest vote and bob's
+    assert [r["agreement"] for r in table] == pytest.approx([1 / 3, 2 / 3, 1.0], rel=1e-12)
+    assert {r["prompt"] for r in table} == {Q}
+    # 2/3 passes 0.6: the same rule (and tolerance) as the export's
+    pairs, _ = comparisons_to_pairs(WORKED, min_agreement=0.6)
+    assert [r["verdict"] for r in comparison_agreement(WORKED, pairs, min_agreement=0.6)[0]] == ["tie", "kept", "kept"]
+    assert comparison_agreement(WORKED, pairs, min_agreement=0.6, limit=1)[0][0]["verdict"] == "tie"
+
+
+def test_agreement_table_order_limit_and_single_voter_pairs():
+    """q1 1-1 (0.5, tie); q2 2 A + 1 tie (2/3, kept at 0.6); q3 2 B (1.0, kept, B); q4 one annotator (left out)."""
+    rows = (votes(("ann", "x", "y", "a"), ("bob", "x", "y", "b"), prompt="q1")
+            + votes(("ann", "x", "y", "a"), ("bob", "y", "x", "b"), ("cy", "x", "y", "tie"), prompt="q2")
+            + votes(("ann", "x", "y", "b"), ("bob", "x", "y", "b"), prompt="q3")
+            + votes(("ann", "x", "y", "a"), prompt="q4"))
+    pairs, _ = comparisons_to_pairs(rows, min_agreement=0.6)
+    table, total = comparison_agreement(rows, pairs, min_agreement=0.6, limit=2)
+    assert total == 3
+    assert [(r["prompt"], r["a"], r["b"], r["tie"], r["verdict"], r["chosen"]) for r in table] == [
+        ("q1", 1, 1, 0, "tie", None), ("q2", 2, 0, 1, "kept", "a")]
+    assert comparison_agreement(rows, pairs, 0.6)[0][2]["prompt"] == "q3"
+    assert comparison_agreement(rows, pairs, 0.6)[0][2]["chosen"] == "b"
+
+
+def test_agreement_table_marks_a_pair_the_ratings_overturn_and_shortens_the_prompt():
+    """Both annotators prefer "4"; the ratings prefer "5" (5 vs 1): the merge drops the pair as a conflict."""
+    long = "Please " + "explain this " * 10 + "now"  # 137 characters
+    comparisons = votes(("ann", "4", "5", "a"), ("bob", "5", "4", "b"), prompt=long)
+    ratings = rated(("cy", "5", 5), ("cy", "4", 1), prompt=long)
+    pairs, stats = feedback_to_pairs(comparisons, ratings, min_margin=1.0, min_agreement=1.0)
+    assert pairs == [] and stats["dropped_conflict"] == 1
+    [row], total = comparison_agreement(comparisons, pairs, min_agreement=1.0)
+    assert (row["verdict"], row["chosen"], row["a"], row["b"], row["agreement"], total) == ("conflict", "a", 2, 0, 1.0, 1)
+    assert row["prompt"] == long[:79] + "\u2026" and len(row["prompt"]) == 80
+    # without the ratings the same votes are kept
+    pairs, _ = feedback_to_pairs(comparisons, [], min_margin=1.0, min_agreement=1.0)
+    assert comparison_agreement(comparisons, pairs, min_agreement=1.0)[0][0]["verdict"] == "kept"
+
+
+# ------------------------------------------------------------------------------------ undone judgements
+def test_undone_judgements_are_in_no_exported_file(tmp_path):
+    """build_db's comparisons 1-5 and ratings 1-4; bob undoes his last comparison (4: "2+2?" b) and his
+    last rating (4: "sky?" b = 2). By hand: "2+2?" is now ann's "4" alone -> kept (1 vote); "sky?" has one
+    rated answer left -> no rating pair; "hi?" is kept by both sources as before -> 2 pairs, 4 comparisons,
+    3 ratings, 3 labelled answers (5, 1, 5)."""
+    db = tmp_path / "feedback.db"
+    store = build_db(db, ITEMS, COMPARISONS, RATINGS)
+    assert store.undo_last("undo-00001", "bob", "comparison").id == 4
+    assert store.undo_last("undo-00002", "bob", "rating").id == 4
+    summary = export_feedback(db, tmp_path / "export", 1.0, 1.0, overwrite=False)
+    read = lambda name: [json.loads(x) for x in (tmp_path / "export" / name).read_text().splitlines()]  # noqa: E731
+    hi, sums = [{"role": "user", "content": "hi?"}], [{"role": "user", "content": "2+2?"}]
+    assert read("pairs.jsonl") == [
+        {"prompt": hi, "chosen": "Hello! How can I help?", "rejected": "Go away.", "votes": 2, "agreement": 1.0,
+         "source": "comparisons+ratings", "margin": 4.0},
+        {"prompt": sums, "chosen": "4", "rejected": "5", "votes": 1, "agreement": 1.0, "source": "comparisons"}]
+    assert [(c["id"], c["annotator"], c["choice"]) for c in read("comparisons.jsonl")] == [
+        (1, "ann", "a"), (2, "bob", "b"), (3, "ann", "a"), (5, "ann", "tie")]
+    assert [(r["response"], r["score"]) for r in read("ratings.jsonl")] == [
+        ("Hello! How can I help?", 5), ("Go away.", 1), ("Blue.", 5)]
+    assert [r["mean_score"] for r in read("kto.jsonl")] == [5, 1, 5]
+    assert summary["counts"] == {"comparisons": 4, "ratings": 3, "pairs": 2, "kto": 3}
+    assert summary["stats"]["comparisons"] == {"comparisons": 4, "superseded": 0, "candidate_pairs": 3,
+                                               "dropped_identical": 0, "dropped_tie": 1, "dropped_disagreement": 0,
+                                               "pairs": 2}

@@ -7,6 +7,7 @@ import sqlite3
 
 import pytest
 
+from chatrlhf.feedback.judgements import Undone
 from chatrlhf.feedback.schema import (
     DIMENSIONS,
     MAX_COMMENT,
@@ -62,10 +63,10 @@ def test_new_file_gets_schema_wal_and_version(tmp_path):
     FeedbackStore(path)
     con = sqlite3.connect(path)
     tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    assert tables == {"meta", "prompts", "answers", "annotators", "comparisons", "ratings"}
+    assert tables == {"meta", "prompts", "answers", "annotators", "comparisons", "ratings", "retractions"}
     # WAL is a property of the file: a plain connection that set nothing sees it.
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == str(SCHEMA_VERSION) == "1"
+    assert con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == str(SCHEMA_VERSION) == "2"
     con.close()
 
 
@@ -112,7 +113,7 @@ def test_refuses_a_newer_schema(store):
     con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION + 1),))
     con.commit()
     con.close()
-    with pytest.raises(FeedbackError, match="has schema version 2, newer than this chatrlhf"):
+    with pytest.raises(FeedbackError, match="has schema version 3, newer than this chatrlhf"):
         FeedbackStore(store.path)
 
 
@@ -374,7 +375,8 @@ def test_next_to_rate_in_queue_then_slot_order_per_annotator(filled, store):
 
 def test_progress_counters(filled, store):
     empty = {"prompts": 3, "pairs_ready": 2, "comparisons": 0, "ratings": 0, "comparisons_saved": 0,
-             "ratings_saved": 0, "chat_answers": 1, "annotators": [], "answers_to_rate": 4}
+             "ratings_saved": 0, "comparisons_undone": 0, "ratings_undone": 0, "chat_answers": 1, "annotators": [],
+             "answers_to_rate": 4}
     assert store.progress() == empty
     assert store.progress("ann") == {**empty, "you": {"name": "ann", "comparisons": 0, "ratings": 0, "to_compare": 2,
                                                       "to_rate": 4}}
@@ -389,7 +391,7 @@ def test_progress_counters(filled, store):
     # 2 ratings (bob 1, cy 1); one chat answer; annotators sorted by name.
     assert store.progress("bob") == {
         "prompts": 3, "pairs_ready": 3, "comparisons": 3, "ratings": 2, "comparisons_saved": 3, "ratings_saved": 2,
-        "chat_answers": 1, "answers_to_rate": 6,
+        "comparisons_undone": 0, "ratings_undone": 0, "chat_answers": 1, "answers_to_rate": 6,
         "annotators": [{"name": "ann", "comparisons": 2, "ratings": 0}, {"name": "bob", "comparisons": 1, "ratings": 1},
                        {"name": "cy", "comparisons": 0, "ratings": 1}],
         "you": {"name": "bob", "comparisons": 1, "ratings": 1, "to_compare": 2, "to_rate": 5}}
@@ -460,3 +462,191 @@ def test_processes_writing_at_once_lose_nothing(filled, store):
     assert per_person == [(f"ann{k}", N_EACH) for k in range(N_PROCESSES)]
     assert sorted((a["name"], a["ratings"]) for a in store.progress()["annotators"]) == [
         (f"ann{k}", 1) for k in range(N_PROCESSES)]
+
+
+# ------------------------------------------------------------------------------------ undo
+def retractions(store: FeedbackStore) -> list[tuple]:
+    con = sqlite3.connect(store.path)
+    try:
+        return con.execute("SELECT request_id, kind, judgement_id FROM retractions ORDER BY id").fetchall()
+    finally:
+        con.close()
+
+
+def test_undo_last_comparison_twice_then_nothing_left(filled, store):
+    """ann compares p1 (id 1) and p2 (id 2), bob p1 (id 3). ann's first undo retracts id 2, her second id 1;
+    bob's vote stays. By hand after the first undo: in force ids 1, 3 -> distinct (annotator, prompt) 2, ann 1
+    compared and 1 to compare (p2, her next); the Queue counts p1 2, p2 0; the 3 rows all stay in the file."""
+    p1, p2 = filled["p1"], filled["p2"]
+    store.add_comparison("request-0001", p1, filled["a1"], filled["b1"], "a", "ann")
+    store.add_comparison("request-0002", p2, filled["a2"], filled["b2"], "b", "ann")
+    store.add_comparison("request-0003", p1, filled["b1"], filled["a1"], "tie", "bob")
+    assert store.last_judgement("ann", "comparison") == {"id": 2, "prompt_id": p2, "answer_id": None}
+    assert store.undo_last("undo-0001", "ann", "comparison") == Undone("comparison", 2, p2, None, True)
+    # the same form sent again retracts nothing more
+    assert store.undo_last("undo-0001", "ann", "comparison") == Undone("comparison", 2, p2, None, False)
+    assert retractions(store) == [("undo-0001", "comparison", 2)]
+    progress = store.progress("ann")
+    assert (progress["comparisons"], progress["comparisons_saved"], progress["comparisons_undone"]) == (2, 2, 1)
+    assert progress["you"] == {"name": "ann", "comparisons": 1, "ratings": 0, "to_compare": 1, "to_rate": 4}
+    assert store.next_to_compare("ann") == p2  # the undone item comes back
+    assert [r["id"] for r in store.comparison_rows()] == [1, 3]
+    assert [q["n_comparisons"] for q in store.queue()] == [2, 0, 0]
+    assert count(store, "comparisons") == 3  # append-only: the undone row is still there
+
+    assert store.undo_last("undo-0002", "ann", "comparison") == Undone("comparison", 1, p1, None, True)
+    assert store.progress("ann")["you"]["to_compare"] == 2 and store.next_to_compare("ann") == p1
+    assert [r["annotator"] for r in store.comparison_rows()] == ["bob"]
+    assert store.last_judgement("ann", "comparison") is None and store.last_judgement("bob", "comparison")["id"] == 3
+    with pytest.raises(FeedbackError, match="kind: ann has no comparison to undo .*; save a comparison first"):
+        store.undo_last("undo-0003", "ann", "comparison")
+    assert len(retractions(store)) == 2
+
+
+def test_undo_last_rating_brings_the_answer_back(filled, store):
+    """ann rates b1 (id 1) then a1 (id 2): undo retracts id 2 (a1), so a1 is her next answer again and
+    only b1's rating is exported; her progress: 1 rated, 3 of 4 to rate."""
+    store.add_rating("request-0001", filled["b1"], SCORES, "ann")
+    store.add_rating("request-0002", filled["a1"], SCORES, "ann")
+    assert store.next_to_rate("ann") == filled["a2"]
+    undone = store.undo_last("undo-0001", "ann", "rating")
+    assert undone == Undone("rating", 2, filled["p1"], filled["a1"], True)
+    assert store.next_to_rate("ann") == filled["a1"]
+    assert [r["response"] for r in store.rating_rows()] == ["one b"]
+    progress = store.progress("ann")
+    assert (progress["ratings"], progress["ratings_saved"], progress["ratings_undone"]) == (1, 1, 1)
+    assert progress["you"]["ratings"] == 1 and progress["you"]["to_rate"] == 3
+    assert [q["n_ratings"] for q in store.queue()] == [1, 0, 0]
+    with pytest.raises(FeedbackError, match="ann has no comparison to undo"):  # kinds are undone apart
+        store.undo_last("undo-0002", "ann", "comparison")
+
+
+def test_undoing_a_re_judgement_restores_the_earlier_vote(filled, store):
+    p1 = filled["p1"]
+    store.add_comparison("request-0001", p1, filled["a1"], filled["b1"], "a", "ann")
+    store.add_comparison("request-0002", p1, filled["a1"], filled["b1"], "b", "ann")  # changed her mind
+    store.undo_last("undo-0001", "ann", "comparison")
+    assert [(r["id"], r["choice"]) for r in store.comparison_rows()] == [(1, "a")]  # her first vote counts again
+    assert store.progress("ann")["you"]["comparisons"] == 1 and store.next_to_compare("ann") == filled["p2"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("undo-0001", "ann", "comparisons"), "kind must be one of comparison, rating, got 'comparisons'"),
+    (("undo-0001", "ann", ["rating"]), "kind must be one of comparison, rating, got \\['rating'\\]"),
+    (("short", "ann", "rating"), "request_id must be a client-made id of 8-64 printable characters"),
+    (("undo-0001", "", "rating"), "annotator must be a name of 1-64 printable characters"),
+    (("undo-0001", "nobody", "rating"), "kind: nobody has no rating to undo"),
+    (("request-0001", "ann", "comparison"), "request_id 'request-0001' already undid a rating, not a comparison"),
+])
+def test_undo_refusals_name_the_field(filled, store, args, message):
+    store.add_rating("request-0000", filled["a1"], SCORES, "ann")
+    store.add_comparison("request-0002", filled["p1"], filled["a1"], filled["b1"], "a", "ann")
+    store.undo_last("request-0001", "ann", "rating")
+    with pytest.raises(FeedbackError, match=message):
+        store.undo_last(*args)
+    assert retractions(store) == [("request-0001", "rating", 1)]
+
+
+def test_retraction_constraints_hold_for_raw_sql(filled, store):
+    """A hand-written retraction must name a judgement of its kind by its annotator, once."""
+    store.add_comparison("request-0001", filled["p1"], filled["a1"], filled["b1"], "a", "ann")
+    store.add_rating("request-0002", filled["a1"], SCORES, "bob")
+    ann, bob = store.annotator_id("ann"), store.annotator_id("bob")
+    sql = ("INSERT INTO retractions (request_id, kind, judgement_id, annotator_id, created_at)"
+           " VALUES (:request_id, :kind, :judgement_id, :who, 0)")
+    good = {"request_id": "raw-000001", "kind": "comparison", "judgement_id": 1, "who": ann}
+    con = sqlite3.connect(store.path)
+    try:
+        for change, error in [({"kind": "rating"}, "retractions.judgement_id must be a comparison or rating"),
+                              ({"who": bob}, "retractions.judgement_id must be"),
+                              ({"judgement_id": 99}, "retractions.judgement_id must be"),
+                              ({"kind": "vote"}, "judgement_id must be a comparison or rating")]:  # the trigger runs first
+            with pytest.raises(sqlite3.IntegrityError, match=error):
+                con.execute(sql, {**good, **change})
+        con.execute(sql, good)
+        con.execute(sql, {**good, "request_id": "raw-000002", "kind": "rating", "who": bob})
+        con.commit()
+        with pytest.raises(sqlite3.IntegrityError, match="UNIQUE constraint failed: retractions.kind"):
+            con.execute(sql, {**good, "request_id": "raw-000003"})  # the same comparison twice
+    finally:
+        con.close()
+    assert store.comparison_rows() == [] and store.rating_rows() == []
+
+
+# ------------------------------------------------------------------------------------ schema version 1 -> 2
+V1_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE prompts (id INTEGER PRIMARY KEY, messages TEXT NOT NULL, key TEXT NOT NULL UNIQUE, source TEXT NOT NULL,
+    queued INTEGER NOT NULL CHECK (queued IN (0, 1)), created_at REAL NOT NULL);
+CREATE TABLE answers (id INTEGER PRIMARY KEY, prompt_id INTEGER NOT NULL REFERENCES prompts(id),
+    slot TEXT CHECK (slot IN ('a', 'b')), model TEXT NOT NULL, text TEXT NOT NULL,
+    finished INTEGER NOT NULL CHECK (finished IN (0, 1)), settings TEXT NOT NULL, created_at REAL NOT NULL,
+    UNIQUE (prompt_id, slot));
+CREATE TABLE annotators (id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE CHECK (length(name) BETWEEN 1 AND 64), created_at REAL NOT NULL);
+CREATE TABLE comparisons (id INTEGER PRIMARY KEY, request_id TEXT NOT NULL UNIQUE,
+    prompt_id INTEGER NOT NULL REFERENCES prompts(id), answer_a INTEGER NOT NULL REFERENCES answers(id),
+    answer_b INTEGER NOT NULL REFERENCES answers(id), choice TEXT NOT NULL CHECK (choice IN ('a', 'b', 'tie')),
+    comment TEXT NOT NULL DEFAULT '' CHECK (length(comment) <= 4000),
+    annotator_id INTEGER NOT NULL REFERENCES annotators(id), created_at REAL NOT NULL, CHECK (answer_a != answer_b));
+CREATE TABLE ratings (id INTEGER PRIMARY KEY, request_id TEXT NOT NULL UNIQUE,
+    answer_id INTEGER NOT NULL REFERENCES answers(id),
+    overall INTEGER NOT NULL CHECK (overall IN (1, 2, 3, 4, 5)),
+    consistency INTEGER NOT NULL CHECK (consistency IN (1, 2, 3, 4, 5)),
+    engagingness INTEGER NOT NULL CHECK (engagingness IN (1, 2, 3, 4, 5)),
+    safety INTEGER NOT NULL CHECK (safety IN (1, 2, 3, 4, 5)), relevance INTEGER NOT NULL CHECK (relevance IN (1, 2, 3, 4, 5)),
+    comment TEXT NOT NULL DEFAULT '' CHECK (length(comment) <= 4000),
+    annotator_id INTEGER NOT NULL REFERENCES annotators(id), created_at REAL NOT NULL);
+CREATE INDEX answers_prompt ON answers(prompt_id);
+CREATE INDEX comparisons_annotator ON comparisons(annotator_id, prompt_id);
+CREATE INDEX ratings_annotator ON ratings(annotator_id, answer_id);
+INSERT INTO meta VALUES ('schema_version', '{version}');
+INSERT INTO prompts VALUES (1, '[{{"role": "user", "content": "old"}}]', '[{{"content":"old","role":"user"}}]', 'v1.jsonl', 1, 0);
+INSERT INTO answers VALUES (1, 1, 'a', 'm1', 'old a', 1, '{{}}', 0), (2, 1, 'b', 'm2', 'old b', 1, '{{}}', 0);
+INSERT INTO annotators VALUES (1, 'ann', 0), (2, 'bob', 0);
+INSERT INTO comparisons VALUES (1, 'v1-request-1', 1, 1, 2, 'a', '', 1, 0), (2, 'v1-request-2', 1, 2, 1, 'b', '', 2, 0);
+INSERT INTO ratings VALUES (1, 'v1-request-3', 2, 2, 3, 3, 3, 3, 'meh', 1, 0);
+"""
+"""A database as the version-1 app wrote it (its SCHEMA, literally), with two comparisons and a rating."""
+
+
+def v1_database(path, version: int = 1):
+    con = sqlite3.connect(path)
+    con.execute("PRAGMA journal_mode=WAL")
+    con.executescript(V1_SCHEMA.format(version=version))
+    con.close()
+    return path
+
+
+def test_a_version_1_database_opens_migrated_and_reads_as_before(tmp_path):
+    path = v1_database(tmp_path / "v1.db")
+    store = FeedbackStore(path)
+    con = sqlite3.connect(path)
+    try:
+        assert con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "2"
+        assert con.execute("SELECT count(*) FROM retractions").fetchone()[0] == 0
+    finally:
+        con.close()
+    assert [p["messages"] for p in store.queue()] == [user("old")]
+    assert [(r["annotator"], r["choice"], r["answer_a"]) for r in store.comparison_rows()] == [
+        ("ann", "a", "old a"), ("bob", "b", "old b")]
+    assert [(r["annotator"], r["overall"], r["comment"]) for r in store.rating_rows()] == [("ann", 2, "meh")]
+    assert store.progress("ann")["you"] == {"name": "ann", "comparisons": 1, "ratings": 1, "to_compare": 0,
+                                            "to_rate": 1}
+    # and it works as a version-2 database: undo, new judgements, reopening (no second migration)
+    assert store.undo_last("undo-0001", "ann", "comparison") == Undone("comparison", 1, 1, None, True)
+    assert store.next_to_compare("ann") == 1
+    store.add_comparison("request-0001", 1, 1, 2, "tie", "ann")
+    assert [r["id"] for r in FeedbackStore(path).comparison_rows()] == [2, 3]
+    assert FeedbackStore(path).integrity_check() == "ok"
+
+
+def test_a_newer_database_is_refused_before_anything_is_written(tmp_path):
+    path = v1_database(tmp_path / "v3.db", version=3)
+    with pytest.raises(FeedbackError, match="has schema version 3, newer than this chatrlhf \\(2\\); upgrade chatrlhf"):
+        FeedbackStore(path)
+    con = sqlite3.connect(path)
+    try:  # not half-migrated: no table of ours was added to the newer file
+        assert con.execute("SELECT count(*) FROM sqlite_master WHERE name = 'retractions'").fetchone()[0] == 0
+    finally:
+        con.close()

@@ -6,10 +6,14 @@ Every write route takes a form (the pages; answered with a redirect) or JSON (sc
     GET  /                 progress counters, annotator name
     POST /annotator        set the annotator name (a cookie)
     GET  /chat             chat page             POST /api/chat         {model, messages} -> answer
+                                                 POST /api/chat/stream  the same, streamed (chat_stream.py)
+                                                 POST /api/chat/stop    {stream_id}: stop a streamed answer
     GET  /compare          next pair to compare  POST /compare          request_id, prompt_id, answer_a, answer_b,
                                                                         choice a|b|tie, comment
     GET  /rate             next answer to rate   POST /rate             request_id, answer_id, overall and the four
                                                                         dimensions 1-5, comment
+                                                 POST /undo             kind compare|rate, request_id: the
+                                                                        annotator's last judgement stops counting
     GET  /queue            the prompt queue      POST /queue            a prompt file (upload), pasted text (one prompt
                                                                         a line) or JSON {prompts}
     GET  /export           filter counts         GET  /export/{pairs,ratings,comparisons}.jsonl
@@ -30,11 +34,12 @@ from typing import Annotated
 from urllib.parse import quote, unquote
 
 from fastapi import APIRouter, FastAPI, Query, Request
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from chatrlhf.feedback import errors
+from chatrlhf.feedback.chat_stream import ChatStreams, save_answer, stream_answer
 from chatrlhf.feedback.errors import is_json, templates, wants_json
 from chatrlhf.feedback.inputs import ID_MAX, read_int, read_pasted, read_payload, read_seed, read_upload
 from chatrlhf.feedback.schema import DIMENSIONS, FeedbackError, NotFound, check_messages, check_name, shown
@@ -67,7 +72,7 @@ def create_app(store: FeedbackStore, answerer, worker=None, *, token: str | None
     app = FastAPI(title="chatrlhf feedback", docs_url=None, redoc_url=None, openapi_url=None)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     app.state.store, app.state.answerer, app.state.worker = store, answerer, worker
-    app.state.guidelines = guidelines
+    app.state.guidelines, app.state.streams = guidelines, ChatStreams()
     secure(app, token, allowed_hosts, max_request_bytes)
     errors.install(app)
     app.include_router(router)
@@ -149,27 +154,44 @@ def chat_page(request: Request):
     return _page(request, "chat.html")
 
 
-@router.post("/api/chat")
-async def chat(request: Request):
-    store, answerer = request.app.state.store, request.app.state.answerer
+async def _chat_input(request: Request) -> tuple[int, list[dict], int]:
+    """(model index, messages, seed) of a chat request: {model, messages, seed (optional)}."""
+    names = request.app.state.answerer.names
     data = await read_payload(request, json_only=True)
     model = data.get("model", 0)
-    if isinstance(model, bool) or not isinstance(model, int) or not 0 <= model < len(answerer.names):
-        raise FeedbackError(f"model must be an index 0..{len(answerer.names) - 1}, got {shown(model)}")
+    if isinstance(model, bool) or not isinstance(model, int) or not 0 <= model < len(names):
+        raise FeedbackError(f"model must be an index 0..{len(names) - 1}, got {shown(model)}")
     messages = check_messages(data.get("messages"))
     if len(messages) > MAX_CHAT_MESSAGES or any(len(m["content"]) > MAX_MESSAGE_CHARS for m in messages):
         raise FeedbackError(f"a chat keeps at most {MAX_CHAT_MESSAGES} messages of {MAX_MESSAGE_CHARS} characters")
-    seed = read_seed(data.get("seed", secrets.randbelow(2**31)))
-    ans = await run_in_threadpool(answerer.answer, model, messages, seed)
-    store.add_prompts([messages], source="chat", queued=False)
-    prompt_id = store.prompt_id_for(messages)
-    answer_id = store.add_answer(prompt_id, ans.model, ans.text, ans.finished, ans.settings)
-    return {"answer_id": answer_id, "prompt_id": prompt_id, "text": ans.text, "finished": ans.finished,
-            "model": ans.model}
+    return model, messages, read_seed(data.get("seed", secrets.randbelow(2**31)))
+
+
+@router.post("/api/chat")
+async def chat(request: Request):
+    model, messages, seed = await _chat_input(request)
+    ans = await run_in_threadpool(request.app.state.answerer.answer, model, messages, seed)
+    return save_answer(request.app.state.store, messages, ans)
+
+
+@router.post("/api/chat/stream")
+async def chat_stream(request: Request):
+    """The answer as server-sent events while it is generated (``chat_stream.py``)."""
+    model, messages, seed = await _chat_input(request)
+    state = request.app.state
+    events = stream_answer(request, state.store, state.answerer, state.streams, model, messages, seed)
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+
+@router.post("/api/chat/stop")
+async def chat_stop(request: Request):
+    request.app.state.streams.stop((await read_payload(request, json_only=True)).get("stream_id"))
+    return {"stopped": True}
 
 
 @router.get("/compare", response_class=HTMLResponse)
-def compare_page(request: Request, prompt_id: RowId = None, after: RowId = None, saved: int = 0):
+def compare_page(request: Request, prompt_id: RowId = None, after: RowId = None, saved: int = 0, undone: int = 0):
     if redirect := _need_name(request):
         return redirect
     store = request.app.state.store
@@ -179,13 +201,13 @@ def compare_page(request: Request, prompt_id: RowId = None, after: RowId = None,
         waiting = store.prompts_missing_answers(limit=1)
         prompt_id = waiting[0] if waiting else None
     if prompt_id is None:
-        return _page(request, "done.html", task="compare", saved=saved)
+        return _page(request, "done.html", task="compare", saved=saved, **_undo_form(request, "compare", undone))
     prompt = store.prompt(prompt_id)
     pair = _pair_or_none(request, prompt_id)
     if pair is None:
         return _page(request, "waiting.html", prompt=prompt, task="compare")
     return _page(request, "compare.html", prompt=prompt, a=pair[0], b=pair[1], request_id=secrets.token_hex(16),
-                 saved=saved, guidelines=request.app.state.guidelines)
+                 saved=saved, guidelines=request.app.state.guidelines, **_undo_form(request, "compare", undone))
 
 
 @router.post("/compare")
@@ -199,7 +221,7 @@ async def compare(request: Request):
 
 
 @router.get("/rate", response_class=HTMLResponse)
-def rate_page(request: Request, answer_id: RowId = None, saved: int = 0):
+def rate_page(request: Request, answer_id: RowId = None, saved: int = 0, undone: int = 0):
     if redirect := _need_name(request):
         return redirect
     store = request.app.state.store
@@ -210,10 +232,10 @@ def rate_page(request: Request, answer_id: RowId = None, saved: int = 0):
             return _page(request, "waiting.html", prompt=store.prompt(waiting[0]), task="rate")
         answer_id = store.next_to_rate(_annotator(request))
     if answer_id is None:
-        return _page(request, "done.html", task="rate", saved=saved)
+        return _page(request, "done.html", task="rate", saved=saved, **_undo_form(request, "rate", undone))
     answer = store.answer(answer_id)
     return _page(request, "rate.html", answer=answer, prompt=store.prompt(answer["prompt_id"]),
-                 request_id=secrets.token_hex(16), saved=saved)
+                 request_id=secrets.token_hex(16), saved=saved, **_undo_form(request, "rate", undone))
 
 
 @router.post("/rate")
@@ -223,6 +245,35 @@ async def rate(request: Request):
     saved = request.app.state.store.add_rating(data.get("request_id"), read_int(data, "answer_id"), scores,
                                                _who(request, data), data.get("comment", ""))
     return _saved(request, saved, "/rate")
+
+
+UNDO_KINDS = {"compare": "comparison", "rate": "rating"}
+"""POST /undo's ``kind`` (the page) -> the judgement it retracts."""
+
+
+@router.post("/undo")
+async def undo(request: Request):
+    """Retracts this annotator's latest comparison (``kind=compare``) or rating (``kind=rate``) still in force;
+    a form goes back to the retracted item with "Undone.", JSON gets what was retracted."""
+    from dataclasses import asdict
+
+    data = await read_payload(request)
+    kind = data.get("kind")
+    if not isinstance(kind, str) or kind not in UNDO_KINDS:
+        raise FeedbackError(f"kind must be 'compare' or 'rate' (the page whose last judgement to undo), got {shown(kind)}")
+    undone = request.app.state.store.undo_last(data.get("request_id"), _who(request, data), UNDO_KINDS[kind])
+    if wants_json(request):
+        return JSONResponse(asdict(undone), status_code=201 if undone.created else 200)
+    item = f"prompt_id={undone.prompt_id}" if kind == "compare" else f"answer_id={undone.answer_id}"
+    return RedirectResponse(f"/{kind}?{item}&undone=1", status_code=303)
+
+
+def _undo_form(request: Request, kind: str, undone: int) -> dict:
+    """What the pages need for their "Undo last" form: whether there is something to undo, a fresh
+    request_id for the form, and whether an undo just led here."""
+    name = _annotator(request)
+    can_undo = name is not None and request.app.state.store.last_judgement(name, UNDO_KINDS[kind]) is not None
+    return {"undo_kind": kind, "can_undo": can_undo, "undo_request_id": secrets.token_hex(16), "undone": undone}
 
 
 @router.get("/queue", response_class=HTMLResponse)
@@ -262,12 +313,13 @@ async def import_prompts(request: Request):
 
 @router.get("/export", response_class=HTMLResponse)
 def export_page(request: Request, min_margin: float = 1.0, min_agreement: float = 1.0):
-    from chatrlhf.feedback.export import export_rows
+    from chatrlhf.feedback.export import comparison_agreement, export_rows
 
     _check_filters(min_margin, min_agreement)
     rows, stats = export_rows(request.app.state.store, min_margin, min_agreement)
+    agreement, n_agreement = comparison_agreement(rows["comparisons"], rows["pairs"], min_agreement)
     return _page(request, "export.html", stats=stats, n_pairs=len(rows["pairs"]), min_margin=min_margin,
-                 min_agreement=min_agreement)
+                 min_agreement=min_agreement, agreement=agreement, n_agreement=n_agreement)
 
 
 @router.get("/export/{name}.jsonl")

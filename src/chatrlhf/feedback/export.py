@@ -8,6 +8,10 @@ ratings (one answer, overall 1-5 plus four dimensions). Both become preference p
     ratings     -> ``ratings_to_pairs`` with ``overall`` as the score           (chatrlhf.data.feedback)
     both        -> one row per pair; a pair the two sources order oppositely is dropped  (feedback_to_pairs)
 
+Undone (retracted) judgements are not read at all: ``FeedbackStore.comparison_rows`` / ``rating_rows`` leave
+them out, so they are in no file and no count. ``comparison_agreement`` is the Export page's per-prompt
+agreement table, decided by the same rules.
+
 ``export_feedback`` writes the pairs (``pairs.jsonl``, read by ``chatrlhf rm`` / ``dpo`` / ``sft``), every
 rating (``ratings.jsonl``, read by ``chatrlhf pairs``), every comparison (``comparisons.jsonl``), the rated
 answers labelled desirable or undesirable (``kto.jsonl``, read by ``chatrlhf kto``; ``ratings_to_labels``) and
@@ -38,6 +42,10 @@ FILES = ("pairs.jsonl", "ratings.jsonl", "comparisons.jsonl", "kto.jsonl", "expo
 EXPORT_FLAGS = {"db": "--db", "min_margin": "--min_margin", "min_agreement": "--min_agreement",
                 "overwrite": "--overwrite", "output_dir": "--output_dir"}
 """Flag names used in error messages (``chatrlhf train --feedback`` passes its own)."""
+AGREEMENT_ROWS = 50
+"""The Export page's agreement table shows at most this many pairs (lowest agreement first)."""
+HEADLINE_CHARS = 80
+"""The agreement table names a prompt by the first this many characters of its last message."""
 
 
 @dataclass
@@ -109,6 +117,15 @@ def _group_comparisons(rows: list[dict]) -> tuple[dict[tuple, _Pair], int]:
     return groups, superseded
 
 
+def _tally(pair: _Pair) -> tuple[int, int, int]:
+    """(votes for A, votes for B, tie votes), A and B being the pair's texts in first-seen order (the first
+    row's answer_a, then its answer_b); a pair of identical texts has no B."""
+    first, *_ = pair.texts
+    winners = list(pair.votes.values())
+    ties = winners.count(None)
+    return winners.count(first), len(winners) - ties - winners.count(first), ties
+
+
 def _judge_comparison(pair: _Pair, min_agreement: float) -> tuple[str, dict | None]:
     """Decides one pair: ("identical" | "tie" | "disagreement" | "kept", the output row or None)."""
     from chatrlhf.data.feedback import _EPS
@@ -116,15 +133,12 @@ def _judge_comparison(pair: _Pair, min_agreement: float) -> tuple[str, dict | No
     if len(pair.texts) == 1:
         return "identical", None
     x, y = pair.texts  # normalised texts, in first-seen order
-    wins = {x: 0, y: 0}
-    for winner in pair.votes.values():
-        if winner is not None:
-            wins[winner] += 1
-    if wins[x] == wins[y]:
+    wins_x, wins_y, _ = _tally(pair)
+    if wins_x == wins_y:
         return "tie", None
-    high, low = (x, y) if wins[x] > wins[y] else (y, x)
+    high, low = (x, y) if wins_x > wins_y else (y, x)
     # A tie vote is in the denominator but not the numerator: it does not agree (as in annotator_agreement).
-    agreement = wins[high] / len(pair.votes)
+    agreement = max(wins_x, wins_y) / len(pair.votes)
     if agreement < min_agreement - _EPS:
         return "disagreement", None
     return "kept", {"prompt": pair.prompt, "chosen": pair.texts[high], "rejected": pair.texts[low],
@@ -176,6 +190,48 @@ def comparisons_to_pairs(rows: Iterable[dict], min_agreement: float) -> tuple[li
             pairs.append(row)
     stats["pairs"] = len(pairs)
     return pairs, stats
+
+
+def comparison_agreement(rows: Iterable[dict], pairs: Iterable[dict], min_agreement: float,
+                         limit: int = AGREEMENT_ROWS) -> tuple[list[dict], int]:
+    """The Export page's agreement table: every answer pair that 2+ annotators compared, lowest agreement
+    first (first-seen order among equals), cut to ``limit`` rows; returns (rows, how many there are in all).
+
+    ``rows``: comparison rows as for ``comparisons_to_pairs``; ``pairs``: what ``feedback_to_pairs`` made of
+    them (and the ratings) with the same filters, to tell a pair the merge dropped. Each row: ``prompt`` (its
+    last message, at most ``HEADLINE_CHARS`` characters), ``annotators``, ``a`` / ``b`` / ``tie`` (each
+    annotator's latest vote, ``_tally``; A and B as first shown), ``agreement`` (the leading answer's votes /
+    all votes, a tie vote agreeing with neither: the ``agreement`` a kept pair is written with), ``verdict``
+    (``kept``; or why it is dropped: ``identical``, ``tie`` (equal votes for A and B), ``disagreement``
+    (agreement below ``min_agreement``), ``conflict`` (the ratings order it the other way)) and ``chosen``
+    (``"a"`` | ``"b"`` for a kept pair, else None).
+
+    Worked example: ``comparisons_to_pairs``' example rows, min_agreement=1, pairs = its output:
+        {"4", "four"}: cy tie, ann "4", bob "four" -> a 1, b 1, tie 1, agreement 1/3, tie
+        {"5", "four"}: ann "four", bob "four", cy "5" -> a 1 ("5" shown first), b 2, agreement 2/3, disagreement
+        {"4", "5"}:    ann "4" (latest), bob "4" -> a 2, b 0, agreement 1, kept, chosen "a"
+        {"4"}:         one annotator -> not in the table; 3 rows in all
+    """
+    exported = {_pair_key(p) for p in pairs}
+    groups, _ = _group_comparisons(list(rows))
+    table = []
+    for key, pair in groups.items():
+        if len(pair.votes) < 2:
+            continue
+        verdict, kept = _judge_comparison(pair, min_agreement)
+        a, b, tie = _tally(pair)
+        if kept is not None and key not in exported:
+            verdict = "conflict"  # kept by the votes, dropped by the merge with the ratings
+        table.append({"prompt": _headline(pair.prompt), "annotators": len(pair.votes), "a": a, "b": b, "tie": tie,
+                      "agreement": max(a, b) / len(pair.votes), "verdict": verdict,
+                      "chosen": None if kept is None else "a" if a > b else "b"})
+    table.sort(key=lambda row: row["agreement"])  # stable: first-seen order among equals
+    return table[:limit], len(table)
+
+
+def _headline(prompt: list[dict]) -> str:
+    text = " ".join(str(prompt[-1].get("content", "")).split()) if prompt else ""
+    return text if len(text) <= HEADLINE_CHARS else text[:HEADLINE_CHARS - 1] + "\u2026"
 
 
 def rating_record(row: dict) -> dict:

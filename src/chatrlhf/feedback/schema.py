@@ -8,8 +8,10 @@ Tables (docs/feedback.md explains every column; ``SCHEMA`` below is the source o
     annotators   the people rating, by name
     comparisons  prompt + answers a and b -> choice 'a' | 'b' | 'tie', optional comment
     ratings      one answer -> overall and the simulated rater's four dimensions, each 1-5, optional comment
+    retractions  an annotator's undo: one comparison or rating that no longer counts (version 2)
 
-The queries live in ``store.py`` (``FeedbackStore``).
+Nothing is ever updated or deleted in comparisons, ratings or retractions: an undo is a row of its own.
+The queries live in ``store.py`` (``FeedbackStore``) and ``judgements.py`` (undo).
 """
 
 from __future__ import annotations
@@ -17,10 +19,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""1: the first release. 2: adds ``retractions`` (undo); a version-1 file gets the table when it is opened."""
 DIMENSIONS = ("consistency", "engagingness", "safety", "relevance")
 """The simulated rater's dialogue-quality dimensions (docs/rater.md), each 1-5 beside the overall."""
 CHOICES = ("a", "b", "tie")
+KINDS = ("comparison", "rating")
+"""What a retraction retracts (``retractions.kind``)."""
 MAX_NAME = 64
 MAX_COMMENT = 4000
 
@@ -74,6 +79,23 @@ CREATE TABLE IF NOT EXISTS ratings (
 CREATE INDEX IF NOT EXISTS answers_prompt ON answers(prompt_id);
 CREATE INDEX IF NOT EXISTS comparisons_annotator ON comparisons(annotator_id, prompt_id);
 CREATE INDEX IF NOT EXISTS ratings_annotator ON ratings(annotator_id, answer_id);
+""" + """
+CREATE TABLE IF NOT EXISTS retractions (
+    id           INTEGER PRIMARY KEY,
+    request_id   TEXT NOT NULL UNIQUE,     -- client-made: a resubmitted undo form retracts nothing more
+    kind         TEXT NOT NULL CHECK (kind IN ('comparison', 'rating')),
+    judgement_id INTEGER NOT NULL,         -- comparisons.id or ratings.id, as kind says
+    annotator_id INTEGER NOT NULL REFERENCES annotators(id),
+    created_at   REAL NOT NULL,
+    UNIQUE (kind, judgement_id)            -- a judgement is retracted at most once
+);
+-- judgement_id cannot be a foreign key (it names a row of one of two tables): this trigger checks it.
+CREATE TRIGGER IF NOT EXISTS retraction_of_own_judgement BEFORE INSERT ON retractions
+WHEN NOT EXISTS (SELECT 1 FROM comparisons c WHERE NEW.kind = 'comparison' AND c.id = NEW.judgement_id
+                 AND c.annotator_id = NEW.annotator_id)
+ AND NOT EXISTS (SELECT 1 FROM ratings r WHERE NEW.kind = 'rating' AND r.id = NEW.judgement_id
+                 AND r.annotator_id = NEW.annotator_id)
+BEGIN SELECT RAISE(ABORT, 'retractions.judgement_id must be a comparison or rating (as kind says) by annotator_id'); END;
 """
 
 

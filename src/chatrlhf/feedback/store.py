@@ -7,6 +7,9 @@ a rating or comparison is acknowledged only after its COMMIT returned, so a kill
 loses nothing it acknowledged. Several annotators (threads or processes) write at once: writers queue on
 SQLite's lock (``busy_timeout``) while readers keep reading the last committed state. A client-made
 ``request_id`` (unique) makes a resubmitted form a no-op instead of a second vote.
+
+Append-only: judgements are never updated or deleted. An undo adds a ``retractions`` row (``undo_last``,
+judgements.py), and every read below counts only the judgements still in force (``_COMPARED``, ``_RATED``).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from chatrlhf.feedback.judgements import Undone, in_force, latest, retract_latest
 from chatrlhf.feedback.schema import (
     CHOICES,
     DIMENSIONS,
@@ -95,11 +99,19 @@ class FeedbackStore:
         if tables and "meta" not in tables:
             raise FeedbackError(f"--db {self.path} is an SQLite database of something else (tables: "
                                 f"{', '.join(sorted(tables))}); name a new file for the feedback")
-        # One transaction, so two servers starting on a new file at once create the tables once.
+        if tables:  # a file of a newer chatrlhf is refused before anything is written to it
+            self._check_version(con)
+        # One transaction, so two servers starting on a new file at once create the tables once. Every
+        # statement of SCHEMA is IF NOT EXISTS, so on an older file it adds exactly what is new (version 1 ->
+        # 2: the retractions table and its trigger), and the version is raised (never lowered) with it.
         con.executescript(f"BEGIN IMMEDIATE; {SCHEMA} INSERT OR IGNORE INTO meta VALUES "
-                          f"('schema_version', '{SCHEMA_VERSION}'); COMMIT;")
+                          f"('schema_version', '{SCHEMA_VERSION}'); UPDATE meta SET value = '{SCHEMA_VERSION}' "
+                          f"WHERE key = 'schema_version' AND CAST(value AS INTEGER) < {SCHEMA_VERSION}; COMMIT;")
+        self._check_version(con)
+
+    def _check_version(self, con: sqlite3.Connection) -> None:
         row = con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-        if int(row[0]) > SCHEMA_VERSION:
+        if row is not None and int(row[0]) > SCHEMA_VERSION:
             raise FeedbackError(f"--db {self.path} has schema version {row[0]}, newer than this chatrlhf "
                                 f"({SCHEMA_VERSION}); upgrade chatrlhf to open it")
 
@@ -135,12 +147,13 @@ class FeedbackStore:
 
     def queue(self, limit: int = 1000, offset: int = 0, search: str = "") -> list[dict]:
         """Queued prompts in order (those whose text contains ``search``, ignoring ASCII case), each with how
-        many answers, comparisons and ratings it has."""
+        many answers, comparisons and ratings (those not undone) it has."""
         with self._read() as con:
             rows = con.execute(
                 "SELECT p.*, (SELECT count(*) FROM answers a WHERE a.prompt_id = p.id AND a.slot IS NOT NULL) AS n_answers,"
-                " (SELECT count(*) FROM comparisons c WHERE c.prompt_id = p.id) AS n_comparisons,"
-                " (SELECT count(*) FROM ratings r JOIN answers a ON a.id = r.answer_id WHERE a.prompt_id = p.id)"
+                f" (SELECT count(*) FROM comparisons c WHERE c.prompt_id = p.id AND {_COMPARED}) AS n_comparisons,"
+                " (SELECT count(*) FROM ratings r JOIN answers a ON a.id = r.answer_id WHERE a.prompt_id = p.id"
+                f" AND {_RATED})"
                 f" AS n_ratings FROM prompts p WHERE p.queued = 1{_MATCHES} ORDER BY p.id LIMIT ? OFFSET ?",
                 (_pattern(search), limit, offset)).fetchall()
         return [{**_prompt_dict(r), "n_answers": r["n_answers"], "n_comparisons": r["n_comparisons"],
@@ -247,33 +260,45 @@ class FeedbackStore:
                 (request_id, answer_id, *values, comment, who, time.time()))
             return Saved(cur.lastrowid, True)
 
+    def undo_last(self, request_id: str, annotator: str, kind: str) -> Undone:
+        """Retracts ``annotator``'s latest ``kind`` ('comparison' | 'rating') still in force and returns it;
+        durable when it returns. The judgement's row stays; it just counts nowhere any more. A ``request_id``
+        that already undid one returns that one again (``created`` False). Nothing to undo: FeedbackError."""
+        with self._write() as con:
+            return retract_latest(con, request_id, annotator, kind)
+
+    def last_judgement(self, annotator: str, kind: str) -> dict | None:
+        """What ``undo_last`` would retract now: ``{"id", "prompt_id", "answer_id"}``, or None."""
+        with self._read() as con:
+            row = latest(con, annotator, kind)
+        return None if row is None else dict(row)
+
     # ------------------------------------------------------------------------------------ the next task
     def next_to_compare(self, annotator: str, after: int = 0) -> int | None:
         """The first queued prompt (after prompt ``after``, else from the start: a skipped prompt comes back
-        last) whose pair is ready and that ``annotator`` has not compared."""
+        last) whose pair is ready and that ``annotator`` has not compared (an undone comparison is not one)."""
         with self._read() as con:
             row = con.execute(
-                "SELECT p.id FROM prompts p WHERE p.queued = 1"
-                " AND (SELECT count(*) FROM answers a WHERE a.prompt_id = p.id AND a.slot IS NOT NULL) = 2"
-                " AND NOT EXISTS (SELECT 1 FROM comparisons c JOIN annotators n ON n.id = c.annotator_id"
-                "                 WHERE c.prompt_id = p.id AND n.name = ?) ORDER BY p.id <= ?, p.id LIMIT 1",
+                f"SELECT p.id FROM prompts p WHERE {_READY} AND NOT EXISTS ({_MY_COMPARISON})"
+                " ORDER BY p.id <= ?, p.id LIMIT 1",
                 (check_name(annotator), after)).fetchone()
         return None if row is None else row[0]
 
     def next_to_rate(self, annotator: str) -> int | None:
-        """The first answer of the queue's pairs (queue order, then slot) ``annotator`` has not rated."""
+        """The first answer of the queue's pairs (queue order, then slot) ``annotator`` has not rated (an undone
+        rating is not one)."""
         with self._read() as con:
             row = con.execute(
                 "SELECT a.id FROM answers a JOIN prompts p ON p.id = a.prompt_id WHERE p.queued = 1"
-                " AND a.slot IS NOT NULL AND NOT EXISTS (SELECT 1 FROM ratings r JOIN annotators n"
-                " ON n.id = r.annotator_id WHERE r.answer_id = a.id AND n.name = ?) ORDER BY p.id, a.slot LIMIT 1",
+                f" AND a.slot IS NOT NULL AND NOT EXISTS ({_MY_RATING}) ORDER BY p.id, a.slot LIMIT 1",
                 (check_name(annotator),)).fetchone()
         return None if row is None else row[0]
 
     # ------------------------------------------------------------------------------------ progress
     def progress(self, annotator: str | None = None) -> dict:
         """Counters for the pages: queue size, pairs ready, comparisons and ratings in all and per person (each
-        person's judgement of an item once; ``*_saved``: every row of the history)."""
+        person's judgement of an item once; ``*_saved``: every row of the history still in force; ``*_undone``:
+        the rows undone). An undone judgement counts in none but ``*_undone``."""
         with self._read() as con:
             one = lambda sql, *args: con.execute(sql, args).fetchone()[0]  # noqa: E731
             out = {
@@ -283,25 +308,26 @@ class FeedbackStore:
                                    " GROUP BY a.prompt_id HAVING count(*) = 2)"),
                 # A person's judgement of an item counts once however often it was redone (the export keeps
                 # the latest): distinct (annotator, prompt) comparisons and (annotator, answer) ratings.
-                "comparisons": one("SELECT count(*) FROM (SELECT DISTINCT annotator_id, prompt_id FROM comparisons)"),
-                "ratings": one("SELECT count(*) FROM (SELECT DISTINCT annotator_id, answer_id FROM ratings)"),
-                # every judgement saved, re-judgements included (the store's append-only history)
-                "comparisons_saved": one("SELECT count(*) FROM comparisons"),
-                "ratings_saved": one("SELECT count(*) FROM ratings"),
+                "comparisons": one("SELECT count(*) FROM (SELECT DISTINCT annotator_id, prompt_id FROM comparisons c"
+                                   f" WHERE {_COMPARED})"),
+                "ratings": one(f"SELECT count(*) FROM (SELECT DISTINCT annotator_id, answer_id FROM ratings r WHERE {_RATED})"),
+                # every judgement saved and not undone, re-judgements included (the append-only history)
+                "comparisons_saved": one(f"SELECT count(*) FROM comparisons c WHERE {_COMPARED}"),
+                "ratings_saved": one(f"SELECT count(*) FROM ratings r WHERE {_RATED}"),
+                "comparisons_undone": one("SELECT count(*) FROM retractions WHERE kind = 'comparison'"),
+                "ratings_undone": one("SELECT count(*) FROM retractions WHERE kind = 'rating'"),
                 "chat_answers": one("SELECT count(*) FROM answers WHERE slot IS NULL"),
                 "annotators": [dict(r) for r in con.execute(
-                    "SELECT n.name, (SELECT count(DISTINCT c.prompt_id) FROM comparisons c WHERE c.annotator_id = n.id)"
-                    " AS comparisons, (SELECT count(DISTINCT r.answer_id) FROM ratings r WHERE r.annotator_id = n.id)"
-                    " AS ratings"
+                    "SELECT n.name, (SELECT count(DISTINCT c.prompt_id) FROM comparisons c WHERE c.annotator_id = n.id"
+                    f" AND {_COMPARED}) AS comparisons, (SELECT count(DISTINCT r.answer_id) FROM ratings r"
+                    f" WHERE r.annotator_id = n.id AND {_RATED}) AS ratings"
                     " FROM annotators n ORDER BY n.name")],
             }
             if annotator:  # what is left for this person among the pairs ready now
                 name = check_name(annotator)
-                left = (one(f"SELECT count(*) FROM prompts p WHERE {_READY} AND NOT EXISTS (SELECT 1 FROM comparisons c"
-                            " JOIN annotators n ON n.id = c.annotator_id WHERE c.prompt_id = p.id AND n.name = ?)", name),
+                left = (one(f"SELECT count(*) FROM prompts p WHERE {_READY} AND NOT EXISTS ({_MY_COMPARISON})", name),
                         one(f"SELECT count(*) FROM answers a JOIN prompts p ON p.id = a.prompt_id WHERE {_READY}"
-                            " AND a.slot IS NOT NULL AND NOT EXISTS (SELECT 1 FROM ratings r JOIN annotators n"
-                            " ON n.id = r.annotator_id WHERE r.answer_id = a.id AND n.name = ?)", name))
+                            f" AND a.slot IS NOT NULL AND NOT EXISTS ({_MY_RATING})", name))
         out["answers_to_rate"] = 2 * out["pairs_ready"]
         if annotator:
             mine = next((a for a in out["annotators"] if a["name"] == annotator), None) or {}
@@ -311,24 +337,26 @@ class FeedbackStore:
 
     # ------------------------------------------------------------------------------------ export rows
     def comparison_rows(self) -> list[dict]:
-        """Every comparison with its prompt, answer texts, models and annotator, in the order saved."""
+        """Every comparison not undone, with its prompt, answer texts, models and annotator, in the order saved
+        (an undone one is left out: the export and comparisons.jsonl see only the judgements in force)."""
         with self._read() as con:
             rows = con.execute(
                 "SELECT c.id, c.choice, c.comment, c.created_at, n.name AS annotator, p.messages,"
                 " a.text AS answer_a, a.model AS model_a, b.text AS answer_b, b.model AS model_b"
                 " FROM comparisons c JOIN prompts p ON p.id = c.prompt_id JOIN answers a ON a.id = c.answer_a"
-                " JOIN answers b ON b.id = c.answer_b JOIN annotators n ON n.id = c.annotator_id ORDER BY c.id"
+                f" JOIN answers b ON b.id = c.answer_b JOIN annotators n ON n.id = c.annotator_id WHERE {_COMPARED}"
+                " ORDER BY c.id"
             ).fetchall()
         return [{**{k: r[k] for k in r.keys() if k != "messages"}, "prompt": json.loads(r["messages"])} for r in rows]
 
     def rating_rows(self) -> list[dict]:
-        """Every rating with its prompt, answer text, model and annotator, in the order saved."""
+        """Every rating not undone, with its prompt, answer text, model and annotator, in the order saved."""
         with self._read() as con:
             rows = con.execute(
                 f"SELECT r.id, r.overall, {', '.join('r.' + d for d in DIMENSIONS)}, r.comment, r.created_at,"
                 " n.name AS annotator, p.messages, a.text AS response, a.model, a.finished"
                 " FROM ratings r JOIN answers a ON a.id = r.answer_id JOIN prompts p ON p.id = a.prompt_id"
-                " JOIN annotators n ON n.id = r.annotator_id ORDER BY r.id").fetchall()
+                f" JOIN annotators n ON n.id = r.annotator_id WHERE {_RATED} ORDER BY r.id").fetchall()
         return [{**{k: r[k] for k in r.keys() if k != "messages"}, "prompt": json.loads(r["messages"])} for r in rows]
 
     def integrity_check(self) -> str:
@@ -341,6 +369,12 @@ def _existing(con: sqlite3.Connection, table: str, request_id: str) -> int | Non
     return None if row is None else row[0]
 
 
+_COMPARED, _RATED = in_force("comparison", "c"), in_force("rating", "r")  # a judgement not undone
+# Has the annotator named by the query's parameter judged prompt p / answer a (a judgement in force)?
+_MY_COMPARISON = ("SELECT 1 FROM comparisons c JOIN annotators n ON n.id = c.annotator_id WHERE c.prompt_id = p.id"
+                  f" AND n.name = ? AND {_COMPARED}")
+_MY_RATING = ("SELECT 1 FROM ratings r JOIN annotators n ON n.id = r.annotator_id WHERE r.answer_id = a.id"
+              f" AND n.name = ? AND {_RATED}")
 _READY = ("p.queued = 1 AND (SELECT count(*) FROM answers b WHERE b.prompt_id = p.id AND b.slot IS NOT NULL) = 2")
 _MATCHES = " AND p.messages LIKE ? ESCAPE '\\'"  # the prompt's JSON text holds the search text
 

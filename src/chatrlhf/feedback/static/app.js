@@ -1,5 +1,5 @@
-// Busy states for the forms, keyboard shortcuts for comparing, and the chat page.
-// Model text is only ever inserted with textContent: it is never parsed as HTML.
+// Busy states for the forms, keyboard shortcuts for comparing and rating, and the chat page (answers streamed,
+// stopped, rated inline).
 "use strict";
 
 function setBusy(form, text) {
@@ -36,7 +36,7 @@ document.addEventListener("DOMContentLoaded", () => {
       // A held key repeats: only a fresh press counts, so holding "1" never votes on the pages that follow.
       if (event.repeat || event.ctrlKey || event.metaKey || event.altKey) return;
       if (event.target.tagName === "TEXTAREA" || event.target.tagName === "INPUT") return;
-      const id = { "1": "choose-a", "2": "choose-tie", "3": "choose-b", "s": "skip" }[event.key];
+      const id = { "1": "choose-a", "2": "choose-tie", "3": "choose-b", "s": "skip", "u": "undo" }[event.key];
       const button = id && document.getElementById(id);
       if (button && !button.disabled) button.click();
     });
@@ -60,7 +60,8 @@ document.addEventListener("DOMContentLoaded", () => {
   if (chat) setUpChat(chat);
 });
 
-// Rate with the keyboard: 1-5 score the highlighted dimension and move on, Backspace goes back, Enter saves.
+// Rate with the keyboard: 1-5 score the highlighted dimension and move on, Backspace goes back, Enter saves
+// (Ctrl+Enter or Cmd+Enter in the comment box), u undoes the last rating.
 function setUpRatingKeys(form) {
   const rows = Array.from(form.querySelectorAll("tr[data-dim]"));
   let current = 0;
@@ -69,9 +70,19 @@ function setUpRatingKeys(form) {
   }
   highlight();
   rows.forEach((row, i) => row.addEventListener("change", () => { current = Math.min(i + 1, rows.length - 1); highlight(); }));
+  function save() {
+    if (!form.querySelector("button").disabled) form.requestSubmit();
+  }
   document.addEventListener("keydown", (event) => {
+    const inComment = event.target.tagName === "TEXTAREA" && form.contains(event.target);
+    if (inComment && event.key === "Enter" && (event.ctrlKey || event.metaKey) && !event.altKey) {
+      event.preventDefault();  // no new line; a held key saves once
+      if (!event.repeat) save();
+      return;
+    }
     if (event.repeat || event.ctrlKey || event.metaKey || event.altKey) return;
     if (event.target.tagName === "TEXTAREA" || event.target.tagName === "INPUT" && event.target.type !== "radio") return;
+    if (event.target.closest && event.target.closest("form.undo")) return;  // the focused Undo button: Enter undoes
     if (/^[1-5]$/.test(event.key)) {
       event.preventDefault();
       const input = document.getElementById(rows[current].dataset.dim + "-" + event.key);
@@ -84,9 +95,88 @@ function setUpRatingKeys(form) {
       highlight();
     } else if (event.key === "Enter") {
       event.preventDefault();
-      if (!form.querySelector("button").disabled) form.requestSubmit();
+      save();
+    } else if (event.key === "u") {
+      const undo = document.getElementById("undo");
+      if (undo && !undo.disabled) undo.click();
     }
   });
+}
+
+// Model text goes in as text (textContent), or as the HTML the server's safe Markdown renderer made of it
+// (feedback/markdown.py: escaped first, no attributes), parsed by a <template>, which runs nothing.
+function fill(body, html) {
+  const template = document.createElement("template");
+  template.innerHTML = html;
+  body.replaceChildren(template.content);
+}
+
+function randomId() {
+  const bytes = new Uint8Array(16);
+  crypto.getRandomValues(bytes);
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+async function postJson(url, payload, signal) {
+  const response = await fetch(url, {
+    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(payload), signal: signal,
+  });
+  if (!response.ok) {
+    let message = response.statusText;
+    try { message = (await response.json()).error || message; } catch (err) { /* not JSON */ }
+    throw new Error(message);
+  }
+  return response;
+}
+
+// Server-sent events of one POST (EventSource only does GET): calls onEvent(name, data) for each.
+async function readEvents(response, onEvent) {
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += value;
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const frame = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      const name = (frame.match(/^event: (.*)$/m) || [])[1];
+      const data = (frame.match(/^data: (.*)$/m) || [])[1];
+      if (name && data !== undefined) onEvent(name, JSON.parse(data));
+    }
+  }
+}
+
+// The rating form beside a chat answer (a clone of the page's template), saved as JSON to /rate.
+function inlineRating(answerId) {
+  const form = document.getElementById("inline-rating").content.firstElementChild.cloneNode(true);
+  const status = form.querySelector(".inline-status");
+  form.querySelector(".rate-page").href = "/rate?answer_id=" + encodeURIComponent(answerId);
+  let requestId = randomId();  // one per attempt: a resubmitted save is not a second rating
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const payload = { request_id: requestId, answer_id: answerId, comment: form.elements.comment.value };
+    form.querySelectorAll("tr[data-dim]").forEach((row) => {
+      payload[row.dataset.dim] = form.elements[row.dataset.dim].value;
+    });
+    const save = form.querySelector(".save-inline");
+    save.disabled = true;
+    status.className = "inline-status busy";
+    status.textContent = "Saving...";
+    try {
+      await postJson("/rate", payload);
+      requestId = randomId();
+      status.className = "inline-status saved";
+      status.textContent = "Saved.";
+    } catch (err) {
+      status.className = "inline-status error";
+      status.textContent = "Not saved: " + err.message;
+    } finally {
+      save.disabled = false;
+    }
+  });
+  return form;
 }
 
 function setUpChat(form) {
@@ -95,6 +185,8 @@ function setUpChat(form) {
   const busy = document.getElementById("chat-busy");
   const error = document.getElementById("chat-error");
   const send = document.getElementById("chat-send");
+  const stopButton = document.getElementById("chat-stop");
+  const toggle = document.getElementById("raw-toggle");
   // The conversation survives leaving the page (to rate an answer, say): kept in this tab's sessionStorage.
   let shown = [];
   try { shown = JSON.parse(sessionStorage.getItem("chatrlhf-chat") || "[]"); } catch (err) { shown = []; }
@@ -103,7 +195,7 @@ function setUpChat(form) {
   let messages = shown.map((m) => ({ role: m.role, content: m.text }));
   function keep() { sessionStorage.setItem("chatrlhf-chat", JSON.stringify(shown)); }
 
-  function show(role, text, answerId, finished) {
+  function show(role, text) {
     const row = document.createElement("div");
     row.className = "msg " + role;
     const who = document.createElement("span");
@@ -113,23 +205,45 @@ function setUpChat(form) {
     body.className = "text";
     body.textContent = text;
     row.append(who, body);
-    if (finished === false) {
-      const cut = document.createElement("p");
-      cut.className = "cut";
-      cut.textContent = "(cut at the length limit)";
-      row.appendChild(cut);
-    }
-    if (answerId !== undefined) {
-      const rate = document.createElement("a");
-      rate.href = "/rate?answer_id=" + encodeURIComponent(answerId);
-      rate.className = "rate-link";
-      rate.textContent = "Rate this answer";
-      row.appendChild(rate);
-    }
     log.appendChild(row);
     row.scrollIntoView({ block: "end" });
+    return row;
   }
-  shown.forEach((m) => show(m.role, m.text, m.answerId, m.finished));
+  // A finished answer: rendered Markdown and the raw text (the page's toggle), the cut note, its rating.
+  function complete(row, m) {
+    const body = row.querySelector(".text");
+    body.className = "text md";
+    fill(body, m.html);
+    const raw = document.createElement("pre");
+    raw.className = "text raw";
+    raw.textContent = m.text;
+    const showRaw = toggle.textContent.startsWith("Show it rendered");
+    body.hidden = showRaw;
+    raw.hidden = !showRaw;
+    body.after(raw);
+    if (m.finished === false) {
+      const cut = document.createElement("p");
+      cut.className = "cut";
+      cut.textContent = m.stopped ? "(stopped)" : "(cut at the length limit)";
+      row.appendChild(cut);
+    }
+    if (m.answerId !== undefined) {
+      const rate = document.createElement("button");
+      rate.type = "button";
+      rate.className = "rate-link";
+      rate.textContent = "Rate this answer";
+      rate.addEventListener("click", () => {
+        const open = row.querySelector("form.inline-rating");
+        if (open) { open.remove(); return; }
+        row.appendChild(inlineRating(m.answerId));
+      });
+      row.appendChild(rate);
+    }
+  }
+  shown.forEach((m) => {
+    const row = show(m.role, m.text);
+    if (m.role === "assistant" && typeof m.html === "string") complete(row, m);
+  });
 
   document.getElementById("chat-reset").addEventListener("click", () => {
     messages = [];
@@ -144,37 +258,70 @@ function setUpChat(form) {
       form.requestSubmit();
     }
   });
+
+  let streamId = null;
+  let stopWanted = false;
+  async function stop() {
+    stopWanted = true;
+    stopButton.disabled = true;
+    if (streamId) await postJson("/api/chat/stop", { stream_id: streamId }).catch(() => {});
+  }
+  stopButton.addEventListener("click", stop);
+  document.addEventListener("keydown", (event) => {
+    if (event.key === "Escape" && !stopButton.hidden && !stopButton.disabled) stop();
+  });
+
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     const text = input.value.trim();
     if (!text || send.disabled) return;
     error.hidden = true;
     const pending = messages.concat([{ role: "user", content: text }]);
-    show("user", text);
+    const userRow = show("user", text);
+    const answerRow = show("assistant", "");
     input.value = "";
     send.disabled = true;
     busy.hidden = false;
+    stopButton.hidden = false;
+    stopButton.disabled = false;
+    streamId = null;
+    stopWanted = false;
+    let result = null;
     try {
-      const response = await fetch("/api/chat", {
-        method: "POST",
-        headers: { "Content-Type": "application/json" },
-        body: JSON.stringify({ model: Number(document.getElementById("chat-model").value), messages: pending }),
+      const response = await postJson("/api/chat/stream",
+        { model: Number(document.getElementById("chat-model").value), messages: pending });
+      await readEvents(response, (name, data) => {
+        if (name === "start") {
+          streamId = data.stream_id;
+          if (stopWanted) stop();
+        } else if (name === "delta") {
+          answerRow.querySelector(".text").textContent += data.text;
+          answerRow.scrollIntoView({ block: "end" });
+        } else if (name === "done") {
+          result = data;
+        } else if (name === "error") {
+          throw new Error(data.error);
+        }
       });
-      const data = await response.json();
-      if (!response.ok) throw new Error(data.error || response.statusText);
-      messages = pending.concat([{ role: "assistant", content: data.text }]);
-      show("assistant", data.text, data.answer_id, data.finished);
-      shown.push({ role: "user", text: text }, { role: "assistant", text: data.text, answerId: data.answer_id,
-                                                 finished: data.finished });
+      if (!result) throw new Error("stopped before the model started");
+      const m = { role: "assistant", text: result.text, html: result.html, answerId: result.answer_id,
+                  finished: result.finished, stopped: result.stopped };
+      messages = pending.concat([{ role: "assistant", content: result.text }]);
+      answerRow.querySelector(".text").textContent = result.text;
+      complete(answerRow, m);
+      shown.push({ role: "user", text: text }, m);
       keep();
     } catch (err) {
-      log.lastChild.remove();
+      userRow.remove();
+      answerRow.remove();
       input.value = text;
       error.textContent = "Not sent: " + err.message;
       error.hidden = false;
     } finally {
       send.disabled = false;
       busy.hidden = true;
+      stopButton.hidden = true;
+      streamId = null;
     }
   });
 }
