@@ -213,11 +213,12 @@ CUT_OFF = """() => {
     return r.width > 0 && r.height > 0 && r.right > width + 0.5 && !scrolls(el.parentElement);
   }).map((el) => el.tagName + (el.id ? "#" + el.id : "") + "." + el.className).slice(0, 5);
 }"""
+CODE = "Like this:\n```python\nprint(" + ", ".join(f"value_{i}" for i in range(40)) + ")\n```\nDone."  # a wide line
 PAGES = {  # what each page must show at both sizes, fully (inside the screen's width)
     "home": ("/", ["#annotator", "header nav", "#progress"]),
-    "compare": ("/compare?prompt_id=1", ["#answer-a", "#answer-b", "#choose-a", "#choose-tie", "#choose-b", "#skip",
+    "compare": ("/compare?prompt_id={pid}", ["#answer-a", "#answer-b", "#choose-a", "#choose-tie", "#choose-b", "#skip",
                                          "#guidelines", "textarea[name=comment]", "#raw-toggle", "#undo"]),
-    "rate": ("/rate?answer_id=1", ["#item-name", "table.scores", "#save-rating", "textarea[name=comment]", "#answer"]),
+    "rate": ("/rate?answer_id={aid}", ["#item-name", "table.scores", "#save-rating", "textarea[name=comment]", "#answer"]),
     "chat": ("/chat", ["#chat-model", "#chat-input", "#chat-send", "#chat-reset", ".msg.assistant .rate-link",
                        "form.inline-rating .save-inline"]),
     "queue": ("/queue", ["#prompt-file", "#prompt-text", "#add-pasted", "#queue-search", "table.queue"]),
@@ -230,16 +231,25 @@ def test_every_page_shows_everything_at_desktop_and_phone_sizes(browser, server,
     """Each page's parts are visible and nothing reaches past the screen's edge (a table may scroll inside
     itself), at 1366x768 and 390x844; A/B side by side on the laptop, stacked on the phone. Screenshots of every
     page at both sizes are left in the test's directory."""
+    from chatrlhf.feedback.store import FeedbackStore
+
     page, bob = named_page(browser, server), named_page(browser, server)
-    add_prompts(page, server, ["A long prompt " + "with many words " * 40, "Second prompt?"])
-    for who in (page, bob):  # two annotators' votes on prompt 1: the Export page's agreement table
-        who.goto(server.base + "/compare?prompt_id=1")
+    # A pair with a code block of one wide line, written before the prompt is queued (so the server's
+    # model does not answer it first).
+    store, prompt = FeedbackStore(server.db), [{"role": "user", "content": "A long prompt " + "with many words " * 40}]
+    store.add_prompts([prompt], source="test", queued=False)
+    pid = store.prompt_id_for(prompt)
+    aid = store.add_answer(pid, "m", CODE, True, {}, slot="a")
+    store.add_answer(pid, "m", CODE.replace("Done", "Finished"), True, {}, slot="b")
+    store.add_prompts([prompt], source="test")
+    for who in (page, bob):  # two annotators' votes on it: the Export page's agreement table
+        who.goto(f"{server.base}/compare?prompt_id={pid}")
         who.click("#choose-a")
         who.wait_for_selector("#saved")
     for width, height in SIZES:
         page.set_viewport_size({"width": width, "height": height})
         for name, (path, parts) in PAGES.items():
-            page.goto(server.base + path)
+            page.goto(server.base + path.format(pid=pid, aid=aid))
             if name == "chat" and not page.locator(".msg.assistant").count():
                 page.fill("#chat-input", "Hi")
                 page.press("#chat-input", "Enter")
