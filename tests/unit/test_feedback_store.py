@@ -398,6 +398,10 @@ def test_progress_counters(filled, store):
     [one, two, three] = store.queue()
     assert [(q["n_answers"], q["n_comparisons"], q["n_ratings"]) for q in (one, two, three)] == [
         (2, 2, 1), (2, 1, 0), (2, 0, 0)]
+    # ann re-judges p1 and bob re-rates a1: the Queue still counts each person's judgement of an item once
+    store.add_comparison("request-0006", filled["p1"], filled["a1"], filled["b1"], "b", "ann")
+    store.add_rating("request-0007", filled["a1"], SCORES, "bob")
+    assert [(q["n_comparisons"], q["n_ratings"]) for q in store.queue()] == [(2, 1), (1, 0), (0, 0)]
 
 
 # ------------------------------------------------------------------------------------ export rows

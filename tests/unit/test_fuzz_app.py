@@ -1,10 +1,10 @@
 """Fuzzing the feedback app's JSON endpoints: whatever the body, the answer is never a 500, and a refusal is
 the documented ``{"error": str}``.
 
-Each of the 5 JSON endpoints (POST /api/chat, /compare, /rate, /queue, /annotator) gets
+Each of the 7 JSON endpoints (POST /api/chat, /api/chat/stop, /compare, /rate, /undo, /queue, /annotator) gets
 ``EXAMPLES`` = 200 JSON-ish bodies (hypothesis ``recursive`` values under the endpoints' real field names
 and random ones, written with NaN/Infinity, lone surrogates, huge integers, deep lists) and 80 random byte
-strings, i.e. 1,400 requests in all (about 10 s on one core). ``derandomize=True``: the same examples every
+strings, i.e. 1,960 requests in all (about 15 s on one core). ``derandomize=True``: the same examples every
 run, so a failure reproduces; no example database is written.
 """
 
@@ -24,10 +24,10 @@ from chatrlhf.feedback.store import FeedbackStore
 
 EXAMPLES = 200
 BYTE_EXAMPLES = 80
-ENDPOINTS = ["/api/chat", "/compare", "/rate", "/queue", "/annotator"]
+ENDPOINTS = ["/api/chat", "/api/chat/stop", "/compare", "/rate", "/undo", "/queue", "/annotator"]
 FIELDS = ["model", "messages", "seed", "request_id", "prompt_id", "answer_a", "answer_b", "choice", "comment",
           "annotator", "answer_id", "overall", "consistency", "engagingness", "safety", "relevance", "prompts",
-          "next", "role", "content"]
+          "next", "role", "content", "kind", "stream_id"]
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
@@ -70,6 +70,8 @@ VALID = {  # a body each endpoint accepts: one field changed reaches the checks 
     "/compare": {"request_id": "request-0001", "prompt_id": 1, "answer_a": 1, "answer_b": 2, "choice": "a"},
     "/rate": {"request_id": "request-0001", "answer_id": 1, "overall": 4, "consistency": 4, "engagingness": 4,
               "safety": 4, "relevance": 4},
+    "/api/chat/stop": {"stream_id": "0" * 32},
+    "/undo": {"kind": "compare", "request_id": "request-0002"},
     "/queue": {"prompts": ["q"]},
     "/annotator": {"annotator": "fuzzer", "next": "/"},
 }

@@ -147,13 +147,14 @@ class FeedbackStore:
 
     def queue(self, limit: int = 1000, offset: int = 0, search: str = "") -> list[dict]:
         """Queued prompts in order (those whose text contains ``search``, ignoring ASCII case), each with how
-        many answers, comparisons and ratings (those not undone) it has."""
+        many answers it has, how many people compared it and how many (person, answer) ratings it has (each
+        person's judgement of an item once, as the progress counters count; undone ones not at all)."""
         with self._read() as con:
             rows = con.execute(
                 "SELECT p.*, (SELECT count(*) FROM answers a WHERE a.prompt_id = p.id AND a.slot IS NOT NULL) AS n_answers,"
-                f" (SELECT count(*) FROM comparisons c WHERE c.prompt_id = p.id AND {_COMPARED}) AS n_comparisons,"
-                " (SELECT count(*) FROM ratings r JOIN answers a ON a.id = r.answer_id WHERE a.prompt_id = p.id"
-                f" AND {_RATED})"
+                " (SELECT count(DISTINCT c.annotator_id) FROM comparisons c WHERE c.prompt_id = p.id"
+                f" AND {_COMPARED}) AS n_comparisons, (SELECT count(DISTINCT r.annotator_id || ':' || r.answer_id)"
+                f" FROM ratings r JOIN answers a ON a.id = r.answer_id WHERE a.prompt_id = p.id AND {_RATED})"
                 f" AS n_ratings FROM prompts p WHERE p.queued = 1{_MATCHES} ORDER BY p.id LIMIT ? OFFSET ?",
                 (_pattern(search), limit, offset)).fetchall()
         return [{**_prompt_dict(r), "n_answers": r["n_answers"], "n_comparisons": r["n_comparisons"],
