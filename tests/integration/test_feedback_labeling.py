@@ -167,11 +167,25 @@ def test_without_pregeneration_a_page_waits_for_its_pair(browser, tmp_path):
         add_prompts(page, srv, ["Only prompt?"])
         time.sleep(1.0)
         assert progress(page, srv)["pairs_ready"] == 0  # nothing generated ahead
+        page.set_viewport_size({"width": 390, "height": 844})
         page.goto(srv.base + "/compare")
         assert page.is_visible("#waiting")  # answered at once: the pair is generated in the background
+        fits_at_both_sizes(page, ["#waiting", "section.prompt"])
         page.wait_for_selector("#choose-a")
+        page.click("#choose-a")
+        page.wait_for_selector("#done")  # the only prompt is compared: the done page, with its undo
+        fits_at_both_sizes(page, ["#done", "#saved", "#undo"])
     finally:
         srv.stop()
+
+
+def fits_at_both_sizes(page, parts: list[str]) -> None:
+    """The page as it is shows each part, nothing past the screen's edge, at both SIZES."""
+    for width, height in SIZES:
+        page.set_viewport_size({"width": width, "height": height})
+        for part in parts:
+            assert page.locator(part).first.is_visible(), (page.url, width, part)
+        assert page.evaluate(CUT_OFF) == [], (page.url, width)
 
 
 def test_comment_then_choose_skip_and_the_guidelines(browser, tmp_path):
