@@ -10,6 +10,7 @@ import random
 import subprocess
 import sys
 import textwrap
+import threading
 
 import numpy as np
 import pytest
@@ -333,7 +334,15 @@ def test_inference_commands_generate_with_vllm(built, tiny_dir):
     answerers = {b: Answerer([model_cfg], g, max_history_tokens=48) for b, g in generation.items()}
     try:
         messages = [{"role": "user", "content": "how do i cook rice"}]
-        assert answerers["vllm"].answer(0, messages, seed=3).text == answerers["native"].answer(0, messages, seed=3).text
+        native_text = answerers["native"].answer(0, messages, seed=3).text
+        assert answerers["vllm"].answer(0, messages, seed=3).text == native_text
+        # The chat page's streaming through vLLM: the pieces add up to the same answer; a stop cuts it.
+        pieces, stop = [], threading.Event()
+        assert answerers["vllm"].answer(0, messages, seed=3, on_text=pieces.append).text == native_text
+        assert len(pieces) > 1 and "".join(pieces).strip() == native_text
+        cut = answerers["vllm"].answer(0, messages, seed=3, on_text=lambda text: stop.set(), stop=stop)
+        assert not cut.finished and cut.settings["stopped"] and native_text.startswith(cut.text)
+        assert len(cut.text) < len(native_text)
     finally:
         for answerer in answerers.values():
             answerer.close()
